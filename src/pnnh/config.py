@@ -1,0 +1,242 @@
+"""Training configuration: one dataclass, loaded from YAML and overridden by CLI flags.
+
+Precedence: dataclass defaults < ``--config FILE.yaml`` < explicit command-line flags.
+Every value is validated here, and a bad value raises :class:`pnnh.errors.ConfigError`
+naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pnnh.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resnet_mlp"
+    dataset: str = "mnist1d"
+    depth: int | None = None
+    width: int | None = None
+    model_args: dict = field(default_factory=dict)  # family-specific options (coder_ratio, ...)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_size: int = 30  # epochs between decays for the step schedule
+    gamma: float = 0.1  # decay factor for the step schedule
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str | None = None
+    augment: bool | None = None  # None: on for 2-D image datasets, off otherwise
+    num_samples: int | None = None  # mnist1d / synthetic size
+    val_batch_size: int = 1000
+    num_workers: int = 0
+    out: str = "runs/train"
+    resume: bool = False
+    track_norms: int = 0  # record per-block gradient norms every N steps (0: off)
+    amp: bool = False  # mixed precision (CUDA only)
+    channels_last: bool = False  # CUDA only
+    compile: bool = False  # torch.compile
+    tensorboard: bool = False
+    checkpoint_every: int = 1  # epochs between `last` checkpoints
+    max_steps_per_epoch: int | None = None  # cap (tests, benchmarks)
+    progress: bool | None = None  # None: a bar on a terminal, lines otherwise
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_type(name: str, value: Any) -> Any:
+    """Coerce YAML/CLI values to the field's type, or raise a ConfigError naming the field."""
+    f = FIELDS[name]
+    t = f.type if isinstance(f.type, str) else str(f.type)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{name}: must not be empty", field=name)
+    try:
+        if t.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if t.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if t.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if t.startswith("str"):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if t.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(
+            f"{name}: expected {t.replace(' | None', '')}, got {value!r}", field=name
+        ) from None
+    return value
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Range checks; raises ConfigError naming the first bad field."""
+
+    def bad(name: str, why: str):
+        raise ConfigError(f"{name}: {why} (got {getattr(cfg, name)!r})", field=name)
+
+    if cfg.epochs < 1:
+        bad("epochs", "must be at least 1")
+    if cfg.batch_size < 1:
+        bad("batch_size", "must be at least 1")
+    if cfg.val_batch_size < 1:
+        bad("val_batch_size", "must be at least 1")
+    if not cfg.lr > 0:
+        bad("lr", "must be positive")
+    if cfg.weight_decay < 0:
+        bad("weight_decay", "must be >= 0")
+    if not 0 <= cfg.momentum < 1:
+        bad("momentum", "must be in [0, 1)")
+    if not 0 <= cfg.label_smoothing < 1:
+        bad("label_smoothing", "must be in [0, 1)")
+    if cfg.warmup_epochs < 0 or cfg.warmup_epochs > cfg.epochs:
+        bad("warmup_epochs", "must be between 0 and epochs")
+    if cfg.optimizer not in OPTIMIZERS:
+        bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
+    if cfg.step_size < 1:
+        bad("step_size", "must be at least 1")
+    if not 0 < cfg.gamma <= 1:
+        bad("gamma", "must be in (0, 1]")
+    if cfg.device not in DEVICES:
+        bad("device", f"must be one of {', '.join(DEVICES)}")
+    if cfg.depth is not None and cfg.depth < 1:
+        bad("depth", "must be at least 1")
+    if cfg.width is not None and cfg.width < 1:
+        bad("width", "must be at least 1")
+    if cfg.num_samples is not None and cfg.num_samples < 20:
+        bad("num_samples", "must be at least 20")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        bad("grad_clip", "must be positive")
+    if cfg.track_norms < 0:
+        bad("track_norms", "must be >= 0")
+    if cfg.num_workers < 0:
+        bad("num_workers", "must be >= 0")
+    if cfg.checkpoint_every < 1:
+        bad("checkpoint_every", "must be at least 1")
+    if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
+        bad("max_steps_per_epoch", "must be at least 1")
+    if cfg.seed < 0:
+        bad("seed", "must be >= 0")
+    if not cfg.out:
+        bad("out", "must be a directory path")
+    return cfg
+
+
+def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """Apply ``values`` (config-file keys or flags) on top of ``base``; unknown keys are errors."""
+    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    cfg.model_args = dict(cfg.model_args)
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(
+                f"unknown config key {key!r}; valid keys: {', '.join(sorted(FIELDS))}", field=name
+            )
+        value = _check_type(name, value)
+        if name == "model_args":
+            cfg.model_args.update(value)
+        else:
+            setattr(cfg, name, value)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with ``yaml.safe_load`` (no code execution)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}", field="config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}", field="config") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid YAML"
+        raise ConfigError(f"config file {path} is not valid YAML: {first}", field="config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}",
+            field="config",
+        )
+    return data
+
+
+def resolve(
+    config: TrainConfig | dict | str | Path | None = None, overrides: dict | None = None
+) -> TrainConfig:
+    """Build a validated config from a dataclass, a dict or a YAML path, then ``overrides``."""
+    if config is None:
+        cfg = TrainConfig()
+    elif isinstance(config, TrainConfig):
+        cfg = from_dict({}, config)
+    elif isinstance(config, dict):
+        cfg = from_dict(config)
+    else:
+        cfg = from_dict(load_yaml(config))
+    if overrides:
+        cfg = from_dict(overrides, cfg)
+    return validate(cfg)
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def parse_model_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → (key, YAML-parsed value), for ``--model-arg``."""
+    if "=" not in text:
+        raise ConfigError(f"--model-arg expects KEY=VALUE, got {text!r}", field="model_args")
+    key, value = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    if not key.isidentifier():
+        raise ConfigError(f"--model-arg: {key!r} is not a valid option name", field="model_args")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed

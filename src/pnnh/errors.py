@@ -1,0 +1,32 @@
+"""Errors a user can cause. The CLI prints them as one line and exits with code 2."""
+
+from __future__ import annotations
+
+
+class PnnhError(Exception):
+    """A user's mistake (bad name, bad number, missing file): one clear line, exit code 2.
+
+    The message names the offending field or file. ``field`` is kept for programmatic use.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class ConfigError(PnnhError):
+    """A configuration value (flag or config-file key) is wrong."""
+
+
+class DataError(PnnhError):
+    """A dataset name, directory or file is wrong or unreadable."""
+
+
+class CheckpointError(PnnhError):
+    """A checkpoint is missing, truncated, corrupted or not a pnnh checkpoint."""
+
+
+class TrainingDiverged(PnnhError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -1,0 +1,107 @@
+"""MLP families: plain, residual (ResNet) — one readable file, blocks as small modules.
+
+Depth counts weight layers, as in the papers: a stem ``Linear(in, width)``, ``(depth - 2) / 2``
+blocks of two ``Linear(width, width)`` layers each, and a classifier head ``Linear(width,
+classes)``. So ``depth=8`` has 3 blocks and ``depth=102`` has 50.
+
+- plain block:    ``y = relu(W2 relu(W1 x + b1) + b2)``
+- residual block: ``y = relu(x + W2 relu(W1 x + b1) + b2)``  (He et al., post-activation)
+
+All weights use He (Kaiming) normal initialisation, the fair default for ReLU nets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pnnh.registry import register_model
+
+
+def blocks_for_depth(depth: int, layers_per_block: int = 2) -> int:
+    """Number of blocks for ``depth`` weight layers (stem + blocks + head)."""
+    depth = int(depth)
+    if depth < 2 or (depth - 2) % layers_per_block:
+        raise ValueError(
+            f"depth must be 2 + {layers_per_block}*k (stem + k blocks of {layers_per_block} "
+            f"layers + head), got depth={depth}"
+        )
+    return (depth - 2) // layers_per_block
+
+
+def flat_dim(in_shape) -> int:
+    return int(math.prod(in_shape))
+
+
+def he_init_(layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
+    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+class PlainMLPBlock(nn.Module):
+    """Two plain layers: ``relu(W2 relu(W1 x + b1) + b2)``."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        he_init_(self.fc1)
+        he_init_(self.fc2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc2(torch.relu(self.fc1(x))))
+
+
+class ResidualMLPBlock(nn.Module):
+    """Residual block with an identity shortcut: ``relu(x + W2 relu(W1 x + b1) + b2)``."""
+
+    def __init__(self, width: int, zero_init_residual: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        he_init_(self.fc1)
+        he_init_(self.fc2)
+        if zero_init_residual:
+            nn.init.zeros_(self.fc2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+class MLP(nn.Module):
+    """``stem -> blocks -> head`` over the flattened input. ``blocks`` is an ``nn.Sequential``."""
+
+    def __init__(self, in_shape, num_classes: int, width: int, blocks: list[nn.Module]):
+        super().__init__()
+        self.in_shape = tuple(in_shape)
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(in_shape), width), nn.ReLU())
+        he_init_(self.stem[1])
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+@register_model("plain_mlp", family="mlp", kind="plain")
+def plain_mlp(in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 128) -> MLP:
+    """Plain ReLU MLP, no shortcuts: depth weight layers (stem + 2 per block + head)."""
+    n = blocks_for_depth(depth)
+    return MLP(in_shape, num_classes, width, [PlainMLPBlock(width) for _ in range(n)])
+
+
+@register_model("resnet_mlp", family="mlp", kind="resnet")
+def resnet_mlp(
+    in_shape=(1, 40),
+    num_classes: int = 10,
+    depth: int = 8,
+    width: int = 128,
+    zero_init_residual: bool = False,
+) -> MLP:
+    """Residual MLP: identity shortcut around each block of two layers."""
+    n = blocks_for_depth(depth)
+    blocks = [ResidualMLPBlock(width, zero_init_residual) for _ in range(n)]
+    return MLP(in_shape, num_classes, width, blocks)

@@ -1,0 +1,52 @@
+"""Paper experiments, runnable as ``pnnh reproduce NAME [--scale cpu|paper] --out DIR``.
+
+Each experiment is a module in this package exposing:
+
+- ``DESCRIPTION``: one line;
+- ``CPU_MINUTES``: expected run time at ``--scale cpu`` on 2 CPU cores;
+- ``run(out: Path, scale: str, device: str, seed: int) -> dict``: writes its CSV/JSON/PNG files
+  under ``out`` (atomically) and returns a summary dict (also written as ``out/summary.json``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from pnnh.errors import ConfigError
+from pnnh.io import atomic_write_json
+
+EXPERIMENTS = {
+    "dissipation": "pnnh.reproduce.dissipation",
+    "norm-preservation": "pnnh.reproduce.norm_preservation",
+    "shortcut-depth": "pnnh.reproduce.shortcut_depth",
+    "pnnh-accuracy": "pnnh.reproduce.pnnh_accuracy",
+}
+
+
+def experiment(name: str):
+    if name not in EXPERIMENTS:
+        raise ConfigError(
+            f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}", field="name"
+        )
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def describe() -> str:
+    lines = []
+    for name in sorted(EXPERIMENTS):
+        mod = experiment(name)
+        lines.append(f"{name:<20} ~{mod.CPU_MINUTES:>4} min (cpu)  {mod.DESCRIPTION}")
+    return "\n".join(lines)
+
+
+def run(name: str, out: str | Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> dict:
+    if scale not in ("cpu", "paper"):
+        raise ConfigError(f"scale: must be cpu or paper, got {scale!r}", field="scale")
+    mod = experiment(name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = mod.run(out=out, scale=scale, device=device, seed=seed)
+    summary = {"experiment": name, "scale": scale, **(summary or {})}
+    atomic_write_json(out / "summary.json", summary)
+    return summary

@@ -52,7 +52,8 @@ def add_model_arguments(p: argparse.ArgumentParser, multiple: bool = False) -> N
 def add_probe_common_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, multiple=True)
     p.add_argument("--checkpoint", help="a pnnh checkpoint (.pt) to probe instead of a fresh init")
-    p.add_argument("--dataset", default="mnist1d", help="dataset the probe batch comes from")
+    p.add_argument("--dataset", help="dataset of the probe batch (default: the checkpoint's, "
+                   "else mnist1d)")
     p.add_argument("--data-dir", help="directory for cifar10/cifar100/imagefolder")
     p.add_argument("--num-samples", type=int, default=512, help="probe batch size (samples)")
     p.add_argument("--seed", type=int, default=0)
@@ -60,8 +61,12 @@ def add_probe_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser. Only the probe named in ``argv`` (if any) is imported, to keep start-up fast."""
     from pnnh import __version__
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen_probe = argv[1] if len(argv) > 1 and argv[0] == "probe" else None
 
     parser = _Parser(
         prog="pnnh",
@@ -83,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in PROBES.items():
         pp = psub.add_parser(name, help=help_text)
         add_probe_common_arguments(pp)
-        _probe_module(name).add_cli_arguments(pp)
+        if name == chosen_probe:
+            _probe_module(name).add_cli_arguments(pp)
 
     from pnnh import reproduce
 
@@ -260,7 +266,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args) or 0

@@ -85,12 +85,18 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model. Unknown keyword arguments are a clear error.
 
     ``None`` values are dropped so that callers may pass optional CLI values straight through.
+    ``procrustes=True`` / ``zca=True`` on a factory that does not take them wraps the model
+    with :func:`pnnh.norm_preservation.make_norm_preserving` (transition blocks projected
+    after each step; ZCA-whitened classifier input).
     """
     info = model_info(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     merged = {**info.defaults, **kwargs}
     sig = inspect.signature(info.factory)
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    # Norm-preservation options (paper 2) apply to any model whose factory does not take them.
+    generic = {k: bool(merged.pop(k)) for k in ("procrustes", "zca")
+               if k in merged and k not in sig.parameters and not accepts_any}
     if not accepts_any:
         unknown = sorted(set(merged) - set(sig.parameters))
         if unknown:
@@ -103,6 +109,11 @@ def create_model(name: str, **kwargs) -> nn.Module:
         model = info.factory(**merged)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"cannot build model {name!r}: {e}", field="model") from e
+    if any(generic.values()):
+        from pnnh.norm_preservation import make_norm_preserving
+
+        model = make_norm_preserving(model, procrustes=generic.get("procrustes", False),
+                                     zca=generic.get("zca", False))
     model.pnnh_name = name  # type: ignore[attr-defined]
     return model
 

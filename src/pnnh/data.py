@@ -1,0 +1,352 @@
+"""Datasets behind one function, :func:`get_dataset`, plus image augmentation in plain torch.
+
+Every dataset comes back as a ``(train, val)`` pair of torch datasets with ``input_shape``
+(shape of one input, no batch dimension), ``num_classes`` and ``name``. Small datasets are held
+in memory as :class:`TensorData` (``.tensors == (x, y)``), which the trainer batches without a
+DataLoader; ``imagefolder`` is read lazily from disk.
+
+Inputs are normalised per channel with the training split's mean and standard deviation.
+Nothing is downloaded: MNIST-1D is generated offline by the ``mnist1d`` package (and cached),
+``digits`` ships with scikit-learn, CIFAR and image folders are read from ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pnnh.errors import DataError
+
+DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".webp", ".tif", ".tiff")
+
+
+class TensorData(Dataset):
+    """An in-memory dataset: ``x`` (N, *input_shape) float32, ``y`` (N,) int64."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, name: str, num_classes: int,
+                 augmentable: bool = False):
+        self.tensors = (x.float().contiguous(), y.long().contiguous())
+        self.name = name
+        self.num_classes = int(num_classes)
+        self.input_shape = tuple(x.shape[1:])
+        self.augmentable = augmentable  # 2-D natural images: random crop + flip make sense
+
+    def __len__(self) -> int:
+        return len(self.tensors[1])
+
+    def __getitem__(self, i):
+        return self.tensors[0][i], self.tensors[1][i]
+
+
+def cache_dir() -> Path:
+    """``$PNNH_CACHE_DIR``, else ``$XDG_CACHE_HOME/pnnh``, else ``~/.cache/pnnh``."""
+    if os.environ.get("PNNH_CACHE_DIR"):
+        return Path(os.environ["PNNH_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pnnh"
+
+
+def _normalize(train_x: torch.Tensor, val_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel standardisation (channel = dim 1) with the training split's statistics."""
+    dims = [0] + list(range(2, train_x.dim()))
+    mean = train_x.mean(dim=dims, keepdim=True)
+    std = train_x.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    return (train_x - mean) / std, (val_x - mean) / std
+
+
+# ----------------------------------------------------------------------------- MNIST-1D
+def _mnist1d_arrays(num_samples: int) -> dict[str, np.ndarray]:
+    """Generate (once) and cache MNIST-1D with the package's standard arguments."""
+    path = cache_dir() / f"mnist1d_{num_samples}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+        except Exception:  # a damaged cache is regenerated, never trusted
+            path.unlink(missing_ok=True)
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as e:  # pragma: no cover - a dependency of pnnh
+        raise DataError(f"dataset 'mnist1d' needs the mnist1d package: {e}") from e
+    args = get_dataset_args()
+    args.num_samples = int(num_samples)
+    state = np.random.get_state()  # make_dataset seeds numpy's global RNG; leave it as it was
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return arrays
+
+
+def _mnist1d(num_samples: int | None) -> tuple[TensorData, TensorData]:
+    n = 10_000 if num_samples is None else int(num_samples)
+    a = _mnist1d_arrays(n)
+    tx = torch.from_numpy(a["x"]).float().unsqueeze(1)
+    vx = torch.from_numpy(a["x_test"]).float().unsqueeze(1)
+    tx, vx = _normalize(tx, vx)
+    ty, vy = torch.from_numpy(a["y"]), torch.from_numpy(a["y_test"])
+    return TensorData(tx, ty, "mnist1d", 10), TensorData(vx, vy, "mnist1d", 10)
+
+
+# ----------------------------------------------------------------------------- digits
+def _digits() -> tuple[TensorData, TensorData]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1)  # (1797, 1, 8, 8), values 0..16
+    y = torch.from_numpy(d.target).long()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    n_train = int(0.8 * len(y))
+    tr, va = perm[:n_train], perm[n_train:]
+    tx, vx = _normalize(x[tr], x[va])
+    return TensorData(tx, y[tr], "digits", 10), TensorData(vx, y[va], "digits", 10)
+
+
+# ----------------------------------------------------------------------------- CIFAR
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR batch files that refuses every global but numpy's array rebuilders.
+
+    The CIFAR "python version" batches are pickled dicts of numpy arrays and lists. Only the
+    callables needed to rebuild an ndarray are allowed, so a crafted file cannot run code.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read CIFAR file {path}: {e.strerror or e}") from None
+    try:
+        d = _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as e:
+        raise DataError(f"{path} is not a CIFAR python batch file ({e})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a CIFAR python batch file (expected a dict)")
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    key = label_key.decode()
+    if "data" not in d or key not in d:
+        raise DataError(f"{path}: missing 'data' or '{key}' entry (is this the right CIFAR variant?)")
+    data = np.asarray(d["data"])
+    labels = np.asarray(d[key])
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' has shape {data.shape}, expected (N, 3072) uint8")
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {len(labels)} labels for {data.shape[0]} images")
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _cifar(name: str, data_dir: str | None) -> tuple[TensorData, TensorData]:
+    if not data_dir:
+        raise DataError(f"dataset {name!r} needs --data-dir (the folder of the python batches)")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    if name == "cifar10":
+        sub, train_files, test_files, key, classes = (
+            "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+            b"labels", 10)
+    else:
+        sub, train_files, test_files, key, classes = (
+            "cifar-100-python", ["train"], ["test"], b"fine_labels", 100)
+    if (root / sub).is_dir():
+        root = root / sub
+    missing = [f for f in train_files + test_files if not (root / f).is_file()]
+    if missing:
+        raise DataError(f"{name}: missing file(s) in {root}: {', '.join(missing)}")
+
+    def load(files):
+        parts = [_read_cifar_batch(root / f, key) for f in files]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    (tx, ty), (vx, vy) = load(train_files), load(test_files)
+    for lab, f in ((ty, train_files[0]), (vy, test_files[0])):
+        if lab.size and (lab.min() < 0 or lab.max() >= classes):
+            raise DataError(f"{root / f}: labels outside 0..{classes - 1}")
+    txt, vxt = _normalize(torch.from_numpy(tx).float() / 255, torch.from_numpy(vx).float() / 255)
+    return (TensorData(txt, torch.from_numpy(ty), name, classes, augmentable=True),
+            TensorData(vxt, torch.from_numpy(vy), name, classes, augmentable=True))
+
+
+# ----------------------------------------------------------------------------- image folder
+class ImageFolderData(Dataset):
+    """Class-per-folder images read lazily, converted to RGB, resized to ``image_size``."""
+
+    def __init__(self, files: list[tuple[Path, int]], classes: list[str], image_size: int,
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        self.files = files
+        self.classes = classes
+        self.num_classes = len(classes)
+        self.image_size = image_size
+        self.input_shape = (3, image_size, image_size)
+        self.name = "imagefolder"
+        self.augmentable = True
+        self.mean = mean if mean is not None else torch.zeros(3, 1, 1)
+        self.std = std if std is not None else torch.ones(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load_raw(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        path, _ = self.files[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB").resize((self.image_size, self.image_size))
+                arr = np.asarray(img, dtype=np.uint8).copy()
+        except Exception as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+        return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+
+    def __getitem__(self, i):
+        return (self.load_raw(i) - self.mean) / self.std, self.files[i][1]
+
+
+def _scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list, list[str]]:
+    if classes is None:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"imagefolder: no class sub-folders in {root}")
+    files = []
+    for ci, c in enumerate(classes):
+        d = root / c
+        if not d.is_dir():
+            continue
+        for p in sorted(d.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append((p, ci))
+    if not files:
+        raise DataError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return files, classes
+
+
+def _imagefolder(data_dir: str | None, image_size: int) -> tuple[ImageFolderData, ImageFolderData]:
+    if not data_dir:
+        raise DataError("dataset 'imagefolder' needs --data-dir (train/ and val/ class folders)")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    val_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
+    if (root / "train").is_dir() and val_name:
+        train_files, classes = _scan_folder(root / "train")
+        val_files, _ = _scan_folder(root / val_name, classes)
+    else:  # one folder of classes: a fixed 80/20 split
+        files, classes = _scan_folder(root)
+        perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+        cut = max(1, int(0.8 * len(files)))
+        train_files = [files[i] for i in perm[:cut]]
+        val_files = [files[i] for i in perm[cut:]] or train_files[-1:]
+    train = ImageFolderData(train_files, classes, image_size)
+    # per-channel statistics from (up to) 512 training images
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:512].tolist()
+    sample = torch.stack([train.load_raw(i) for i in idx])
+    mean = sample.mean(dim=(0, 2, 3)).view(3, 1, 1)
+    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-8).view(3, 1, 1)
+    train.mean, train.std = mean, std
+    return train, ImageFolderData(val_files, classes, image_size, mean, std)
+
+
+# ----------------------------------------------------------------------------- synthetic
+def _synthetic(num_samples: int | None, input_shape, num_classes: int, noise: float,
+               seed: int) -> tuple[TensorData, TensorData]:
+    """A learnable toy task: class prototypes plus Gaussian noise (``noise`` × prototype scale)."""
+    n = 2000 if num_samples is None else int(num_samples)
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise DataError(f"synthetic: input_shape must be positive integers, got {input_shape!r}")
+    if num_classes < 2:
+        raise DataError(f"synthetic: num_classes must be at least 2, got {num_classes}")
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn((num_classes, *shape), generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    x = protos[y] + noise * torch.randn((n, *shape), generator=g)
+    cut = int(0.8 * n)
+    tx, vx = _normalize(x[:cut], x[cut:])
+    augmentable = len(shape) == 3
+    return (TensorData(tx, y[:cut], "synthetic", num_classes, augmentable),
+            TensorData(vx, y[cut:], "synthetic", num_classes, augmentable))
+
+
+def get_dataset(
+    name: str,
+    data_dir: str | None = None,
+    *,
+    num_samples: int | None = None,
+    image_size: int = 32,
+    input_shape=(1, 40),
+    num_classes: int = 10,
+    noise: float = 1.0,
+    seed: int = 0,
+):
+    """Return ``(train, val)`` for a dataset name.
+
+    - ``mnist1d``: generated offline (``num_samples`` in all, default 10,000 → 8,000/2,000),
+      cached under :func:`cache_dir`; inputs (1, 40).
+    - ``digits``: scikit-learn's 8×8 digits (1,797), a fixed 80/20 split; inputs (1, 8, 8).
+    - ``cifar10`` / ``cifar100``: the python-pickle batches in ``data_dir`` (or its
+      ``cifar-10-batches-py`` / ``cifar-100-python`` sub-folder), loaded without running code.
+    - ``imagefolder``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or one
+      folder of classes split 80/20), resized to ``image_size``.
+    - ``synthetic``: prototypes + noise, ``input_shape`` / ``num_classes`` / ``num_samples``.
+    """
+    if name == "mnist1d":
+        return _mnist1d(num_samples)
+    if name == "digits":
+        return _digits()
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, data_dir)
+    if name == "imagefolder":
+        return _imagefolder(data_dir, image_size)
+    if name == "synthetic":
+        return _synthetic(num_samples, input_shape, num_classes, noise, seed)
+    raise DataError(f"unknown dataset {name!r} (field 'dataset'); known: {', '.join(DATASETS)}")
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int | None = None,
+                  flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, per sample, on a (N, C, H, W) batch.
+
+    ``padding`` defaults to ``H // 8`` (4 for 32×32, the standard CIFAR recipe).
+    """
+    n, _, h, w = x.shape
+    pad = h // 8 if padding is None else padding
+    if pad > 0:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device)  # (n, h)
+        cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(x.device)  # (n, w)
+        idx_n = torch.arange(n, device=x.device).view(n, 1, 1)
+        x = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]
+        x = x.permute(0, 3, 1, 2).contiguous()
+    if flip:
+        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+    return x

@@ -1,0 +1,430 @@
+"""The training engine: ``pnnh.train(config) -> summary``. Short and direct, nothing hidden.
+
+One epoch = a seeded permutation of the training set cut into batches (the permutation and
+the augmentation draw from generators seeded by ``(seed, epoch)``, so an epoch is the same
+whether the run was resumed or not), forward, cross-entropy (+ any ``extra_loss()`` of a
+submodule), backward, optional clipping, optimizer step, then ``after_optimizer_step()`` on
+every submodule that defines it (weight projections), then the per-step LR schedule.
+
+Files in ``config.out``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (a line per
+epoch), ``summary.json``, ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (atomic).
+Under ``torchrun`` the run is data-parallel (gloo on CPU, nccl on GPU); ``batch_size`` is the
+global batch, each rank takes its share, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pnnh import config as config_mod
+from pnnh.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pnnh.data import TensorData, augment_batch, get_dataset
+from pnnh.errors import ConfigError, TrainingDiverged
+from pnnh.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
+from pnnh.registry import count_parameters, create_model
+
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                 "images_per_s", "time_s")
+
+
+# ----------------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but no CUDA device is available", field="device")
+    return torch.device(name)
+
+
+class Distributed:
+    """Rank/world from torchrun's environment; a no-op for a single process."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            use_cuda = device_name != "cpu" and torch.cuda.is_available()
+            if use_cuda:
+                torch.cuda.set_device(self.local_rank)
+            torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float], device) -> list[float]:
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (linear warmup, then the schedule)."""
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    total = cfg.epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    # no weight decay on biases and normalisation parameters (1-D tensors)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def extra_losses(model: nn.Module) -> torch.Tensor | None:
+    terms = [m.extra_loss() for m in model.modules() if callable(getattr(m, "extra_loss", None))]
+    return sum(terms) if terms else None
+
+
+def after_step_hooks(model: nn.Module) -> list:
+    return [m.after_optimizer_step for m in model.modules()
+            if callable(getattr(m, "after_optimizer_step", None))]
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+    """Index tensors of one epoch: a (seed, epoch)-seeded permutation cut into global batches,
+    each split across ranks. A trailing batch of a single sample is dropped (BatchNorm)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    for i in range(0, n, batch_size):
+        idx = perm[i:i + batch_size]
+        if len(idx) < max(2, world):
+            continue
+        yield idx[rank::world]
+
+
+def _fetch(dataset, idx: torch.Tensor):
+    if isinstance(dataset, TensorData):
+        x, y = dataset.tensors
+        return x[idx], y[idx]
+    items = [dataset[i] for i in idx.tolist()]
+    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
+
+
+def _progress_enabled(cfg) -> bool:
+    if cfg.progress is not None:
+        return cfg.progress
+    return sys.stderr.isatty()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int, device, dist: Distributed | None = None,
+             channels_last: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``dataset`` (sharded across ranks under DDP)."""
+    model.eval()
+    n = len(dataset)
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    loss_sum = correct = count = 0.0
+    order = torch.arange(n)[rank::world]
+    for i in range(0, len(order), batch_size):
+        x, y = _fetch(dataset, order[i:i + batch_size])
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = model(x).float()
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        count += len(y)
+    if dist:
+        loss_sum, correct, count = dist.all_sum([loss_sum, correct, count], device)
+    return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- train
+def train(config=None, callbacks: list | None = None, **overrides) -> dict:
+    """Train a model; returns the summary dict (also written to ``out/summary.json``).
+
+    ``config`` is a :class:`pnnh.config.TrainConfig`, a dict of its fields, or a YAML path;
+    keyword ``overrides`` win over it. ``callbacks`` are objects with an
+    ``on_step(step, epoch, model, inputs, targets, loss_fn)`` method, called after each
+    optimizer step.
+    """
+    cfg = config_mod.resolve(config, overrides)
+    dist = Distributed(cfg.device)
+    try:
+        return _train(cfg, dist, list(callbacks or []))
+    finally:
+        dist.close()
+
+
+def _train(cfg, dist: Distributed, callbacks: list) -> dict:
+    device = pick_device(cfg.device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    main = dist.is_main
+    progress = _progress_enabled(cfg) and main
+
+    train_ds, val_ds = get_dataset(cfg.dataset, cfg.data_dir, num_samples=cfg.num_samples,
+                                   seed=cfg.seed)
+    augment = cfg.augment if cfg.augment is not None else getattr(train_ds, "augmentable", False)
+    if augment and len(train_ds.input_shape) != 3:
+        raise ConfigError("augment: random crop/flip needs 2-D images (C, H, W); "
+                          f"dataset {cfg.dataset!r} has inputs {train_ds.input_shape}",
+                          field="augment")
+
+    seed_everything(cfg.seed)
+    model_kwargs = {"in_shape": list(train_ds.input_shape), "num_classes": train_ds.num_classes}
+    if cfg.depth is not None:
+        model_kwargs["depth"] = cfg.depth
+    if cfg.width is not None:
+        model_kwargs["width"] = cfg.width
+    model_kwargs.update(cfg.model_args)
+    model = create_model(cfg.model, **{**model_kwargs, "in_shape": tuple(train_ds.input_shape)})
+    params = count_parameters(model)
+    model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    steps_per_epoch = sum(1 for _ in batches(len(train_ds), cfg.batch_size, 0, 0, 0, dist.world))
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size: {cfg.batch_size} leaves no full batch of the "
+                          f"{len(train_ds)} training samples", field="batch_size")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
+
+    start_epoch, best_acc, best_epoch = 1, -1.0, 0
+    resumed_from = None
+    if cfg.resume and (ckpt_dir / "last.pt").exists():
+        ckpt = load_checkpoint(ckpt_dir / "last.pt", map_location=device)
+        if ckpt.get("model_name") != cfg.model:
+            raise ConfigError(f"resume: {ckpt_dir / 'last.pt'} holds model "
+                              f"{ckpt.get('model_name')!r}, not {cfg.model!r}", field="model")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        best_acc, best_epoch = float(ckpt["best_val_acc"]), int(ckpt["best_epoch"])
+        resumed_from = int(ckpt["epoch"])
+        if main:  # drop metric lines written after that checkpoint (a crash mid-epoch)
+            rewrite_jsonl(out / "metrics.jsonl",
+                          [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] <= resumed_from])
+            if (out / "norms.jsonl").exists():
+                rewrite_jsonl(out / "norms.jsonl", [r for r in read_jsonl(out / "norms.jsonl")
+                                                    if r.get("epoch", 0) <= resumed_from])
+            _log(f"resuming from {ckpt_dir / 'last.pt'} (epoch {resumed_from})")
+    elif cfg.resume and main:
+        _log(f"no checkpoint at {ckpt_dir / 'last.pt'}; starting from scratch")
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", config_mod.dump_yaml(cfg))
+        if resumed_from is None:
+            for stale in ("metrics.jsonl", "norms.jsonl", "summary.json"):
+                (out / stale).unlink(missing_ok=True)
+
+    if cfg.track_norms and main:
+        from pnnh.probes.norms import NormTracker
+
+        callbacks.append(NormTracker(every=cfg.track_norms, path=out / "norms.jsonl"))
+
+    writer = None
+    if cfg.tensorboard and main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("tensorboard: install the 'tensorboard' package to use it",
+                              field="tensorboard") from None
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if dist.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    hooks = after_step_hooks(model)
+
+    def loss_fn(logits, targets):
+        return F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+
+    if main:
+        _log(f"training {cfg.model} ({params:,} params) on {cfg.dataset} "
+             f"[{len(train_ds)} train / {len(val_ds)} val] for {cfg.epochs} epochs on {device}"
+             + (f" x{dist.world} ranks" if dist.enabled else ""))
+
+    history = read_jsonl(out / "metrics.jsonl") if resumed_from is not None and main else []
+    step = (start_epoch - 1) * steps_per_epoch
+    run_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        aug_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch + 1)
+        loss_sum = correct = seen = 0.0
+        it = batches(len(train_ds), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                       dynamic_ncols=True, file=sys.stderr)
+        for i, idx in enumerate(it):
+            if i >= steps_per_epoch:
+                break
+            x, y = _fetch(train_ds, idx)
+            if augment:
+                x = augment_batch(x, aug_gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last and device.type == "cuda" and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+            with ctx:
+                logits = train_model(x)
+                loss = loss_fn(logits, y)
+                extra = extra_losses(model)
+                total = loss + extra if extra is not None else loss
+            if not torch.isfinite(total):
+                if bar:
+                    bar.close()
+                where = ckpt_dir / "last.pt"
+                kept = f"; the last good checkpoint is kept at {where}" if where.exists() else ""
+                if main:
+                    atomic_write_json(out / "summary.json", {
+                        "status": "diverged", "diverged_epoch": epoch, "diverged_step": step,
+                        "model": cfg.model, "dataset": cfg.dataset, "params": params,
+                        "best_val_acc": max(best_acc, 0.0), "final_val_acc": None})
+                raise TrainingDiverged(f"loss became {total.item()} at epoch {epoch}, step {step} "
+                                       f"(try a smaller --lr or --grad-clip){kept}")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.scale(total).backward()
+                scaler.unscale_(optimizer)
+            else:
+                total.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            for h in hooks:
+                h()
+            scheduler.step()
+            step += 1
+            with torch.no_grad():
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+            for cb in callbacks:
+                cb.on_step(step=step, epoch=epoch, model=model, inputs=x, targets=y,
+                           loss_fn=loss_fn)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        if bar:
+            bar.close()
+        train_time = time.perf_counter() - t0
+        loss_sum, correct, seen = dist.all_sum([loss_sum, correct, seen], device)
+        val_loss, val_acc = evaluate(model, val_ds, cfg.val_batch_size, device, dist,
+                                     cfg.channels_last and device.type == "cuda")
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": seen / max(train_time, 1e-9),
+            "time_s": time.perf_counter() - t0,
+        }
+        if not main:
+            continue
+        history.append(record)
+        append_jsonl(out / "metrics.jsonl", record)
+        if writer:
+            for k, v in record.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, epoch)
+        improved = val_acc > best_acc
+        if improved:
+            best_acc, best_epoch = val_acc, epoch
+        payload = {
+            "epoch": epoch, "model_name": cfg.model, "model_kwargs": model_kwargs,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "config": cfg.to_dict(), "rng": rng_state(),
+            "best_val_acc": best_acc, "best_epoch": best_epoch, "val_acc": val_acc,
+        }
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            save_checkpoint(ckpt_dir / "last.pt", payload)
+        if improved:
+            save_checkpoint(ckpt_dir / "best.pt", payload)
+        _log(f"epoch {epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
+             f"train_acc {record['train_acc']:.4f}  val_loss {val_loss:.4f}  val_acc {val_acc:.4f}"
+             f"  lr {record['lr']:.3g}  {record['images_per_s']:.0f} img/s  {record['time_s']:.1f}s")
+
+    if writer:
+        writer.close()
+    final = history[-1] if history else {}
+    summary = {
+        "status": "finished",
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "depth": cfg.depth,
+        "width": cfg.width,
+        "model_args": cfg.model_args,
+        "params": params,
+        "epochs": cfg.epochs,
+        "best_val_acc": best_acc,
+        "best_epoch": best_epoch,
+        "final_val_acc": final.get("val_acc"),
+        "final_val_loss": final.get("val_loss"),
+        "final_train_loss": final.get("train_loss"),
+        "final_train_acc": final.get("train_acc"),
+        "mean_images_per_s": (sum(r["images_per_s"] for r in history) / len(history)
+                              if history else None),
+        "time_s": sum(r["time_s"] for r in history),
+        "run_time_s": time.perf_counter() - run_start,
+        "world_size": dist.world,
+        "resumed_from_epoch": resumed_from,
+    }
+    if main:
+        atomic_write_json(out / "summary.json", summary)
+    return summary

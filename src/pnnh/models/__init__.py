@@ -1,3 +1,4 @@
 """Model families. Importing this package registers every model with :mod:`pnnh.registry`."""
 
 from pnnh.models import mlp  # noqa: F401
+from pnnh.models import cifar, cnn1d, imagenet  # noqa: F401

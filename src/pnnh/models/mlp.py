@@ -1,4 +1,4 @@
-"""MLP families: plain, residual (ResNet) — one readable file, blocks as small modules.
+"""MLP families: plain, residual (ResNet), PNNH — one readable file, blocks as small modules.
 
 Depth counts weight layers, as in the papers: a stem ``Linear(in, width)``, ``(depth - 2) / 2``
 blocks of two ``Linear(width, width)`` layers each, and a classifier head ``Linear(width,
@@ -6,6 +6,8 @@ classes)``. So ``depth=8`` has 3 blocks and ``depth=102`` has 50.
 
 - plain block:    ``y = relu(W2 relu(W1 x + b1) + b2)``
 - residual block: ``y = relu(x + W2 relu(W1 x + b1) + b2)``  (He et al., post-activation)
+- PNNH block:     ``y = relu([Aᵀ, -Aᵀ, D] relu([A; -A; E] x + b1) + b2)`` — two plain layers,
+  a weight-shared coder ``A`` carrying ``AᵀA x`` across the ReLU (see :mod:`pnnh.coder`).
 
 All weights use He (Kaiming) normal initialisation, the fair default for ReLU nets.
 """
@@ -17,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from pnnh.coder import PNNHBlock, attach_constraint
 from pnnh.registry import register_model
 
 
@@ -53,6 +56,9 @@ class PlainMLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.fc2(torch.relu(self.fc1(x))))
+
+    def to_plain_layers(self) -> list[nn.Module]:
+        return [self.fc1, nn.ReLU(), self.fc2, nn.ReLU()]
 
 
 class ResidualMLPBlock(nn.Module):
@@ -105,3 +111,31 @@ def resnet_mlp(
     n = blocks_for_depth(depth)
     blocks = [ResidualMLPBlock(width, zero_init_residual) for _ in range(n)]
     return MLP(in_shape, num_classes, width, blocks)
+
+
+@register_model("pnnh_mlp", family="mlp", kind="pnnh")
+def pnnh_mlp(
+    in_shape=(1, 40),
+    num_classes: int = 10,
+    depth: int = 8,
+    width: int = 128,
+    learner_width: int | None = None,
+    coder_ratio: float = 1.0,
+    coder_init: str = "orthogonal",
+    coder_constraint: str = "newton_schulz",
+    project_every: int = 1,
+    penalty_weight: float = 0.01,
+    zero_init_decoder: bool = True,
+    fused: bool = True,
+    procrustes: bool = False,
+) -> MLP:
+    """PNNH MLP: plain blocks of a weight-shared coder (internal path) + a learner; no skips."""
+    n = blocks_for_depth(depth)
+    lw = width if learner_width is None else int(learner_width)
+    blocks = [
+        PNNHBlock(width, lw, dims=0, coder_ratio=coder_ratio, coder_init=coder_init,
+                  zero_init_decoder=zero_init_decoder, fused=fused)
+        for _ in range(n)
+    ]
+    model = MLP(in_shape, num_classes, width, blocks)
+    return attach_constraint(model, coder_constraint, project_every, penalty_weight, procrustes)

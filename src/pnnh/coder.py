@@ -1,0 +1,506 @@
+"""The weight-shared coder and the PNNH block (coder + learner), for Linear, Conv1d and Conv2d.
+
+**Coder.** One parameter ``A`` (``m x n``, ``m = r n`` for coder ratio ``r``) serves two plain
+layers: the encoder rows ``[A; -A]`` and the decoder columns ``[Aᵀ, -Aᵀ]``. Since
+``relu(z) - relu(-z) = z``, the pair carries
+
+    Aᵀ relu(A x) - Aᵀ relu(-A x) = AᵀA x
+
+across the ReLU *exactly*. With ``A`` orthogonal (``r = 1``) that is ``x`` itself: an internal
+path through the non-linearity, not a skip — nothing adds the block input to its output.
+For convolutions ``A`` is a kernel ``C -> rC`` and the decoder is its adjoint
+(``conv_transpose`` with the same weight, i.e. a conv with the transposed, flipped kernel).
+
+**Block.** Two plain layers with structured weights (``E``, ``D``: the learner)::
+
+    y = relu( [Aᵀ, -Aᵀ, D] · relu([A; -A; E] x + [0; 0; b1]) + b2 )
+      = relu( AᵀA x + D relu(E x + b1) + b2 )                        (fused form)
+
+Training uses the fused form (half the coder's hidden width); :meth:`PNNHBlock.to_plain_layers`
+materializes the ``[A; -A]`` form. Outputs and gradients agree (``tests/test_coder.py``).
+With ``r = 1``, ``A`` orthogonal and ``D = 0`` the block is the identity on ``x >= 0``.
+
+**Keeping AᵀA near I.** :class:`CoderConstraint` (one per model, so the projections can be
+batched over coders of equal shape) applies ``coder_constraint``:
+
+- ``"none"``;
+- ``"procrustes"``: ``A <- U Vᵀ`` (SVD) after every ``project_every`` optimizer steps;
+- ``"newton_schulz"``: the same projection by Newton–Schulz iterations (matmuls only,
+  batched), the default;
+- ``"penalty"``: adds ``penalty_weight · Σ ‖AᵀA - I‖²`` (Gram of the smaller side when
+  ``r != 1``; for a ``k x k`` conv coder the Gram of the *operator*, all kernel shifts);
+- ``"orthogonal"``: ``torch.nn.utils.parametrizations.orthogonal`` (always exact).
+
+**Normalization.** The coder channels are never normalized: where a model has BatchNorm it
+acts on the learner's units only (after ``E`` and after ``D``), so the coder path stays
+``AᵀA x`` exactly and BatchNorm folds into ``E`` / ``D`` at export.
+
+**Transitions** (stride 2, ``C -> C'``): :class:`DownsampleCoder` encodes with a 2x2 stride-2
+kernel ``P`` whose ``C' x 4C`` matrix has orthonormal rows (``P Pᵀ = I``: a co-isometry,
+initialised from Haar wavelet bands) and decodes with ``[I, -I]``; the coder path is
+``P x``, whose input gradient ``Pᵀ g`` keeps ``‖g‖`` exactly. See ``docs/PNNH.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pnnh.errors import ConfigError
+from pnnh.orthogonal import newton_schulz, procrustes
+
+CONSTRAINTS = ("none", "procrustes", "newton_schulz", "penalty", "orthogonal")
+INITS = ("orthogonal", "identity")
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
+
+
+def coder_width(dim: int, ratio: float) -> int:
+    """``m = round(r n)`` coder units for ``n`` inputs (at least 1)."""
+    if not ratio > 0:
+        raise ConfigError(f"coder_ratio: must be positive, got {ratio!r}", field="coder_ratio")
+    return max(1, int(round(ratio * dim)))
+
+
+def semi_orthogonal_(w: torch.Tensor, identity: bool = False) -> torch.Tensor:
+    """Fill a 2-D ``w`` with orthonormal rows or columns (whichever side is smaller).
+
+    ``identity=True`` gives the truncated identity (Dirac) instead of a random one.
+    """
+    with torch.no_grad():
+        if identity:
+            w.zero_()
+            k = min(w.shape)
+            w[:k, :k] = torch.eye(k, dtype=w.dtype)
+        else:
+            nn.init.orthogonal_(w)
+    return w
+
+
+class Coder(nn.Module):
+    """Weight-shared coder ``A`` (``m x n``): encoder ``[A; -A]``, decoder ``[Aᵀ, -Aᵀ]``.
+
+    ``dims`` is 0 (Linear), 1 (Conv1d) or 2 (Conv2d). For convolutions ``kernel_size`` is the
+    coder's kernel (default 1: a pointwise coder, so ``AᵀA = I`` is an ordinary matrix
+    condition the projections enforce exactly); the weight of a 1x1 coder is stored as a
+    matrix ``(m, n)`` so that projections and parametrizations see the matrix.
+    """
+
+    def __init__(
+        self, dim: int, ratio: float = 1.0, dims: int = 0, kernel_size: int = 1,
+        init: str = "orthogonal",
+    ):
+        super().__init__()
+        if init not in INITS:
+            raise ConfigError(f"coder_init: must be one of {', '.join(INITS)}, got {init!r}",
+                              field="coder_init")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ConfigError(f"coder_kernel: must be odd and >= 1, got {kernel_size}",
+                              field="coder_kernel")
+        if dims == 0 and kernel_size != 1:
+            raise ConfigError("coder_kernel: only convolutions take a kernel", field="coder_kernel")
+        self.dim, self.dims, self.kernel_size = dim, dims, kernel_size
+        self.in_dim = self.out_dim = dim
+        self.width = coder_width(dim, ratio)
+        if kernel_size == 1:
+            self.weight = nn.Parameter(semi_orthogonal_(torch.empty(self.width, dim), init == "identity"))
+        else:  # k x k coder: identity (Dirac) or orthogonal centre tap, zeros elsewhere
+            w = torch.zeros((self.width, dim) + (kernel_size,) * dims)
+            centre = (slice(None), slice(None)) + (kernel_size // 2,) * dims
+            w[centre] = semi_orthogonal_(torch.empty(self.width, dim), init == "identity")
+            self.weight = nn.Parameter(w)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """``A`` as a matrix ``(m, n·k^dims)``."""
+        return self.weight.reshape(self.width, -1)
+
+    def kernel(self) -> torch.Tensor:
+        """``A`` in layer layout: ``(m, n)`` or ``(m, n, k, ...)``."""
+        w = self.weight
+        if self.dims and w.dim() == 2:
+            w = w.reshape(w.shape + (1,) * self.dims)
+        return w
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` (pre-activation of the coder units; the encoder applies ``[A; -A]``)."""
+        if self.dims == 0:
+            return F.linear(x, self.weight)
+        return _CONV[self.dims](x, self.kernel(), padding=self.kernel_size // 2)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ z`` (the adjoint of :meth:`encode`)."""
+        if self.dims == 0:
+            return F.linear(z, self.weight.t())
+        return _CONV_T[self.dims](z, self.kernel(), padding=self.kernel_size // 2)
+
+    def carry(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        """The coder path: ``AᵀA x`` (fused) or ``Aᵀ relu(Ax) - Aᵀ relu(-Ax)`` (plain form)."""
+        z = self.encode(x)
+        if fused:
+            return self.decode(z)
+        return self.decode(torch.relu(z)) - self.decode(torch.relu(-z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.carry(x)
+
+    def encoder_weight(self, kernel_size: int = 1) -> torch.Tensor:
+        """``[A; -A]`` as a layer weight, embedded (centred) in a ``kernel_size`` kernel."""
+        a = _embed(self.kernel(), kernel_size, self.dims)
+        return torch.cat([a, -a], dim=0)
+
+    def decoder_weight(self, kernel_size: int = 1) -> torch.Tensor:
+        """``[Aᵀ, -Aᵀ]`` as a layer weight (conv: transposed, flipped kernel), embedded."""
+        a = self.kernel()
+        if self.dims == 0:
+            at = a.t()
+        else:
+            at = a.transpose(0, 1).flip(tuple(range(2, 2 + self.dims)))
+        at = _embed(at, kernel_size, self.dims)
+        return torch.cat([at, -at], dim=1)
+
+    def gram_penalty(self) -> torch.Tensor:
+        """``‖AᵀA - I‖²_F`` of the coder as an operator (Gram of the smaller side)."""
+        if self.weight.dim() == 2:
+            a = self.weight
+            g = a @ a.t() if a.shape[0] <= a.shape[1] else a.t() @ a
+            return (g - torch.eye(g.shape[0], device=a.device, dtype=a.dtype)).pow(2).sum()
+        # k x k conv: the operator's Gram is the kernel's autocorrelation over all shifts,
+        # which must be I at shift 0 and 0 elsewhere (orthogonal convolution).
+        a, k = self.weight, self.kernel_size
+        if a.shape[0] <= a.shape[1]:  # rows: A Aᵀ — correlate over input channels
+            g = _CONV[self.dims](a, a, padding=k - 1)  # (m, m, 2k-1, ...)
+        else:
+            at = a.transpose(0, 1)
+            g = _CONV[self.dims](at, at, padding=k - 1)
+        target = torch.zeros_like(g)
+        centre = (slice(None), slice(None)) + (k - 1,) * self.dims
+        target[centre] = torch.eye(g.shape[0], device=a.device, dtype=a.dtype)
+        return (g - target).pow(2).sum()
+
+    def extra_repr(self) -> str:
+        return f"{self.dim} -> {self.width} (x2 shared), dims={self.dims}, k={self.kernel_size}"
+
+
+class DownsampleCoder(nn.Module):
+    """Transition coder ``C -> C'`` at stride 2: encoder ``[P; -P]``, decoder ``[I, -I]``.
+
+    ``P`` is a 2x2 stride-2 kernel whose ``(m, 4C)`` matrix has orthonormal rows, so the
+    path ``P x`` is a co-isometry (``P Pᵀ = I``): it keeps the norm of everything in its row
+    space and its input gradient ``Pᵀ g`` has exactly the norm of ``g``. Initialised from
+    the orthonormal Haar bands of each 2x2 patch (first the scaled average — norm-preserving
+    average pooling — then the detail bands), or randomly with ``init="orthogonal"``.
+    Input positions ``2i, 2i+1`` feed output ``i``: the same geometry as the taps ``[1:3]``
+    of a 3x3, stride-2, padding-1 conv, which is how the plain form embeds it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, ratio: float = 1.0,
+                 init: str = "haar"):
+        super().__init__()
+        self.dims, self.kernel_size = 2, 2
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_dim, self.out_dim = in_channels, out_channels
+        self.width = min(coder_width(out_channels, ratio), out_channels, 4 * in_channels)
+        w = torch.empty(self.width, 4 * in_channels)
+        if init == "haar":
+            w.copy_(haar_rows(in_channels)[: self.width])
+        else:
+            semi_orthogonal_(w)
+        self.weight = nn.Parameter(w)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.weight
+
+    def kernel(self) -> torch.Tensor:
+        return self.weight.reshape(self.width, self.in_channels, 2, 2)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.kernel(), stride=2)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.width < self.out_channels:
+            z = F.pad(z, (0, 0, 0, 0, 0, self.out_channels - self.width))
+        return z
+
+    def carry(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        z = self.encode(x)
+        if fused:
+            return self.decode(z)
+        return self.decode(torch.relu(z)) - self.decode(torch.relu(-z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.carry(x)
+
+    def encoder_weight(self, kernel_size: int = 3) -> torch.Tensor:
+        """``[P; -P]`` placed at taps ``[1:3, 1:3]`` of a 3x3 stride-2 padding-1 kernel."""
+        if kernel_size != 3:
+            raise ValueError("a transition coder embeds into a 3x3 stride-2 kernel")
+        p = self.kernel()
+        w = p.new_zeros(self.width, self.in_channels, 3, 3)
+        w[:, :, 1:, 1:] = p
+        return torch.cat([w, -w], dim=0)
+
+    def decoder_weight(self, kernel_size: int = 3) -> torch.Tensor:
+        eye = torch.eye(self.out_channels, self.width, dtype=self.weight.dtype,
+                        device=self.weight.device)
+        eye = _embed(eye.reshape(self.out_channels, self.width, 1, 1), kernel_size, 2)
+        return torch.cat([eye, -eye], dim=1)
+
+    def gram_penalty(self) -> torch.Tensor:
+        a = self.weight
+        g = a @ a.t()
+        return (g - torch.eye(g.shape[0], device=a.device, dtype=a.dtype)).pow(2).sum()
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels} -> {self.width} (stride 2, x2 shared) -> {self.out_channels}"
+
+
+def haar_rows(channels: int) -> torch.Tensor:
+    """``4C`` orthonormal rows over 2x2 patches of ``C`` channels, band-major.
+
+    Bands (taps in order (0,0), (0,1), (1,0), (1,1)): average ``[1,1,1,1]/2``, then
+    ``[3,-1,-1,-1]/(2√3)``, ``[0,2,-1,-1]/√6``, ``[0,0,1,-1]/√2`` — an orthonormal basis of R⁴.
+    """
+    bands = torch.tensor([
+        [0.5, 0.5, 0.5, 0.5],
+        [3 / (2 * math.sqrt(3)), -1 / (2 * math.sqrt(3)), -1 / (2 * math.sqrt(3)),
+         -1 / (2 * math.sqrt(3))],
+        [0.0, 2 / math.sqrt(6), -1 / math.sqrt(6), -1 / math.sqrt(6)],
+        [0.0, 0.0, 1 / math.sqrt(2), -1 / math.sqrt(2)],
+    ])
+    rows = torch.zeros(4 * channels, channels, 4)
+    for b in range(4):
+        for c in range(channels):
+            rows[b * channels + c, c] = bands[b]
+    return rows.reshape(4 * channels, 4 * channels)
+
+
+def _embed(w: torch.Tensor, kernel_size: int, dims: int) -> torch.Tensor:
+    """Zero-pad a centred kernel ``(o, i, k, ...)`` to ``kernel_size`` (no-op for matrices)."""
+    if dims == 0:
+        return w
+    k = w.shape[-1]
+    if k == kernel_size:
+        return w
+    if k > kernel_size or (kernel_size - k) % 2:
+        raise ValueError(f"cannot embed a {k}-kernel in a {kernel_size}-kernel")
+    p = (kernel_size - k) // 2
+    return F.pad(w, (p, p) * dims)
+
+
+# --------------------------------------------------------------------------- the block
+
+
+def _layer(dims: int, cin: int, cout: int, k: int, stride: int = 1, bias: bool = True) -> nn.Module:
+    if dims == 0:
+        return nn.Linear(cin, cout, bias=bias)
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    return conv(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
+
+
+def _bn(dims: int, c: int) -> nn.Module:
+    return nn.BatchNorm1d(c) if dims <= 1 else nn.BatchNorm2d(c)
+
+
+class PNNHBlock(nn.Module):
+    """Two plain layers: a weight-shared coder (the internal path) beside a learner.
+
+    ``y = relu( C(x) + bn2(D relu(bn1(E x + b1))) + b2 )`` where ``C(x) = AᵀA x`` (or ``P x`` in a
+    transition). ``dims``: 0 Linear, 1 Conv1d, 2 Conv2d. ``stride=2`` / ``out_dim != dim``
+    make a transition block (conv2d only). ``batchnorm`` puts BatchNorm on the learner units.
+    ``zero_init_decoder`` zeroes ``D`` (or, with BatchNorm, the last BatchNorm's scale).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        learner_width: int,
+        *,
+        dims: int = 0,
+        out_dim: int | None = None,
+        stride: int = 1,
+        kernel_size: int = 3,
+        coder_ratio: float = 1.0,
+        coder_kernel: int = 1,
+        coder_init: str = "orthogonal",
+        batchnorm: bool = False,
+        zero_init_decoder: bool = True,
+        fused: bool = True,
+    ):
+        super().__init__()
+        out_dim = dim if out_dim is None else out_dim
+        self.dims, self.fused = dims, fused
+        self.kernel_size = 1 if dims == 0 else kernel_size
+        self.stride = stride
+        self.transition = stride != 1 or out_dim != dim
+        if self.transition:
+            if dims != 2 or stride != 2 or kernel_size != 3:
+                raise ConfigError("transition blocks are 3x3 stride-2 Conv2d blocks", field="model")
+            self.coder = DownsampleCoder(dim, out_dim, coder_ratio)
+        else:
+            self.coder = Coder(dim, coder_ratio, dims, coder_kernel, coder_init)
+            if coder_kernel > self.kernel_size and dims:
+                raise ConfigError("coder_kernel: must not exceed the block's kernel_size",
+                                  field="coder_kernel")
+        k = self.kernel_size
+        self.learner_width = learner_width
+        if learner_width > 0:
+            self.enc = _layer(dims, dim, learner_width, k, stride, bias=not batchnorm)
+            self.bn1 = _bn(dims, learner_width) if batchnorm else nn.Identity()
+            self.dec = _layer(dims, learner_width, out_dim, k, 1, bias=False)  # b2: self.bias
+            self.bn2 = _bn(dims, out_dim) if batchnorm else nn.Identity()
+            nn.init.kaiming_normal_(self.enc.weight, nonlinearity="relu")
+            nn.init.kaiming_normal_(self.dec.weight, nonlinearity="relu")
+            if self.enc.bias is not None:
+                nn.init.zeros_(self.enc.bias)
+            if zero_init_decoder:
+                if batchnorm:
+                    nn.init.zeros_(self.bn2.weight)
+                else:
+                    nn.init.zeros_(self.dec.weight)
+        self.bias = None if batchnorm and learner_width > 0 else nn.Parameter(torch.zeros(out_dim))
+
+    def _bias(self, y: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return y
+        return y + self.bias.reshape((-1,) + (1,) * self.dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.coder.carry(x, self.fused)
+        if self.learner_width > 0:
+            y = y + self.bn2(self.dec(torch.relu(self.bn1(self.enc(x)))))
+        return torch.relu(self._bias(y))
+
+    # -- the plain form -------------------------------------------------------------
+
+    @torch.no_grad()
+    def to_plain_layers(self) -> list[nn.Module]:
+        """``[layer1, ReLU, layer2, ReLU]`` with ``[A; -A; E]`` / ``[Aᵀ, -Aᵀ, D]`` materialized.
+
+        BatchNorm (eval statistics) is folded into ``E`` and ``D``.
+        """
+        k, m = self.kernel_size, self.coder.width
+        dim, out_dim = self.coder.in_dim, self.coder.out_dim
+        w1 = [self.coder.encoder_weight(k)]
+        b1 = [w1[0].new_zeros(2 * m)]
+        w2 = [self.coder.decoder_weight(k)]
+        b2 = self.bias.detach().clone() if self.bias is not None else w2[0].new_zeros(out_dim)
+        if self.learner_width > 0:
+            we, be = fold_bn(self.enc.weight, self.enc.bias, self.bn1)
+            wd, bd = fold_bn(self.dec.weight, self.dec.bias, self.bn2)
+            w1.append(we)
+            b1.append(be)
+            w2.append(wd)
+            b2 = b2 + bd
+        w1, b1, w2 = torch.cat(w1, 0), torch.cat(b1, 0), torch.cat(w2, 1)
+        hidden = w1.shape[0]
+        l1 = _layer(self.dims, dim, hidden, k, self.stride)
+        l2 = _layer(self.dims, hidden, out_dim, k, 1)
+        l1.weight.copy_(w1)
+        l1.bias.copy_(b1)
+        l2.weight.copy_(w2)
+        l2.bias.copy_(b2)
+        return [l1, nn.ReLU(), l2, nn.ReLU()]
+
+
+def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module):
+    """``bn(layer(x))`` as one layer (eval statistics): returns ``(weight, bias)`` copies."""
+    weight = weight.detach().clone()
+    bias = bias.detach().clone() if bias is not None else weight.new_zeros(weight.shape[0])
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        weight = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        bias = (bias - bn.running_mean) * scale + bn.bias.detach()
+    return weight, bias
+
+
+# --------------------------------------------------------------------------- constraints
+
+
+class CoderConstraint(nn.Module):
+    """Keeps every coder of a model near orthogonal; one per model (no parameters).
+
+    The trainer calls :meth:`after_optimizer_step` after each optimizer step and adds
+    :meth:`extra_loss` to the loss. Projections are batched over coders of equal shape.
+    """
+
+    def __init__(self, coders: list[nn.Module], mode: str = "newton_schulz",
+                 project_every: int = 1, penalty_weight: float = 0.01, ns_steps: int = 5):
+        super().__init__()
+        if mode not in CONSTRAINTS:
+            raise ConfigError(
+                f"coder_constraint: must be one of {', '.join(CONSTRAINTS)}, got {mode!r}",
+                field="coder_constraint")
+        if int(project_every) < 1:
+            raise ConfigError(f"project_every: must be >= 1, got {project_every}",
+                              field="project_every")
+        self.mode, self.project_every = mode, int(project_every)
+        self.penalty_weight, self.ns_steps = float(penalty_weight), int(ns_steps)
+        self._coders = list(coders)  # not registered: the blocks own them
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        if mode in ("procrustes", "newton_schulz", "orthogonal"):
+            for c in self._coders:
+                if c.weight.dim() != 2:
+                    raise ConfigError(
+                        f"coder_constraint={mode!r} needs a pointwise coder (coder_kernel=1); "
+                        "use 'penalty' or 'none' for k x k coders", field="coder_constraint")
+        if mode == "orthogonal":
+            for c in self._coders:
+                if not parametrize.is_parametrized(c, "weight"):
+                    w = c.weight.detach().clone()
+                    torch.nn.utils.parametrizations.orthogonal(c, "weight")
+                    with torch.no_grad():
+                        c.weight = w  # start from the same (orthogonal) init
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Project every coder onto the (semi-)orthogonal matrices now."""
+        groups: dict[tuple, list[nn.Module]] = {}
+        for c in self._coders:
+            groups.setdefault(tuple(c.weight.shape), []).append(c)
+        for cs in groups.values():
+            w = torch.stack([c.weight for c in cs])
+            q = procrustes(w) if self.mode == "procrustes" else newton_schulz(w, self.ns_steps)
+            for c, qi in zip(cs, q):
+                c.weight.copy_(qi)
+
+    def after_optimizer_step(self) -> None:
+        if self.mode not in ("procrustes", "newton_schulz"):
+            return
+        self.steps += 1
+        if int(self.steps) % self.project_every == 0:
+            self.project()
+
+    def extra_loss(self) -> torch.Tensor | None:
+        if self.mode != "penalty" or not self._coders:
+            return None
+        return self.penalty_weight * sum(c.gram_penalty() for c in self._coders)
+
+    def orthogonality_error(self) -> float:
+        """Largest ``‖AᵀA - I‖_F`` over the coders (Gram of the smaller side)."""
+        with torch.no_grad():
+            return max((float(c.gram_penalty().sqrt()) for c in self._coders), default=0.0)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, project_every={self.project_every}, coders={len(self._coders)}"
+
+
+def attach_constraint(model: nn.Module, coder_constraint: str = "newton_schulz",
+                      project_every: int = 1, penalty_weight: float = 0.01,
+                      procrustes: bool = False) -> nn.Module:
+    """Give ``model`` a :class:`CoderConstraint` over all of its coders (``model.coder_constraint``).
+
+    ``procrustes=True`` (the ``--procrustes`` training flag) selects the exact SVD projection.
+    """
+    if procrustes:
+        coder_constraint = "procrustes"
+    coders = [m for m in model.modules() if isinstance(m, (Coder, DownsampleCoder))]
+    model.coder_constraint = CoderConstraint(coders, coder_constraint, project_every,
+                                             penalty_weight)
+    return model

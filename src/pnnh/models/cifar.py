@@ -1,0 +1,189 @@
+"""CIFAR-style 2-D CNNs (He et al. 2016, Sec. 4.2): plain, ResNet and PNNH at 6n+2 layers.
+
+A 3x3 stem conv (16 channels) + BN + ReLU, three stages of ``n`` blocks with 16, 32, 64
+channels (x ``width / 16``), the first block of stages 2 and 3 a *transition* (stride 2,
+channels doubled), global average pooling and a linear head: ``6n + 2`` weight layers
+(``depth`` 20, 56, 110 give n = 3, 9, 18). All stages are flattened into one
+``model.blocks`` ``nn.Sequential``; transition blocks carry ``transition = True`` with their
+strided conv as ``conv1`` (and, for the ResNet, the projection shortcut as ``shortcut``).
+
+- plain block:  ``relu(bn2(conv2(relu(bn1(conv1 x)))))``
+- ResNet block: ``relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))`` — identity, or a 1x1
+  stride-2 conv + BN at transitions (option B);
+- PNNH block:   :class:`pnnh.coder.PNNHBlock` with BatchNorm on the learner units only; at
+  transitions the coder is the Haar-initialised orthogonal downsampling coder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pnnh.coder import PNNHBlock, attach_constraint, fold_bn
+from pnnh.registry import register_model
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def init_conv_bn_(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``bn(conv(x))`` as one conv with a bias (eval statistics)."""
+    w, b = fold_bn(conv.weight, conv.bias, bn)
+    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, bias=True)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        out.bias.copy_(b)
+    return out
+
+
+class PlainBlock(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1 x)))))`` — a ResNet basic block without its shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.transition = stride != 1 or cin != cout
+        self.conv1 = conv3x3(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = conv3x3(cout, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        init_conv_bn_(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+    def to_plain_layers(self) -> list[nn.Module]:
+        return [conv_bn(self.conv1, self.bn1), nn.ReLU(), conv_bn(self.conv2, self.bn2), nn.ReLU()]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: ``relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))``."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, zero_init_residual: bool = False):
+        super().__init__()
+        self.transition = stride != 1 or cin != cout
+        self.conv1 = conv3x3(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = conv3x3(cout, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        if self.transition:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        else:
+            self.shortcut = nn.Identity()
+        init_conv_bn_(self)
+        if zero_init_residual:
+            nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ConvNet(nn.Module):
+    """``stem -> blocks -> head`` for images; ``blocks`` is one ``nn.Sequential`` of all stages."""
+
+    def __init__(self, in_shape, stem: nn.Module, blocks: list[nn.Module], head: nn.Module):
+        super().__init__()
+        self.in_shape = tuple(in_shape)
+        self.stem = stem
+        self.blocks = nn.Sequential(*blocks)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def make_blocks(kind: str, widths: list[int], counts: list[int], first_stride: list[int],
+                cin: int, **opts) -> list[nn.Module]:
+    """Blocks of every stage, in order; the first block of a stage may be a transition."""
+    blocks: list[nn.Module] = []
+    for width, count, stride in zip(widths, counts, first_stride):
+        for i in range(count):
+            s = stride if i == 0 else 1
+            if kind == "plain":
+                blocks.append(PlainBlock(cin, width, s))
+            elif kind == "resnet":
+                blocks.append(BasicBlock(cin, width, s, opts.get("zero_init_residual", False)))
+            else:
+                lw = max(1, int(round(opts["learner_ratio"] * width)))
+                blocks.append(PNNHBlock(
+                    cin, lw, dims=2, out_dim=width, stride=s, kernel_size=3,
+                    coder_ratio=opts["coder_ratio"], coder_kernel=opts["coder_kernel"],
+                    coder_init=opts["coder_init"], batchnorm=True,
+                    zero_init_decoder=opts["zero_init_decoder"], fused=opts["fused"]))
+            cin = width
+    return blocks
+
+
+def head(width: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+def cifar_net(kind: str, in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20,
+              width: int = 16, **opts) -> ConvNet:
+    depth = int(depth)
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110, ...), got depth={depth}")
+    if len(in_shape) != 3:
+        raise ValueError(f"2-D CNNs take inputs (channels, height, width), got {in_shape}")
+    n = (depth - 2) // 6
+    stem = nn.Sequential(conv3x3(in_shape[0], width), nn.BatchNorm2d(width), nn.ReLU())
+    init_conv_bn_(stem)
+    widths = [width, 2 * width, 4 * width]
+    blocks = make_blocks(kind, widths, [n, n, n], [1, 2, 2], width, **opts)
+    return ConvNet(in_shape, stem, blocks, head(widths[-1], num_classes))
+
+
+def _plain(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20, width: int = 16):
+    return cifar_net("plain", in_shape, num_classes, depth, width)
+
+
+def _resnet(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20, width: int = 16,
+            zero_init_residual: bool = False):
+    return cifar_net("resnet", in_shape, num_classes, depth, width,
+                     zero_init_residual=zero_init_residual)
+
+
+def _pnnh(
+    in_shape=(3, 32, 32),
+    num_classes: int = 10,
+    depth: int = 20,
+    width: int = 16,
+    learner_ratio: float = 1.0,
+    coder_ratio: float = 1.0,
+    coder_kernel: int = 1,
+    coder_init: str = "orthogonal",
+    coder_constraint: str = "newton_schulz",
+    project_every: int = 1,
+    penalty_weight: float = 0.01,
+    zero_init_decoder: bool = True,
+    fused: bool = True,
+    procrustes: bool = False,
+):
+    model = cifar_net("pnnh", in_shape, num_classes, depth, width, learner_ratio=learner_ratio,
+                      coder_ratio=coder_ratio, coder_kernel=coder_kernel, coder_init=coder_init,
+                      zero_init_decoder=zero_init_decoder, fused=fused)
+    return attach_constraint(model, coder_constraint, project_every, penalty_weight, procrustes)
+
+
+for _d in (20, 56, 110):
+    register_model(f"plain{_d}", family="cifar", kind="plain", depth=_d,
+                   description=f"CIFAR plain net, {_d} layers (3 stages, BatchNorm), no shortcuts")(
+        _plain)
+    register_model(f"resnet{_d}", family="cifar", kind="resnet", depth=_d,
+                   description=f"CIFAR ResNet-{_d} (3 stages, BatchNorm, 1x1 projection at "
+                   "transitions)")(_resnet)
+    register_model(f"pnnh{_d}", family="cifar", kind="pnnh", depth=_d,
+                   description=f"CIFAR PNNH-{_d}: coder + learner blocks, BatchNorm on the "
+                   "learner, no shortcuts")(_pnnh)

@@ -127,6 +127,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--dataset", help="mnist1d (default), digits, cifar10, cifar100, imagefolder, synthetic")
     a("--data-dir", help="directory holding cifar/imagefolder data")
+    a("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
+      help="dataset option, e.g. image_size=64 or input_shape=[3,16,16] (repeatable)")
     a("--epochs", type=int)
     a("--batch-size", type=int)
     a("--lr", type=float)
@@ -176,6 +178,9 @@ def train_config_from_args(args: argparse.Namespace):
         model_args["zca"] = True
     if model_args:
         overrides["model_args"] = model_args
+    dataset_args = dict(parse_model_arg(t, "--dataset-arg") for t in args.dataset_arg)
+    if dataset_args:
+        overrides["dataset_args"] = dataset_args
     return validate(from_dict(overrides, base))
 
 

@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     data_dir: str | None = None
+    dataset_args: dict = field(default_factory=dict)  # e.g. synthetic input_shape, image_size
     augment: bool | None = None  # None: on for 2-D image datasets, off otherwise
     num_samples: int | None = None  # mnist1d / synthetic size
     val_batch_size: int = 1000
@@ -168,6 +169,7 @@ def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
     """Apply ``values`` (config-file keys or flags) on top of ``base``; unknown keys are errors."""
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     cfg.model_args = dict(cfg.model_args)
+    cfg.dataset_args = dict(cfg.dataset_args)
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
@@ -175,8 +177,8 @@ def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
                 f"unknown config key {key!r}; valid keys: {', '.join(sorted(FIELDS))}", field=name
             )
         value = _check_type(name, value)
-        if name == "model_args":
-            cfg.model_args.update(value)
+        if name in ("model_args", "dataset_args"):
+            getattr(cfg, name).update(value)
         else:
             setattr(cfg, name, value)
     return cfg
@@ -227,14 +229,15 @@ def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def parse_model_arg(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` → (key, YAML-parsed value), for ``--model-arg``."""
+def parse_model_arg(text: str, flag: str = "--model-arg") -> tuple[str, Any]:
+    """``KEY=VALUE`` → (key, YAML-parsed value), for ``--model-arg`` / ``--dataset-arg``."""
+    field_name = flag.lstrip("-").replace("-arg", "_args")
     if "=" not in text:
-        raise ConfigError(f"--model-arg expects KEY=VALUE, got {text!r}", field="model_args")
+        raise ConfigError(f"{flag} expects KEY=VALUE, got {text!r}", field=field_name)
     key, value = text.split("=", 1)
     key = key.strip().replace("-", "_")
     if not key.isidentifier():
-        raise ConfigError(f"--model-arg: {key!r} is not a valid option name", field="model_args")
+        raise ConfigError(f"{flag}: {key!r} is not a valid option name", field=field_name)
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:

@@ -316,6 +316,7 @@ def get_dataset(
       folder of classes split 80/20), resized to ``image_size``.
     - ``synthetic``: prototypes + noise, ``input_shape`` / ``num_classes`` / ``num_samples``.
     """
+    input_shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else (input_shape,)
     if name == "mnist1d":
         return _mnist1d(num_samples)
     if name == "digits":

@@ -197,8 +197,11 @@ def _train(cfg, dist: Distributed, callbacks: list) -> dict:
     main = dist.is_main
     progress = _progress_enabled(cfg) and main
 
-    train_ds, val_ds = get_dataset(cfg.dataset, cfg.data_dir, num_samples=cfg.num_samples,
-                                   seed=cfg.seed)
+    try:
+        train_ds, val_ds = get_dataset(cfg.dataset, cfg.data_dir, num_samples=cfg.num_samples,
+                                       seed=cfg.seed, **cfg.dataset_args)
+    except TypeError as e:
+        raise ConfigError(f"dataset_args: {e}", field="dataset_args") from None
     augment = cfg.augment if cfg.augment is not None else getattr(train_ds, "augmentable", False)
     if augment and len(train_ds.input_shape) != 3:
         raise ConfigError("augment: random crop/flip needs 2-D images (C, H, W); "

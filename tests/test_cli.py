@@ -1,0 +1,63 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pnnh.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_models_lists_names_families_and_parameter_counts(capsys):
+    code, out, _ = run_cli(capsys, "models", "--filter", "mlp")
+    assert code == 0
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert lines["resnet_mlp"][1:3] == ["mlp", "resnet"]
+    assert lines["plain_mlp"][3] == "105,610"  # depth 8, width 128 on (1, 40)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--model", "resnet_mpl"], "unknown model 'resnet_mpl'"),
+    (["train", "--dataset", "mnist2d", "--epochs", "1"], "unknown dataset 'mnist2d'"),
+    (["train", "--lr", "-1"], "lr: must be positive"),
+    (["train", "--epochs", "0"], "epochs: must be at least 1"),
+    (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["train", "--config", "/nonexistent/c.yaml"], "config file not found: /nonexistent/c.yaml"),
+    (["train", "--model", "plain_mlp", "--depth", "7"], "depth must be 2 + 2*k"),
+    (["train", "--model-arg", "bogus=1"], "does not take option(s) bogus"),
+    (["probe", "norms", "--out", "x"], "give --model"),
+])
+def test_user_errors_are_one_line_exit_2_no_traceback(capsys, tmp_path, argv, needle):
+    code, out, err = run_cli(capsys, *argv, "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--optimizer", "adam"])
+    assert e.value.code == 2
+    assert "invalid choice: 'adam'" in capsys.readouterr().err
+
+
+def test_train_command_end_to_end_in_a_subprocess(tmp_path):
+    """The installed console script, not a tty: plain one-line-per-epoch logs."""
+    env = {**os.environ, "PNNH_CACHE_DIR": os.environ["PNNH_CACHE_DIR"]}
+    exe = Path(sys.executable).with_name("pnnh")
+    out = tmp_path / "x"
+    p = subprocess.run([str(exe), "train", "--model", "resnet_mlp", "--dataset", "mnist1d",
+                        "--depth", "8", "--epochs", "2", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "epoch 1/2" in p.stderr and "epoch 2/2" in p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_val_acc"] > 0.3
+    assert (out / "checkpoints" / "last.pt").exists()

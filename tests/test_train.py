@@ -1,0 +1,166 @@
+import json
+import math
+import pickle
+
+import pytest
+import torch
+import yaml
+
+import pnnh
+from pnnh.checkpoint import load_checkpoint, load_model
+from pnnh.config import TrainConfig
+from pnnh.errors import CheckpointError, TrainingDiverged
+from pnnh.io import read_jsonl
+from pnnh.train import lr_factor
+
+TIME_FIELDS = ("images_per_s", "time_s")
+
+
+def _small(out, **kw):
+    base = dict(model="resnet_mlp", dataset="mnist1d", depth=4, width=32, epochs=3,
+                batch_size=128, lr=3e-3, out=str(out), progress=False)
+    base.update(kw)
+    return base
+
+
+def test_one_epoch_on_mnist1d_beats_chance_and_writes_the_run_files(tmp_path):
+    summary = pnnh.train(_small(tmp_path / "r", depth=8, width=128, epochs=1))
+    assert summary["final_val_acc"] > 0.25  # chance is 0.10
+    out = tmp_path / "r"
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["model"] == "resnet_mlp" and cfg["depth"] == 8
+    (line,) = read_jsonl(out / "metrics.jsonl")
+    for field in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
+                  "time_s"):
+        assert field in line
+    assert line["images_per_s"] > 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["params"] == pnnh.count_parameters(pnnh.create_model("resnet_mlp", depth=8, width=128))
+    assert s["best_val_acc"] == s["final_val_acc"] == line["val_acc"]
+    for name in ("last.pt", "best.pt"):
+        assert load_checkpoint(out / "checkpoints" / name)["epoch"] == 1
+    model, ckpt = load_model(out / "checkpoints" / "best.pt")
+    x = torch.randn(3, 1, 40)
+    assert model(x).shape == (3, 10)
+
+
+class _Interrupt:
+    """Simulates a crash at the first step of a given epoch."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_step(self, epoch, **_):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in records]
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    full = _small(tmp_path / "full")
+    pnnh.train(full)
+    part = _small(tmp_path / "part")
+    with pytest.raises(KeyboardInterrupt):
+        pnnh.train(part, callbacks=[_Interrupt(epoch=3)])
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "part" / "metrics.jsonl")] == [1, 2]
+    summary = pnnh.train({**part, "resume": True})
+    assert summary["resumed_from_epoch"] == 2
+    a = _strip(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+    b = _strip(read_jsonl(tmp_path / "part" / "metrics.jsonl"))
+    assert [r["epoch"] for r in b] == [1, 2, 3]
+    assert a == b  # bit-identical on CPU
+    wa = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
+    wb = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class _PoisonWeights:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, step, model, **_):
+        if step == self.step:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(tmp_path):
+    cfg = _small(tmp_path / "nan", epochs=3)
+    steps_per_epoch = math.ceil(8000 / 128)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2.*last good checkpoint"):
+        pnnh.train(cfg, callbacks=[_PoisonWeights(steps_per_epoch + 3)])
+    ckpt = load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    s = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert s["status"] == "diverged" and s["diverged_epoch"] == 2
+
+
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "pnnh-checkpoint", "model": Evil()}, path, pickle_protocol=2)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(Evil(), protocol=2))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_checkpoints(tmp_path):
+    pnnh.train(_small(tmp_path / "r", epochs=1))
+    good = (tmp_path / "r" / "checkpoints" / "last.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_checkpoint(cut)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.ones(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a pnnh checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_lr_schedule_warmup_cosine_step():
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, schedule="cosine")
+    f = [lr_factor(cfg, s, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.05) and f[19] == pytest.approx(1.0)
+    assert f[20] == pytest.approx(1.0) and f[99] < 0.01
+    assert all(a >= b for a, b in zip(f[20:], f[21:]))
+    step = TrainConfig(epochs=10, schedule="step", step_size=3, gamma=0.5)
+    assert [lr_factor(step, e * 10, 10) for e in (0, 2, 3, 6, 9)] == [1, 1, 0.5, 0.25, 0.125]
+    assert lr_factor(TrainConfig(schedule="constant"), 50, 10) == 1.0
+
+
+def test_sgd_step_schedule_label_smoothing_and_digits(tmp_path):
+    s = pnnh.train(_small(tmp_path / "d", dataset="digits", model="plain_mlp", optimizer="sgd",
+                          lr=0.05, schedule="step", step_size=1, label_smoothing=0.1,
+                          weight_decay=1e-4, epochs=2))
+    assert s["final_val_acc"] > 0.5
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "d" / "metrics.jsonl")]
+    assert lrs == pytest.approx([0.005, 0.0005])
+
+
+def test_augmentation_on_image_data(tmp_path):
+    s = pnnh.train(_small(tmp_path / "s", dataset="synthetic", num_samples=200, epochs=1,
+                          augment=True, model="plain_mlp",
+                          dataset_args={"input_shape": [3, 8, 8], "num_classes": 4}))
+    assert s["status"] == "finished"
+    from pnnh.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="augment"):
+        pnnh.train(_small(tmp_path / "s2", augment=True, epochs=1))
+    with pytest.raises(ConfigError, match="dataset_args"):
+        pnnh.train(_small(tmp_path / "s3", dataset_args={"colour": 1}, epochs=1))

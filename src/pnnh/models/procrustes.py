@@ -1,0 +1,131 @@
+"""Procrustes ResNets (paper 2): ResNets whose transition blocks are norm-preserving.
+
+A transition block changes the representation's dimensions; its shortcut cannot be the
+identity, so the block is where norm preservation breaks. The Procrustes variant projects the
+weights of every block marked ``transition = True`` onto matrices with equal singular values
+after each optimizer step, and ZCA-whitens the classifier's input (see
+:mod:`pnnh.norm_preservation` for the math and which matrix of a convolution is projected).
+
+- ``procrustes_resnet20/56/110``: the CIFAR ResNets of :mod:`pnnh.models.cifar` (their
+  transition blocks: strided ``conv1``, ``conv2``, projection ``shortcut``), made
+  norm-preserving with :func:`pnnh.norm_preservation.make_norm_preserving`.
+- ``procrustes_resnet_mlp``: an MLP ResNet whose width grows across stages (by default
+  ``width/4 → width/2 → width``), so that it has transition blocks, like the CIFAR ResNets'
+  channel doubling. A transition block is ``relu(P x + W2 relu(W1 x + b1) + b2)`` with a
+  linear projection shortcut ``P`` (``w_out × w_in``, no bias); the other blocks are the
+  identity-shortcut blocks of :mod:`pnnh.models.mlp`. With ``procrustes=False, zca=False``
+  it is the plain staged ResNet, the baseline.
+
+``procrustes`` and ``zca`` are options of every factory here (``--procrustes`` / ``--zca``, or
+``--model-arg procrustes=false`` to switch one off).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pnnh.models.mlp import ResidualMLPBlock, blocks_for_depth, flat_dim, he_init_
+from pnnh.norm_preservation import make_norm_preserving
+from pnnh.registry import create_model, register_model
+
+
+class TransitionMLPBlock(nn.Module):
+    """Width change ``w_in → w_out``: ``relu(P x + W2 relu(W1 x + b1) + b2)``."""
+
+    transition = True
+
+    def __init__(self, w_in: int, w_out: int):
+        super().__init__()
+        self.fc1 = nn.Linear(w_in, w_out)
+        self.fc2 = nn.Linear(w_out, w_out)
+        self.shortcut = nn.Linear(w_in, w_out, bias=False)
+        he_init_(self.fc1)
+        he_init_(self.fc2)
+        nn.init.kaiming_normal_(self.shortcut.weight, nonlinearity="linear")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.shortcut(x) + self.fc2(torch.relu(self.fc1(x))))
+
+
+def stage_widths(width: int, stages: int) -> list[int]:
+    """``[width/2^(S-1), ..., width/2, width]`` (each at least 1)."""
+    return [max(1, width // 2 ** (stages - 1 - i)) for i in range(stages)]
+
+
+class StagedResNetMLP(nn.Module):
+    """``stem -> blocks -> head``; ``blocks`` holds ``stages`` stages, each but the first
+    opening with a :class:`TransitionMLPBlock`."""
+
+    def __init__(self, in_shape, num_classes: int, depth: int, width: int, stages: int):
+        super().__init__()
+        n = blocks_for_depth(depth)
+        if stages < 1:
+            raise ValueError(f"stages must be at least 1, got {stages}")
+        stages = min(stages, max(n, 1))
+        widths = stage_widths(width, stages)
+        per_stage = [n // stages + (1 if i < n % stages else 0) for i in range(stages)]
+        self.in_shape = tuple(in_shape)
+        self.widths = widths
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(in_shape), widths[0]), nn.ReLU())
+        he_init_(self.stem[1])
+        blocks: list[nn.Module] = []
+        for i, (w, k) in enumerate(zip(widths, per_stage)):
+            for j in range(k):
+                if j == 0 and i > 0:
+                    blocks.append(TransitionMLPBlock(widths[i - 1], w))
+                else:
+                    blocks.append(ResidualMLPBlock(w))
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+@register_model("procrustes_resnet_mlp", family="procrustes", kind="resnet")
+def procrustes_resnet_mlp(
+    in_shape=(1, 40),
+    num_classes: int = 10,
+    depth: int = 20,
+    width: int = 128,
+    stages: int = 3,
+    procrustes: bool = True,
+    zca: bool = True,
+) -> nn.Module:
+    """Staged ResNet MLP (width/4 → width/2 → width), Procrustes transitions + ZCA head."""
+    model = StagedResNetMLP(in_shape, num_classes, depth, width, stages)
+    if procrustes or zca:
+        make_norm_preserving(model, procrustes=procrustes, zca=zca)
+    return model
+
+
+def _procrustes_cifar(depth: int, in_shape, num_classes, procrustes, zca, **kwargs) -> nn.Module:
+    model = create_model(f"resnet{depth}", in_shape=in_shape, num_classes=num_classes, **kwargs)
+    if procrustes or zca:
+        make_norm_preserving(model, procrustes=procrustes, zca=zca)
+    return model
+
+
+@register_model("procrustes_resnet20", family="procrustes", kind="resnet")
+def procrustes_resnet20(
+    in_shape=(3, 32, 32), num_classes: int = 10, procrustes: bool = True, zca: bool = True, **kw
+) -> nn.Module:
+    """CIFAR ResNet-20 with Procrustes transition blocks and a ZCA-whitened classifier input."""
+    return _procrustes_cifar(20, in_shape, num_classes, procrustes, zca, **kw)
+
+
+@register_model("procrustes_resnet56", family="procrustes", kind="resnet")
+def procrustes_resnet56(
+    in_shape=(3, 32, 32), num_classes: int = 10, procrustes: bool = True, zca: bool = True, **kw
+) -> nn.Module:
+    """CIFAR ResNet-56 with Procrustes transition blocks and a ZCA-whitened classifier input."""
+    return _procrustes_cifar(56, in_shape, num_classes, procrustes, zca, **kw)
+
+
+@register_model("procrustes_resnet110", family="procrustes", kind="resnet")
+def procrustes_resnet110(
+    in_shape=(3, 32, 32), num_classes: int = 10, procrustes: bool = True, zca: bool = True, **kw
+) -> nn.Module:
+    """CIFAR ResNet-110 with Procrustes transition blocks and a ZCA-whitened classifier input."""
+    return _procrustes_cifar(110, in_shape, num_classes, procrustes, zca, **kw)

@@ -1,0 +1,197 @@
+"""Export a plain or PNNH model to one straight chain of layers: ``nn.Sequential``, ONNX.
+
+:func:`to_plain` walks ``stem -> blocks -> head``: every block gives its plain layers
+(``block.to_plain_layers()``: a PNNH block materializes ``[A; -A; E]`` and ``[Aᵀ, -Aᵀ, D]``),
+BatchNorm is folded into the preceding layer with its running statistics, and the result is an
+``nn.Sequential`` of Linear / Conv / ReLU / Flatten / pooling layers computing the model's
+eval-mode function. A ResNet has no plain form block by block; turn it into one with
+:func:`pnnh.convert.resnet_to_plain`.
+
+Files: ``--format plain`` writes a weights-only file (layer specs + state dict, loadable
+without executing code) read back by :func:`load_plain`; ``--format onnx`` writes ONNX.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pnnh.coder import fold_bn
+from pnnh.errors import CheckpointError, PnnhError
+from pnnh.io import atomic_write_bytes
+
+PLAIN_FORMAT = "pnnh-plain"
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_PASS = (nn.ReLU, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def _with_bias(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A copy of ``layer`` (Linear/Conv) with the given weight and a bias."""
+    if isinstance(layer, nn.Linear):
+        out = nn.Linear(layer.in_features, layer.out_features)
+    else:
+        out = type(layer)(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                          layer.padding, layer.dilation, layer.groups, bias=True)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        out.bias.copy_(bias)
+    return out
+
+
+def plain_layers(modules) -> list[nn.Module]:
+    """Flatten ``modules`` into plain layers, folding each BatchNorm into the layer before it."""
+    out: list[nn.Module] = []
+    for m in modules:
+        if isinstance(m, nn.Sequential):
+            out.extend(plain_layers(m))
+        elif hasattr(m, "to_plain_layers"):
+            out.extend(plain_layers(m.to_plain_layers()))
+        elif isinstance(m, _BN):
+            prev = out[-1] if out else None
+            if not isinstance(prev, _LAYERS):
+                raise PnnhError(f"cannot fold {type(m).__name__}: it does not follow a "
+                                "Linear/Conv layer", field="model")
+            w, b = fold_bn(prev.weight, prev.bias, m)
+            out[-1] = _with_bias(prev, w, b)
+        elif isinstance(m, _LAYERS):
+            w = m.weight.detach()
+            b = m.bias.detach() if m.bias is not None else w.new_zeros(w.shape[0])
+            out.append(_with_bias(m, w, b))
+        elif isinstance(m, _PASS):
+            out.append(copy.deepcopy(m))
+        elif isinstance(m, nn.Identity):
+            continue
+        else:
+            hint = ""
+            if hasattr(m, "shortcut") or "Residual" in type(m).__name__ or "Basic" in type(m).__name__:
+                hint = "; a ResNet converts with pnnh.convert.resnet_to_plain(model)"
+            raise PnnhError(f"cannot export {type(m).__name__} as plain layers{hint}",
+                            field="model")
+    return out
+
+
+@torch.no_grad()
+def to_plain(model: nn.Module) -> nn.Sequential:
+    """The model's eval-mode function as an ``nn.Sequential`` of plain layers (weights copied)."""
+    if isinstance(model, nn.Sequential):
+        parts = list(model)
+    elif all(hasattr(model, a) for a in ("stem", "blocks", "head")):
+        parts = [model.stem, *model.blocks, model.head]
+    else:
+        raise PnnhError(f"cannot export {type(model).__name__}: expected stem/blocks/head or an "
+                        "nn.Sequential", field="model")
+    return nn.Sequential(*plain_layers(parts)).eval()
+
+
+def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor) -> Path:
+    """Write the plain form of ``model`` as ONNX (batch dimension dynamic); returns the path."""
+    plain = to_plain(model).cpu()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(plain, (example.cpu(),), buf, dynamo=False, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"},
+                                                                 "logits": {0: "batch"}})
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _spec(m: nn.Module) -> dict:
+    name = type(m).__name__
+    if isinstance(m, nn.Linear):
+        return {"type": name, "args": [m.in_features, m.out_features]}
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return {"type": name, "args": [m.in_channels, m.out_channels, list(m.kernel_size)],
+                "kwargs": {"stride": list(m.stride), "padding": list(m.padding),
+                           "dilation": list(m.dilation), "groups": m.groups}}
+    if isinstance(m, nn.Flatten):
+        return {"type": name, "kwargs": {"start_dim": m.start_dim, "end_dim": m.end_dim}}
+    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
+        keys = ("kernel_size", "stride", "padding") + (
+            ("ceil_mode",) if not isinstance(m, (nn.AvgPool1d,)) else ())
+        return {"type": name, "kwargs": {k: _plain_value(getattr(m, k)) for k in keys}}
+    if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        return {"type": name, "args": [_plain_value(m.output_size)]}
+    if isinstance(m, nn.ReLU):
+        return {"type": name}
+    raise PnnhError(f"cannot serialise layer {name}", field="model")
+
+
+def _plain_value(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def save_plain(plain: nn.Sequential, path: str | Path, meta: dict | None = None) -> Path:
+    """Write an exported ``nn.Sequential`` as layer specs + weights (no pickled objects)."""
+    payload = {"format": PLAIN_FORMAT, "layers": [_spec(m) for m in plain],
+               "state_dict": plain.state_dict(), "meta": dict(meta or {})}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_plain(path: str | Path) -> nn.Sequential:
+    """Rebuild the ``nn.Sequential`` written by :func:`save_plain` (``weights_only`` load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"plain model file not found: {path}", field="checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") != PLAIN_FORMAT:
+            raise ValueError("wrong format tag")
+        layers = []
+        for spec in payload["layers"]:
+            cls = getattr(nn, spec["type"])
+            if not (issubclass(cls, _LAYERS) or issubclass(cls, _PASS)):
+                raise ValueError(f"unexpected layer {spec['type']}")
+            kwargs = {k: tuple(v) if isinstance(v, list) else v
+                      for k, v in spec.get("kwargs", {}).items()}
+            args = [tuple(a) if isinstance(a, list) else a for a in spec.get("args", [])]
+            layers.append(cls(*args, **kwargs))
+        model = nn.Sequential(*layers)
+        model.load_state_dict(payload["state_dict"])
+    except Exception as e:  # any malformed file is the user's file problem
+        raise CheckpointError(f"cannot load plain model {path}: {str(e)[:200]}",
+                              field="checkpoint") from None
+    return model.eval()
+
+
+def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path) -> Path:
+    """``pnnh export``: load a training checkpoint, write its plain form (``plain``/``onnx``).
+
+    Checks that the exported network reproduces the model's outputs (atol 1e-4) on a random
+    batch before writing.
+    """
+    from pnnh.checkpoint import load_model
+
+    if format not in ("plain", "onnx"):
+        raise PnnhError(f"format: must be plain or onnx, got {format!r}", field="format")
+    model, ckpt = load_model(checkpoint)
+    model.eval()
+    plain = to_plain(model)
+    in_shape = tuple(getattr(model, "in_shape", ()) or ckpt.get("model_kwargs", {}).get("in_shape"))
+    example = torch.randn(2, *in_shape)
+    with torch.no_grad():
+        err = float((plain(example) - model(example)).abs().max())
+    if not err <= 1e-4 * max(1.0, float(model(example).abs().max())):
+        raise PnnhError(f"export check failed: plain network differs by {err:.3g}",
+                        field="checkpoint")
+    if format == "onnx":
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise PnnhError("format onnx needs the 'onnx' package: pip install 'pnnh[onnx]'",
+                            field="format") from None
+        return export_onnx(model, out, example)
+    meta = {"model_name": ckpt.get("model_name"), "in_shape": list(in_shape),
+            "source": str(checkpoint)}
+    return save_plain(plain, out, meta)

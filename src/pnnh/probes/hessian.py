@@ -1,0 +1,496 @@
+"""Curvature of the loss: Hessian-vector products, extreme eigenvalues, trace, spectral density.
+
+Everything is built on one primitive, the Hessian-vector product of the loss
+``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)`` over a flat parameter vector ``θ``::
+
+    Hv = ∂/∂ε ∇L(θ + ε v) |_{ε=0}         (forward-over-reverse: ``jvp(grad(L), θ, v)``)
+
+computed with :mod:`torch.func` in one forward and one backward pass, never forming ``H``.
+On top of it:
+
+- :func:`lanczos` — the Lanczos iteration with full re-orthogonalisation. After ``m`` steps
+  ``Vᵀ H V = T`` (tridiagonal); the Ritz values (eigenvalues of ``T``) converge to the extreme
+  eigenvalues of ``H`` first. :meth:`HessianOperator.extreme_eigenvalues` stops once the Ritz
+  residuals ``|β_m s_{m,i}|`` of the largest and smallest Ritz values fall below
+  ``tol·max|θ|``.
+- :meth:`HessianOperator.trace` — Hutchinson's estimator ``tr H = E[vᵀ H v]`` with Rademacher
+  ``v``; returns the mean over samples and its standard error ``std/√n``.
+- :meth:`HessianOperator.spectral_density` — stochastic Lanczos quadrature (SLQ): for random
+  unit ``v``, ``vᵀ g(H) v ≈ Σ_j τ_j g(θ_j)`` with Ritz values ``θ_j`` and weights
+  ``τ_j = (e_1ᵀ s_j)²``; averaging over ``v`` and smoothing with a Gaussian gives the density.
+- :meth:`HessianOperator.dense` — the exact ``P×P`` Hessian (one HVP per basis vector,
+  vectorised with ``vmap``), for models with up to a few thousand parameters.
+- :func:`condition_numbers` — from a spectrum: ``condition_number = max|λ| / min|λ|`` over the
+  non-zero spectrum ``|λ| > tol·max|λ|``, and ``condition_number_positive = λ_max / λ_min`` over
+  the positive spectrum ``λ > tol·max|λ|``.
+
+The loss may be averaged over one batch or, exactly, over a whole data loader: the HVP of the
+mean loss over ``N`` samples is ``Σ_b (n_b/N) H_b v`` for batch means ``L_b``.
+
+``pnnh probe hessian`` writes ``hessian.json`` (``lambda_max``, ``lambda_min``, ``trace``,
+``condition_number``, ``condition_number_positive``, ``method``, ...) and a spectrum PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from pnnh.errors import ConfigError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(1/2N) Σ_i ||y_i - f(x_i)||²`` — the squared loss of the linear-network analyses."""
+    return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1).mean()
+
+
+LOSSES: dict[str, LossFn] = {"ce": F.cross_entropy, "mse": mse_loss}
+
+
+def select_parameters(model: nn.Module, params: str | Sequence[str] | None = None) -> list[str]:
+    """Names of the trainable parameters to differentiate: all of them, or those whose name
+    starts with one of the given prefixes (``"blocks"``, ``"head.weight"``, ...)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if params is None or params == "all":
+        return names
+    prefixes = [params] if isinstance(params, str) else list(params)
+    prefixes = [p for pre in prefixes for p in pre.split(",") if p]
+    chosen = [n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)]
+    if not chosen:
+        raise ConfigError(
+            f"params: no parameter matches {', '.join(prefixes)!r}; "
+            f"names start with: {', '.join(sorted({n.split('.')[0] for n in names}))}",
+            field="params",
+        )
+    return chosen
+
+
+class HessianOperator:
+    """The Hessian of ``loss_fn(model(x), y)`` w.r.t. (a subset of) the model's parameters.
+
+    ``data`` is one ``(inputs, targets)`` batch or an iterable of batches (a DataLoader); with
+    several batches the loss is the exact mean over all samples. Vectors are flat tensors of
+    length :attr:`dim` in the order of :attr:`names`. The model is used as it is (call
+    ``model.eval()`` first for BatchNorm running statistics).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Batch | Iterable[Batch],
+        loss_fn: LossFn | str = "ce",
+        params: str | Sequence[str] | None = None,
+    ):
+        self.model = model
+        self.loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
+        self.names = select_parameters(model, params)
+        named = dict(model.named_parameters())
+        self._fixed = {n: p.detach() for n, p in named.items() if n not in self.names}
+        self._fixed.update({n: b.detach() for n, b in model.named_buffers()})
+        self.shapes = [named[n].shape for n in self.names]
+        self.numels = [named[n].numel() for n in self.names]
+        self.theta = torch.cat([named[n].detach().reshape(-1) for n in self.names])
+        self.dim = self.theta.numel()
+        if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+            self._batches: Iterable[Batch] = [data]
+        else:
+            self._batches = data
+        self.num_samples = sum(int(x.shape[0]) for x, _ in self._iter())
+        if self.num_samples == 0:
+            raise ConfigError("hessian: the data has no samples", field="data")
+        self.hvp_calls = 0
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _iter(self):
+        dev = self.theta.device
+        for x, y in self._batches:
+            yield x.to(dev), y.to(dev)
+
+    def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(flat, self.numels)
+        return {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes)}
+
+    def _loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.model, {**self._fixed, **self._unflatten(flat)}, (x,))
+        return self.loss_fn(out, y)
+
+    def _hvp_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        g = grad(lambda t: self._loss(t, x, y))
+        return jvp(g, (self.theta,), (v,))[1]
+
+    # -- public API -----------------------------------------------------------------------
+    def loss_and_grad(self) -> tuple[float, torch.Tensor]:
+        """Mean loss and its gradient over all the data."""
+        total, g = 0.0, torch.zeros_like(self.theta)
+        for x, y in self._iter():
+            w = x.shape[0] / self.num_samples
+            gb, lb = torch.func.grad_and_value(self._loss)(self.theta, x, y)
+            total += w * float(lb)
+            g += w * gb
+        return total, g
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` (averaged exactly over all batches)."""
+        v = v.to(self.theta)
+        self.hvp_calls += 1
+        out = torch.zeros_like(self.theta)
+        for x, y in self._iter():
+            out += (x.shape[0] / self.num_samples) * self._hvp_batch(v, x, y)
+        return out
+
+    def hvp_many(self, vs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """``H v`` for every row ``v`` of ``vs`` (HVPs vectorised with ``vmap``)."""
+        vs = vs.to(self.theta)
+        out = torch.zeros_like(vs)
+        for x, y in self._iter():
+            w = x.shape[0] / self.num_samples
+            try:
+                hb = vmap(self._hvp_batch, in_dims=(0, None, None), chunk_size=chunk_size)(vs, x, y)
+            except RuntimeError:  # an op without a batching rule: one HVP at a time
+                hb = torch.stack([self._hvp_batch(v, x, y) for v in vs])
+            out += w * hb
+        self.hvp_calls += vs.shape[0]
+        return out
+
+    def dense(self, chunk_size: int = 256) -> torch.Tensor:
+        """The exact ``dim × dim`` Hessian: ``H e_j`` for every basis vector (vmapped HVPs)."""
+        eye = torch.eye(self.dim, dtype=self.theta.dtype, device=self.theta.device)
+        h = self.hvp_many(eye, chunk_size)
+        return 0.5 * (h + h.T)
+
+    def extreme_eigenvalues(
+        self, tol: float = 1e-6, max_iter: int = 200, seed: int = 0
+    ) -> dict:
+        """Largest and smallest (algebraic) eigenvalues by Lanczos with full re-orthogonalisation.
+
+        Stops when both extreme Ritz pairs have residual ``|β_m s_{m,i}| <= tol·max|θ|`` (the
+        residual norm ``||H u - θ u||`` of the Ritz vector ``u``), or after ``max_iter``
+        steps (``converged`` says which).
+        """
+        res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed,
+                      device=self.theta.device, stop="extremes")
+        theta, s, beta_last = res["ritz"], res["ritz_vectors"], res["beta_last"]
+        scale = max(float(theta.abs().max()), 1e-300)
+        resid = (beta_last * s[-1, :]).abs()
+        return {
+            "lambda_max": float(theta[-1]),
+            "lambda_min": float(theta[0]),
+            "residual_max": float(resid[-1]),
+            "residual_min": float(resid[0]),
+            "iterations": res["steps"],
+            "converged": bool(resid[-1] <= tol * scale and resid[0] <= tol * scale),
+            "ritz_values": theta.tolist(),
+        }
+
+    def trace(
+        self, num_samples: int = 100, seed: int = 0, rel_tol: float | None = None,
+        chunk: int = 16,
+    ) -> dict:
+        """Hutchinson: ``tr H ≈ (1/n) Σ vᵀHv`` with Rademacher ``v``; ``stderr = std/√n``.
+
+        Probes are evaluated ``chunk`` at a time (vmapped HVPs). With ``rel_tol``, stops early
+        (after at least 10 samples) once ``stderr <= rel_tol·|mean|``.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        vals: list[float] = []
+        while len(vals) < num_samples:
+            n = min(chunk, num_samples - len(vals))
+            v = torch.randint(0, 2, (n, self.dim), generator=gen).to(self.theta) * 2 - 1
+            vals += (v * self.hvp_many(v)).sum(1).tolist()
+            if rel_tol is not None and len(vals) >= 10:
+                t = torch.tensor(vals, dtype=torch.float64)
+                if t.std() / math.sqrt(len(vals)) <= rel_tol * t.mean().abs():
+                    break
+        t = torch.tensor(vals, dtype=torch.float64)
+        n = len(vals)
+        stderr = float(t.std() / math.sqrt(n)) if n > 1 else float("inf")
+        return {"trace": float(t.mean()), "trace_stderr": stderr, "samples": n}
+
+    def spectral_density(self, num_runs: int = 5, num_steps: int = 40, seed: int = 0) -> dict:
+        """Stochastic Lanczos quadrature: Ritz nodes and weights per run (weights sum to 1).
+
+        ``density(grid)`` of the result (see :func:`slq_density`) smooths them into a density
+        of the eigenvalue distribution ``(1/P) Σ_i δ(λ - λ_i)``.
+        """
+        nodes, weights = [], []
+        for r in range(num_runs):
+            res = lanczos(self.hvp, self.dim, min(num_steps, self.dim), seed=seed + r,
+                          device=self.theta.device, stop="none")
+            nodes.append(res["ritz"])
+            weights.append(res["ritz_vectors"][0, :] ** 2)
+        return {"nodes": nodes, "weights": weights}
+
+
+def lanczos(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    max_steps: int,
+    tol: float = 1e-6,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    stop: str = "extremes",
+    v0: torch.Tensor | None = None,
+) -> dict:
+    """Lanczos tridiagonalisation with full re-orthogonalisation (in float64).
+
+    ``q_{j+1} β_j = H q_j - α_j q_j - β_{j-1} q_{j-1}``, then ``q_{j+1}`` is orthogonalised
+    against every earlier ``q`` twice (classical Gram-Schmidt, "twice is enough"). Returns the
+    Ritz values (ascending), the eigenvectors ``s`` of ``T`` (columns), ``beta_last`` and the
+    number of steps. ``stop="extremes"`` stops when the extreme Ritz residuals are below
+    ``tol·max|θ|``; ``stop="none"`` runs ``max_steps`` (SLQ). An invariant subspace
+    (``β ≈ 0``) ends the iteration: the Ritz values are then exact eigenvalues.
+    """
+    max_steps = max(1, min(max_steps, dim))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(dim, generator=gen, dtype=torch.float64) if v0 is None else v0.double().cpu()
+    q = (q / q.norm()).to(device)
+    Q = torch.zeros(max_steps + 1, dim, dtype=torch.float64, device=device)
+    Q[0] = q
+    alphas, betas = [], []
+    beta = 0.0
+    ritz = s = None
+    for j in range(max_steps):
+        w = matvec(Q[j]).double()
+        alpha = float(Q[j] @ w)
+        w = w - alpha * Q[j] - (beta * Q[j - 1] if j > 0 else 0.0)
+        for _ in range(2):
+            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+        alphas.append(alpha)
+        beta = float(w.norm())
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            b = torch.tensor(betas, dtype=torch.float64)
+            T = T + torch.diag(b, 1) + torch.diag(b, -1)
+        ritz, s = torch.linalg.eigh(T)
+        scale = max(float(ritz.abs().max()), 1e-300)
+        if beta <= 1e-12 * scale:
+            break
+        if stop == "extremes" and j >= 1:
+            r = (beta * s[-1, :]).abs()
+            if r[0] <= tol * scale and r[-1] <= tol * scale:
+                break
+        betas.append(beta)
+        Q[j + 1] = w / beta
+    return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas)}
+
+
+def slq_density(
+    nodes: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], grid: torch.Tensor,
+    sigma: float | None = None,
+) -> torch.Tensor:
+    """Gaussian-smoothed SLQ density on ``grid``: ``(1/R) Σ_r Σ_j τ_rj N(grid; θ_rj, σ²)``."""
+    allnodes = torch.cat([n.double() for n in nodes])
+    if sigma is None:
+        span = float(allnodes.max() - allnodes.min()) or 1.0
+        sigma = span / 100
+    dens = torch.zeros_like(grid, dtype=torch.float64)
+    for n, w in zip(nodes, weights):
+        z = (grid.double()[:, None] - n.double()[None, :]) / sigma
+        dens += (w.double()[None, :] * torch.exp(-0.5 * z**2)).sum(1)
+    return dens / (len(nodes) * sigma * math.sqrt(2 * math.pi))
+
+
+def condition_numbers(eigenvalues: torch.Tensor, tol: float = 1e-8) -> dict:
+    """Condition numbers of a spectrum, with the zero threshold stated.
+
+    - ``condition_number = max|λ| / min|λ|`` over ``|λ| > tol·max|λ|`` (the non-zero spectrum;
+      an indefinite Hessian, e.g. at a saddle, still has one);
+    - ``condition_number_positive = λ_max / λ_min`` over the positive spectrum
+      ``λ > tol·max|λ|`` (``None`` when no eigenvalue is positive).
+
+    A zero Hessian (``max|λ| = 0``) has neither: both are ``None``.
+    """
+    lam = eigenvalues.double().flatten()
+    amax = float(lam.abs().max()) if lam.numel() else 0.0
+    out = {"zero_tol": tol, "num_zero": int(lam.numel()), "num_negative": 0, "num_positive": 0}
+    if amax == 0.0:
+        out.update(condition_number=None, condition_number_positive=None)
+        return out
+    thr = tol * amax
+    nz = lam[lam.abs() > thr]
+    pos = lam[lam > thr]
+    out.update(
+        condition_number=float(nz.abs().max() / nz.abs().min()),
+        condition_number_positive=float(pos.max() / pos.min()) if pos.numel() else None,
+        num_zero=int(lam.numel() - nz.numel()),
+        num_negative=int((lam < -thr).sum()),
+        num_positive=int(pos.numel()),
+    )
+    return out
+
+
+@dataclass
+class HessianSummary:
+    lambda_max: float
+    lambda_min: float
+    trace: float
+    trace_stderr: float
+    condition_number: float | None
+    condition_number_positive: float | None
+    method: str
+    num_params: int
+    extra: dict
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d.update(self.extra)
+        return d
+
+
+def hessian_summary(
+    op: HessianOperator,
+    dense: str = "auto",
+    dense_limit: int = 5000,
+    tol: float = 1e-6,
+    zero_tol: float = 1e-8,
+    hutchinson_samples: int = 100,
+    slq_runs: int = 5,
+    slq_steps: int = 40,
+    max_iter: int = 200,
+    seed: int = 0,
+) -> tuple[HessianSummary, dict]:
+    """Everything ``pnnh probe hessian`` reports, exact where the model is small enough.
+
+    ``dense="auto"`` uses the exact Hessian for ``dim <= dense_limit`` ("always"/"never"
+    force it). Returns the summary and the spectrum for plotting: ``{"eigenvalues": ...}``
+    (exact) or ``{"nodes": ..., "weights": ...}`` (SLQ).
+    """
+    use_dense = dense == "always" or (dense == "auto" and op.dim <= dense_limit)
+    if use_dense:
+        lam = torch.linalg.eigvalsh(op.dense().double())
+        cn = condition_numbers(lam, zero_tol)
+        summary = HessianSummary(
+            lambda_max=float(lam[-1]), lambda_min=float(lam[0]), trace=float(lam.sum()),
+            trace_stderr=0.0, condition_number=cn["condition_number"],
+            condition_number_positive=cn["condition_number_positive"],
+            method=(f"exact dense Hessian ({op.dim} params, torch.func forward-over-reverse HVPs,"
+                    f" eigvalsh); zero threshold |λ| <= {zero_tol:g}·max|λ|"),
+            num_params=op.dim,
+            extra={"zero_tol": zero_tol, "num_zero": cn["num_zero"],
+                   "num_negative": cn["num_negative"], "num_positive": cn["num_positive"],
+                   "num_samples": op.num_samples},
+        )
+        return summary, {"eigenvalues": lam}
+    ext = op.extreme_eigenvalues(tol=tol, max_iter=max_iter, seed=seed)
+    tr = op.trace(hutchinson_samples, seed=seed)
+    lmax, lmin = ext["lambda_max"], ext["lambda_min"]
+    amax = max(abs(lmax), abs(lmin))
+    # From the extremes alone: the positive-spectrum ratio when the Hessian is positive
+    # definite; the |λ| ratio needs the smallest |λ|, an interior eigenvalue, when indefinite.
+    pd = amax > 0 and lmin > zero_tol * amax
+    spec = op.spectral_density(slq_runs, slq_steps, seed=seed)
+    summary = HessianSummary(
+        lambda_max=lmax, lambda_min=lmin, trace=tr["trace"], trace_stderr=tr["trace_stderr"],
+        condition_number=lmax / lmin if pd else None,
+        condition_number_positive=lmax / lmin if pd else None,
+        method=(f"Lanczos (full re-orthogonalisation, tol {tol:g} relative Ritz residual, "
+                f"{ext['iterations']} steps, converged={ext['converged']}); Hutchinson trace "
+                f"({tr['samples']} Rademacher samples); SLQ density ({slq_runs}x{slq_steps}); "
+                f"condition numbers only when λmin > {zero_tol:g}·max|λ| (else null: the "
+                "smallest |λ| is interior to the spectrum)"),
+        num_params=op.dim,
+        extra={"zero_tol": zero_tol, "lanczos_tol": tol, "lanczos_iterations": ext["iterations"],
+               "lanczos_converged": ext["converged"], "hutchinson_samples": tr["samples"],
+               "num_samples": op.num_samples},
+    )
+    return summary, spec
+
+
+# -- plotting ---------------------------------------------------------------------------------
+def plot_spectrum(spectra: dict[str, dict], path: str | Path) -> Path:
+    """One curve per model: a histogram of exact eigenvalues or the SLQ density (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, spec in spectra.items():
+        if "eigenvalues" in spec:
+            lam = spec["eigenvalues"].double().cpu().numpy()
+            ax.hist(lam, bins=80, density=True, histtype="step", label=f"{label} (exact)")
+        else:
+            lo = min(float(n.min()) for n in spec["nodes"])
+            hi = max(float(n.max()) for n in spec["nodes"])
+            pad = 0.05 * (hi - lo or 1.0)
+            grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
+            dens = slq_density(spec["nodes"], spec["weights"], grid)
+            ax.plot(grid.numpy(), dens.clamp_min(1e-12).numpy(), label=f"{label} (SLQ)")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue λ of the loss Hessian")
+    ax.set_ylabel("spectral density")
+    ax.set_title("Hessian spectrum")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# -- CLI --------------------------------------------------------------------------------------
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--shortcut", type=int, help="shortcut depth k for shortcut_linear/shortcut_mlp (0 = none)")
+    a("--init", choices=["zero", "small", "xavier", "orthogonal"],
+      help="initialisation for shortcut_linear/shortcut_mlp")
+    a("--init-scale", type=float, help="scale s of the `small` init")
+    a("--loss", choices=sorted(LOSSES), default="ce", help="ce (classification) or mse")
+    a("--params", default="all",
+      help="parameters to differentiate: all, or comma-separated name prefixes (e.g. blocks)")
+    a("--dense", choices=["auto", "always", "never"], default="auto",
+      help="exact dense Hessian: auto = when the parameter count is <= --dense-limit")
+    a("--dense-limit", type=int, default=5000)
+    a("--tol", type=float, default=1e-6, help="Lanczos relative Ritz-residual tolerance")
+    a("--zero-tol", type=float, default=1e-8,
+      help="eigenvalues with |λ| <= zero_tol·max|λ| count as zero in condition numbers")
+    a("--max-iter", type=int, default=200, help="Lanczos steps at most")
+    a("--hutchinson-samples", type=int, default=100)
+    a("--slq-runs", type=int, default=5)
+    a("--slq-steps", type=int, default=40)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    from pnnh.io import atomic_write_json, write_records
+    from pnnh.probes.common import probe_targets
+
+    model_args = dict(getattr(args, "model_args", {}) or {})
+    for flag, key in (("shortcut", "shortcut"), ("init", "init"), ("init_scale", "scale")):
+        if getattr(args, flag, None) is not None:
+            model_args[key] = getattr(args, flag)
+    args.model_args = model_args
+    out = Path(args.out)
+    records, spectra = [], {}
+    for t in probe_targets(args):
+        op = HessianOperator(t.model, (t.inputs, t.targets), args.loss, args.params)
+        summary, spec = hessian_summary(
+            op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
+            zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,
+            slq_runs=args.slq_runs, slq_steps=args.slq_steps, max_iter=args.max_iter,
+            seed=args.seed,
+        )
+        rec = {"model": t.label, **summary.to_dict()}
+        records.append(rec)
+        spectra[t.label] = spec
+        cn = rec["condition_number"]
+        print(f"{t.label}: lambda_max={rec['lambda_max']:.6g} lambda_min={rec['lambda_min']:.6g}"
+              f" trace={rec['trace']:.6g} condition_number="
+              f"{'n/a' if cn is None else f'{cn:.6g}'} ({rec['num_params']} params)")
+    if len(records) == 1:
+        atomic_write_json(out / "hessian.json", records[0])
+    else:
+        write_records(records, out, "hessian")
+    plot_spectrum(spectra, out / "hessian_spectrum.png")
+    print(f"hessian: {out / 'hessian.json'}")

@@ -1,0 +1,188 @@
+"""Curvature tools checked against exact Hessians and finite differences."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pnnh.probes.hessian import (
+    HessianOperator,
+    condition_numbers,
+    hessian_summary,
+    lanczos,
+    mse_loss,
+    slq_density,
+)
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def batch(n: int = 32, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def reference_hessian(model: nn.Module, x, y) -> torch.Tensor:
+    """Hessian by double backward (torch.autograd.functional), independent of torch.func."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for _, p in model.named_parameters()]
+    flat = torch.cat([p.reshape(-1) for p in params])
+    sizes = [p.numel() for p in params]
+
+    def loss(f):
+        parts = torch.split(f, sizes)
+        d = {n: t.view(p.shape) for n, t, p in zip(names, parts, params)}
+        return nn.functional.cross_entropy(torch.func.functional_call(model, d, (x,)), y)
+
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+def test_dense_matches_double_backward():
+    model, (x, y) = small_net(), batch()
+    op = HessianOperator(model, (x, y), "ce")
+    torch.testing.assert_close(op.dense(), reference_hessian(model, x, y), rtol=1e-9, atol=1e-11)
+
+
+def test_hvp_matches_finite_differences():
+    model, (x, y) = small_net(), batch()
+    op = HessianOperator(model, (x, y), "ce")
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    h = 1e-5
+    theta = op.theta.clone()
+    op.theta = theta + h * v
+    gp = op.loss_and_grad()[1]
+    op.theta = theta - h * v
+    gm = op.loss_and_grad()[1]
+    op.theta = theta
+    fd = (gp - gm) / (2 * h)
+    hv = op.hvp(v)
+    assert (hv - fd).norm() / hv.norm() < 1e-7
+
+
+def test_data_loader_average_is_exact():
+    model, (x, y) = small_net(), batch(30)
+    full = HessianOperator(model, (x, y), "ce")
+    # unequal batches: 12 + 12 + 6 samples
+    loader = [(x[:12], y[:12]), (x[12:24], y[12:24]), (x[24:], y[24:])]
+    split = HessianOperator(model, loader, "ce")
+    v = torch.randn(full.dim, dtype=torch.float64)
+    torch.testing.assert_close(split.hvp(v), full.hvp(v), rtol=1e-10, atol=1e-12)
+    assert split.num_samples == 30
+
+
+def test_lanczos_extremes_match_exact_eigenvalues():
+    model, (x, y) = small_net(), batch()
+    op = HessianOperator(model, (x, y), "ce")
+    lam = torch.linalg.eigvalsh(op.dense())
+    ext = op.extreme_eigenvalues(tol=1e-8, max_iter=op.dim)
+    assert ext["converged"]
+    assert abs(ext["lambda_max"] - lam[-1]) <= 1e-4 * abs(lam[-1])
+    assert abs(ext["lambda_min"] - lam[0]) <= 1e-4 * abs(lam[0])
+
+
+def test_lanczos_on_known_matrix_and_invariant_subspace():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(50, 50, dtype=torch.float64))
+    lam = torch.linspace(-2.0, 7.0, 50, dtype=torch.float64)
+    a = q @ torch.diag(lam) @ q.T
+    res = lanczos(lambda v: a @ v, 50, 50, tol=1e-12)
+    assert abs(res["ritz"][-1] - 7.0) < 1e-9 and abs(res["ritz"][0] + 2.0) < 1e-9
+    # rank-2 matrix: the Krylov space is invariant after 2 steps, Ritz values are exact
+    b = torch.outer(q[:, 0], q[:, 0]) * 3 - torch.outer(q[:, 1], q[:, 1])
+    res = lanczos(lambda v: b @ v, 50, 50, stop="none")
+    assert res["steps"] <= 3
+    assert abs(res["ritz"][-1] - 3.0) < 1e-10 and abs(res["ritz"][0] + 1.0) < 1e-10
+
+
+def test_hutchinson_trace_within_stated_error():
+    model, (x, y) = small_net(), batch()
+    op = HessianOperator(model, (x, y), "ce")
+    exact = float(torch.trace(op.dense()))
+    est = op.trace(num_samples=200, seed=0)
+    assert est["samples"] == 200 and est["trace_stderr"] > 0
+    assert abs(est["trace"] - exact) <= 4 * est["trace_stderr"]
+
+
+def test_slq_density_integrates_to_one_and_matches_moments():
+    model, (x, y) = small_net(), batch()
+    op = HessianOperator(model, (x, y), "ce")
+    lam = torch.linalg.eigvalsh(op.dense())
+    spec = op.spectral_density(num_runs=4, num_steps=30)
+    for w in spec["weights"]:
+        assert abs(float(w.sum()) - 1) < 1e-10
+    # the quadrature's mean approximates tr(H)/P
+    mean = sum(float((n * w).sum()) for n, w in zip(spec["nodes"], spec["weights"])) / 4
+    assert abs(mean - float(lam.mean())) < 0.5 * float(lam.abs().mean())
+    grid = torch.linspace(float(lam[0]) - 1, float(lam[-1]) + 1, 4000, dtype=torch.float64)
+    dens = slq_density(spec["nodes"], spec["weights"], grid)
+    integral = float(torch.trapezoid(dens, grid))
+    assert abs(integral - 1) < 1e-3
+
+
+def test_condition_numbers_definitions():
+    lam = torch.tensor([-4.0, -1.0, 0.0, 1e-12, 0.5, 2.0, 8.0], dtype=torch.float64)
+    cn = condition_numbers(lam, tol=1e-8)
+    assert cn["condition_number"] == pytest.approx(8.0 / 0.5)
+    assert cn["condition_number_positive"] == pytest.approx(8.0 / 0.5)
+    assert cn["num_zero"] == 2 and cn["num_negative"] == 2 and cn["num_positive"] == 3
+    cn = condition_numbers(torch.tensor([-3.0, -1.0, 0.25]))
+    assert cn["condition_number"] == pytest.approx(12.0)
+    assert cn["condition_number_positive"] == pytest.approx(1.0)
+    cn = condition_numbers(torch.zeros(5))
+    assert cn["condition_number"] is None and cn["condition_number_positive"] is None
+
+
+def test_parameter_subset_and_mse():
+    model, (x, _) = small_net(), batch()
+    y = torch.randn(x.shape[0], 3, dtype=torch.float64)
+    op = HessianOperator(model, (x, y), mse_loss, params="4")  # the last Linear only
+    assert op.names == ["4.weight", "4.bias"] and op.dim == 27
+    # the loss is quadratic in the last layer: H = (1/N) Σ [h;1][h;1]ᵀ ⊗ I, PSD
+    lam = torch.linalg.eigvalsh(op.dense())
+    assert float(lam[0]) > -1e-12
+    feats = model[:4](x)
+    z = torch.cat([feats, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    g = z.T @ z / len(x)
+    expect = torch.sort(torch.linalg.eigvalsh(g).repeat(3)).values
+    torch.testing.assert_close(lam, expect, rtol=1e-9, atol=1e-11)
+
+
+def test_summary_lanczos_path_is_consistent_with_dense():
+    model, (x, y) = small_net(), batch()
+    op = HessianOperator(model, (x, y), "ce")
+    dense, spec = hessian_summary(op, dense="always")
+    assert "eigenvalues" in spec and dense.trace_stderr == 0.0
+    it, spec = hessian_summary(op, dense="never", tol=1e-9, hutchinson_samples=50, slq_runs=2,
+                               slq_steps=20)
+    assert "nodes" in spec
+    assert it.lambda_max == pytest.approx(dense.lambda_max, rel=1e-4)
+    assert it.lambda_min == pytest.approx(dense.lambda_min, rel=1e-4)
+    assert abs(it.trace - dense.trace) <= 5 * it.trace_stderr
+    assert "Lanczos" in it.method and "exact" in dense.method
+    # indefinite Hessian: no condition number from the extremes alone
+    assert dense.lambda_min < 0 and it.condition_number is None
+    assert math.isfinite(dense.condition_number)
+
+
+def test_cli_writes_hessian_json(tmp_path):
+    pytest.importorskip("pnnh.probes.common")
+    from pnnh.cli import main
+
+    out = tmp_path / "h"
+    rc = main(["probe", "hessian", "--model", "shortcut_linear", "--depth", "6", "--width", "6",
+               "--shortcut", "2", "--init", "small", "--num-samples", "64", "--loss", "ce",
+               "--out", str(out)])
+    assert rc == 0
+    d = json.loads((out / "hessian.json").read_text())
+    for k in ("lambda_max", "lambda_min", "trace", "condition_number",
+              "condition_number_positive", "method"):
+        assert k in d
+    assert d["lambda_max"] >= d["lambda_min"]
+    assert (out / "hessian_spectrum.png").stat().st_size > 1000

@@ -4,3 +4,4 @@ from pnnh.models import mlp  # noqa: F401
 from pnnh.models import cifar, cnn1d, imagenet  # noqa: F401
 from pnnh.models import procrustes  # noqa: F401
 from pnnh.models import shortcut  # noqa: F401
+from pnnh.models import vit  # noqa: F401

@@ -1,0 +1,226 @@
+"""Plainness: the torch.fx checker finds every skip, and registered plain/PNNH models have none."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pnnh
+from pnnh.errors import ConfigError
+from pnnh.plainness import NotPlainError, assert_plain, block_names, find_skips
+from pnnh.registry import model_info
+
+# --------------------------------------------------------------------------- the checker
+
+
+class Chain(nn.Module):
+    def __init__(self, *blocks: nn.Module, head: nn.Module | None = None):
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.head = head or nn.Identity()
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.relu(self.fc2(torch.relu(self.fc1(x))))
+
+
+class AddSkip(PlainBlock):
+    def forward(self, x):
+        return torch.relu(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+class CatSkip(PlainBlock):
+    def forward(self, x):  # DenseNet-style: the input is kept and concatenated
+        return torch.cat([x, self.fc2(torch.relu(self.fc1(x)))], -1)[..., ::2]
+
+
+class NormSkip(PlainBlock):
+    def __init__(self, d=6):
+        super().__init__(d)
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x):  # a LayerNorm on the shortcut does not make it a layer
+        return self.ln(x) + self.fc2(torch.relu(self.fc1(x)))
+
+
+class ProjectionShortcut(PlainBlock):
+    def __init__(self, d=6):
+        super().__init__(d)
+        self.short = nn.Linear(d, d)
+
+    def forward(self, x):  # through the block's own layer: an internal path, not reported
+        return torch.relu(self.short(x) + self.fc2(torch.relu(self.fc1(x))))
+
+
+class ShapesOnly(PlainBlock):
+    def forward(self, x):  # x's shape and dtype are used after the layers, not its values
+        y = self.fc2(torch.relu(self.fc1(x))).reshape(x.shape[0], -1)
+        return y + torch.zeros_like(x).view_as(y)
+
+
+class SharedCoder(nn.Module):
+    """[A; -A] / [Aᵀ, -Aᵀ] as tensors computed from one parameter: still layers."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.a = nn.Parameter(torch.linalg.qr(torch.randn(d, d))[0])
+
+    def forward(self, x):
+        h = torch.relu(F.linear(x, torch.cat([self.a, -self.a])))
+        return torch.relu(h @ torch.cat([self.a, -self.a]))
+
+
+class Untraceable(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # control flow on values: torch.fx cannot trace it
+            return x
+        return self.fc(x)
+
+
+X = torch.randn(4, 6)
+
+
+def test_plain_chain_has_no_skips():
+    assert find_skips(Chain(PlainBlock(), PlainBlock(), head=nn.Linear(6, 3)), X) == []
+    assert find_skips(Chain(SharedCoder(), SharedCoder()), X) == []
+
+
+@pytest.mark.parametrize("block", [AddSkip, CatSkip, NormSkip])
+def test_skips_inside_blocks_are_found_once_per_block(block):
+    model = Chain(block(), block(), block(), head=nn.Linear(6, 3))
+    skips = find_skips(model, X)
+    assert [s.block for s in skips] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert skips[0].source == "x"  # the model input is block 0's input
+    assert skips[0].shape == (4, 6)
+    assert "blocks.1" in skips[0].sink and skips[0].path  # leaves into the next block's layers
+
+
+def test_skip_around_blocks_at_model_level_is_found():
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(PlainBlock(), PlainBlock())
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.head(torch.cat([x, self.blocks(x)], -1))
+
+    skips = find_skips(Dense(), X)
+    assert {s.block for s in skips} == {"blocks.0", "blocks.1"}
+    assert all(s.source == "x" for s in skips)
+
+
+def test_not_reported_projection_shortcut_shapes_and_zeros_like():
+    assert find_skips(Chain(ProjectionShortcut(), ProjectionShortcut()), X) == []
+    assert find_skips(Chain(ShapesOnly(), ShapesOnly()), X) == []
+
+
+def test_without_blocks_the_top_level_children_are_the_blocks():
+    seq = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), AddSkip(), nn.LayerNorm(6), nn.Linear(6, 2))
+    assert block_names(seq) == ["0", "1", "2", "3", "4"]
+    assert [s.block for s in find_skips(seq, X)] == ["2"]
+
+
+def test_nested_stages_are_checked_block_by_block():
+    model = Chain(nn.Sequential(AddSkip(), PlainBlock()), nn.Sequential(PlainBlock(), AddSkip()))
+    assert block_names(model)[:4] == ["blocks.0.0", "blocks.0.1", "blocks.1.0", "blocks.1.1"]
+    assert [s.block for s in find_skips(model, X)] == ["blocks.0.0", "blocks.1.1"]
+
+
+def test_assert_plain_names_the_skips_and_the_model_state_is_kept():
+    model = Chain(AddSkip(), nn.BatchNorm1d(6))
+    model.train()
+    before = model.blocks[1].running_mean.clone()
+    with pytest.raises(NotPlainError, match=r"blocks\.0: x"):
+        assert_plain(model, X)
+    assert model.training
+    torch.testing.assert_close(model.blocks[1].running_mean, before)  # no BN update
+    assert_plain(Chain(PlainBlock()), X)
+
+
+def test_untraceable_submodule_is_an_opaque_layer_with_a_warning():
+    with pytest.warns(UserWarning, match="blocks.1"):
+        assert find_skips(Chain(PlainBlock(), Untraceable(), PlainBlock()), X) == []
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def _small(name: str):
+    """The registered model at its default depth and in_shape, with a narrow width if it
+    accepts one (a model that needs its defaults keeps them)."""
+    info = model_info(name)
+    params = inspect.signature(info.factory).parameters
+    shape = info.defaults.get("in_shape", params["in_shape"].default)
+    model = None
+    if "width" in params:
+        try:
+            model = pnnh.create_model(name, width=8)
+        except ConfigError:
+            model = None
+    if model is None:
+        model = pnnh.create_model(name)
+    torch.manual_seed(0)
+    return model, torch.randn(2, *shape)
+
+
+PLAIN_AND_PNNH = pnnh.list_models(kind="plain") + pnnh.list_models(kind="pnnh")
+RESNETS = pnnh.list_models(kind="resnet")
+
+
+def test_registry_has_models_of_each_kind():
+    assert "plain_mlp" in PLAIN_AND_PNNH and "resnet_mlp" in RESNETS
+
+
+@pytest.mark.filterwarnings("ignore:plainness")
+@pytest.mark.parametrize("name", PLAIN_AND_PNNH)
+def test_plain_and_pnnh_models_have_no_skips(name):
+    model, x = _small(name)
+    assert_plain(model, x)
+
+
+@pytest.mark.filterwarnings("ignore:plainness")
+@pytest.mark.parametrize("name", RESNETS)
+def test_the_same_check_finds_the_resnet_skips(name):
+    """One skip in every block whose output has its input's shape (identity shortcut).
+
+    Transition blocks with a projection shortcut (through a layer) may go unreported; see
+    ``pnnh.plainness``.
+    """
+    model, x = _small(name)
+    shapes = {}
+    hooks = [
+        model.get_submodule(b).register_forward_hook(
+            lambda m, i, o, b=b: shapes.__setitem__(b, (tuple(i[0].shape), tuple(o.shape)))
+        )
+        for b in block_names(model)
+        if b.startswith("blocks.")
+    ]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    skips = find_skips(model, x)
+    per_block = [s.block for s in skips]
+    assert len(per_block) == len(set(per_block)), "one report per block"
+    identity_blocks = {b for b, (i, o) in shapes.items() if i == o}
+    assert identity_blocks, "a ResNet has identity blocks"
+    assert identity_blocks <= set(per_block)
+    assert set(per_block) <= set(shapes)  # only in blocks (stem/head are plain)

@@ -1,16 +1,20 @@
-"""Checkpoints: written atomically, loaded with ``torch.load(weights_only=True)``.
+"""Checkpoints: written atomically, checksummed, loaded with ``torch.load(weights_only=True)``.
 
 A checkpoint is a dict of plain Python values and tensors (state dicts, config, RNG states),
 never pickled objects, so loading cannot execute code from the file. Saving goes through a
 temporary file and a rename, so ``last.pt`` is either the old or the new checkpoint, never half.
+
+Every checkpoint carries ``sha256``, a digest of its whole content (every tensor's dtype, shape
+and bytes, every key and plain value, in order). :func:`load_checkpoint` recomputes it, so a
+file damaged on disk or in transit (flipped bytes, a truncation that still unzips) is a
+:class:`~pnnh.errors.CheckpointError`, never a silently wrong model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import pickle
 import random
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +24,41 @@ from pnnh.errors import CheckpointError
 from pnnh.io import atomic_write_bytes
 
 FORMAT = "pnnh-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: adds the sha256 content digest
+_HEADER = ("format", "version", "sha256")
+
+
+def _feed(h, obj) -> None:
+    """Feed ``obj`` (nested dicts/lists of tensors and plain values) into hash ``h``, in order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}|".encode())
+        for k, v in obj.items():
+            h.update(f"K{k!r}|".encode())
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}|".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r}|".encode())
+
+
+def content_digest(payload: dict) -> str:
+    """sha256 over a checkpoint's content (the header keys excluded)."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k not in _HEADER})
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """Serialise ``payload`` (plus a format tag) and write it atomically."""
+    """Serialise ``payload`` (plus a format tag and its sha256 digest) and write it atomically."""
+    body = {k: v for k, v in payload.items() if k not in _HEADER}
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **payload}, buf)
+    torch.save({"format": FORMAT, "version": VERSION, "sha256": content_digest(body), **body}, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -37,8 +69,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {path}", field="checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError,
-            OSError, KeyError, AttributeError, TypeError) as e:
+    except Exception as e:  # any failure to unpickle/unzip means a bad file, never a crash
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             msg = "it contains pickled objects that are not allowed (refused to execute code)"
@@ -47,6 +78,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "pnnh checkpoint)", field="checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pnnh checkpoint", field="checkpoint")
+    stored = ckpt.get("sha256")
+    if not isinstance(stored, str):
+        raise CheckpointError(f"{path} has no checksum (written by pnnh < 0.1 or by hand); "
+                              "refusing to load it unverified", field="checkpoint")
+    if content_digest(ckpt) != stored:
+        raise CheckpointError(f"{path} is corrupted: its content does not match its sha256 "
+                              "checksum", field="checkpoint")
     return ckpt
 
 
@@ -92,9 +130,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+    np.random.set_state(("MT19937", state["numpy_keys"].cpu().numpy().astype(np.uint32),
                          state["numpy_pos"], state["numpy_has_gauss"], state["numpy_cached_gauss"]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])

@@ -208,10 +208,11 @@ def cmd_train(args) -> int:
 
     cfg = train_config_from_args(args)
     summary = train(cfg)
-    print(
-        f"done: best_val_acc={summary['best_val_acc']:.4f} "
-        f"final_val_acc={summary['final_val_acc']:.4f} -> {cfg.out}"
-    )
+    if _is_main_rank():
+        print(
+            f"done: best_val_acc={summary['best_val_acc']:.4f} "
+            f"final_val_acc={summary['final_val_acc']:.4f} -> {cfg.out}"
+        )
     return 0
 
 
@@ -276,11 +277,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except PnnhError as e:
-        print(f"pnnh: error: {e}", file=sys.stderr)
+        _say(f"pnnh: error: {e}")
         return e.exit_code
-    except KeyboardInterrupt:
-        print("pnnh: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # pnnh.train.TrainingInterrupted carries 130 / 143
+        _say(f"pnnh: {e}" if str(e) else "pnnh: interrupted")
+        return getattr(e, "exit_code", 130)
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun only rank 0 speaks (every rank meets the same error)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(message: str) -> None:
+    if _is_main_rank():
+        print(" ".join(message.split("\n")), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -400,8 +400,8 @@ class PNNHBlock(nn.Module):
             b2 = b2 + bd
         w1, b1, w2 = torch.cat(w1, 0), torch.cat(b1, 0), torch.cat(w2, 1)
         hidden = w1.shape[0]
-        l1 = _layer(self.dims, dim, hidden, k, self.stride)
-        l2 = _layer(self.dims, hidden, out_dim, k, 1)
+        l1 = _layer(self.dims, dim, hidden, k, self.stride).to(w1)
+        l2 = _layer(self.dims, hidden, out_dim, k, 1).to(w2)
         l1.weight.copy_(w1)
         l1.bias.copy_(b1)
         l2.weight.copy_(w2)

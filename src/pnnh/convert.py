@@ -41,6 +41,7 @@ def _layer_like(proto: nn.Module, cin: int, cout: int, w: torch.Tensor, b: torch
         out = nn.Linear(cin, cout)
     else:
         out = type(proto)(cin, cout, proto.kernel_size, proto.stride, proto.padding)
+    out = out.to(w)
     with torch.no_grad():
         out.weight.copy_(w)
         out.bias.copy_(b)

@@ -39,6 +39,7 @@ def _with_bias(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn
     else:
         out = type(layer)(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
                           layer.padding, layer.dilation, layer.groups, bias=True)
+    out = out.to(weight)
     with torch.no_grad():
         out.weight.copy_(weight)
         out.bias.copy_(bias)

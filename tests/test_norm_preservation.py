@@ -190,3 +190,28 @@ def test_procrustes_cifar_resnet20():
     model.train()
     assert model(torch.randn(4, 3, 16, 16)).shape == (4, 10)
     assert isinstance(model.head[-1].zca, ZCAWhitening)
+
+
+def test_reproduce_norm_preservation_tiny(tmp_path, monkeypatch):
+    from pnnh.reproduce import norm_preservation as exp
+
+    tiny = dict(
+        mlp_width=8, init_mlp_depths=[4], init_cnn_depths=[20], cnn_width=2, cnn_batch=4,
+        probe_samples=64, num_samples=400, train_depths=[4], train_epochs=1, track_every=1,
+        proc=dict(dataset="mnist1d", model="procrustes_resnet_mlp", depth=8, width=16, epochs=1,
+                  batch_size=64, lr=1e-3, optimizer="adamw", track_every=2,
+                  variants={"resnet": dict(procrustes=False, zca=False),
+                            "procrustes+zca": dict(procrustes=True, zca=True)}),
+    )
+    monkeypatch.setitem(exp.SCALES, "cpu", tiny)
+    summary = exp.run(tmp_path, scale="cpu", device="cpu", seed=0)
+    for f in ("init_ratios.csv", "init_summary.json", "train_summary.csv", "train_curves.json",
+              "procrustes_summary.csv", "init_ratios.png", "train_ratios.png", "procrustes.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    models = {r["model"] for r in summary["init"]}
+    assert {"plain_mlp", "resnet_mlp", "pnnh_mlp", "resnet20", "plain20", "pnnh20"} <= models
+    resnet20 = next(r for r in summary["init"] if r["model"] == "resnet20")
+    assert resnet20["transition_mean_abs_log_ratio"] is not None  # transitions are marked
+    assert [r["variant"] for r in summary["procrustes"]] == ["resnet", "procrustes+zca"]
+    assert all(0 <= r["final_val_acc"] <= 1 for r in summary["procrustes"])
+    assert (tmp_path / "runs" / "proc-resnet" / "norms.jsonl").exists()

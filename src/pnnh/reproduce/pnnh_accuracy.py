@@ -28,6 +28,11 @@ DESCRIPTION = "plain vs ResNet vs PNNH on MNIST-1D (MLP, 1-D CNN; 8/32/100 layer
 CPU_MINUTES = 30
 
 KINDS = ("plain", "resnet", "pnnh")
+# The ResNets start with a zero last layer in each residual branch (zero_init_residual, Goyal
+# et al. 2017), the same treatment as PNNH's zero-init learner decoder: with He init on both
+# layers the post-activation residual MLP's activations grow with depth and it diverges.
+MODEL_ARGS = {"plain": {}, "resnet": {"zero_init_residual": True}, "pnnh": {}}
+SUFFIX = {"plain": "", "resnet": "_zero_init", "pnnh": ""}
 CPU = {
     "dataset": "mnist1d",
     "families": {"mlp": {"width": 128}, "cnn1d": {"width": 16}},
@@ -66,9 +71,12 @@ def _run(run_dir: Path, config: dict, device: str, seed: int) -> dict:
         import json
 
         summary = json.loads(summary_path.read_text())
-        if summary.get("status") == "finished" and summary.get("epochs") == config["epochs"]:
+        same = all(summary.get(k) == config.get(k) for k in ("model", "depth", "width", "epochs"))
+        if (summary.get("status") == "finished" and same
+                and summary.get("model_args", {}) == config.get("model_args", {})):
             return summary
-    cfg = {**config, "out": str(run_dir), "device": device, "seed": seed, "progress": False}
+    cfg = {**config, "out": str(run_dir), "device": device, "seed": seed, "progress": False,
+           "resume": True}  # an interrupted run continues from its last epoch
     return train(cfg)
 
 
@@ -132,8 +140,9 @@ def _run_cpu(out: Path, device: str, seed: int) -> dict:
             for kind in KINDS:
                 model = _name(family, kind)
                 cfg = {"model": model, "dataset": CPU["dataset"], "depth": depth,
-                       "width": fam_args["width"], **CPU["train"]}
-                s = _run(out / "runs" / f"{model}_d{depth}", cfg, device, seed)
+                       "width": fam_args["width"], "model_args": dict(MODEL_ARGS[kind]),
+                       **CPU["train"]}
+                s = _run(out / "runs" / f"{model}{SUFFIX[kind]}_d{depth}", cfg, device, seed)
                 rows.append(_row(s, family=family, depth=depth, kind=kind, model=model))
                 write_records(rows, out, "results")
     _plot(rows, out / "accuracy_vs_depth.png", "MNIST-1D")
@@ -173,8 +182,9 @@ def _run_paper(out: Path, device: str, seed: int) -> dict:
         for depth in PAPER["depths"]:
             for kind in KINDS:
                 model = f"{kind}{depth}"
-                cfg = {"model": model, "dataset": ds, "data_dir": data_dir, **PAPER["train"]}
-                s = _run(out / "runs" / f"{ds}_{model}", cfg, device, seed)
+                cfg = {"model": model, "dataset": ds, "data_dir": data_dir,
+                       "model_args": dict(MODEL_ARGS[kind]), **PAPER["train"]}
+                s = _run(out / "runs" / f"{ds}_{model}{SUFFIX[kind]}", cfg, device, seed)
                 rows.append(_row(s, dataset=ds, family="cifar", depth=depth, kind=kind,
                                  model=model))
                 write_records(rows, out, "results")

@@ -1,0 +1,134 @@
+"""Model families: registry names, shapes, depth = number of weight layers, blocks, identity at
+init, parameter counts checked against formulas and torchvision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pnnh import count_parameters, create_model, list_models, model_info
+from pnnh.coder import PNNHBlock
+from pnnh.errors import ConfigError
+from pnnh.export import to_plain
+
+FAMILIES = {
+    "mlp": (("plain_mlp", "resnet_mlp", "pnnh_mlp"), (1, 40), {}),
+    "cnn1d": (("plain_cnn1d", "resnet_cnn1d", "pnnh_cnn1d"), (1, 40), {"width": 8}),
+    "cifar": (("plain20", "resnet20", "pnnh20"), (3, 32, 32), {"width": 4}),
+    "imagenet": (("plain18", "resnet18", "pnnh18"), (3, 32, 32), {"width": 4}),
+}
+
+
+def test_registry_lists_every_family_and_kind():
+    names = set(list_models())
+    for d in (20, 56, 110):
+        assert {f"plain{d}", f"resnet{d}", f"pnnh{d}"} <= names
+    for fam, (models, _, _) in FAMILIES.items():
+        for name, kind in zip(models, ("plain", "resnet", "pnnh")):
+            info = model_info(name)
+            assert (info.family, info.kind) == (fam, kind)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_forward_shapes_and_blocks(family):
+    models, in_shape, kw = FAMILIES[family]
+    for name in models:
+        m = create_model(name, in_shape=in_shape, num_classes=7, **kw)
+        assert m(torch.randn(2, *in_shape)).shape == (2, 7)
+        assert isinstance(m.blocks, nn.Sequential) and len(m.blocks) > 0
+
+
+@pytest.mark.parametrize("name,depth,kw", [
+    ("plain_mlp", 32, {}), ("pnnh_mlp", 32, {}), ("plain_cnn1d", 8, {}), ("pnnh_cnn1d", 32, {}),
+    ("plain20", 20, {"width": 4}), ("pnnh56", 56, {"width": 4}), ("plain110", 110, {"width": 2}),
+    ("plain18", 18, {"width": 4}), ("pnnh18", 18, {"width": 4}),
+])
+def test_depth_counts_weight_layers(name, depth, kw):
+    """In plain form, a model of depth N is exactly N Linear/Conv layers."""
+    in_shape = (3, 32, 32) if name[-2:].isdigit() else (1, 40)
+    m = create_model(name, in_shape=in_shape, depth=depth if not name[-2:].isdigit() else None,
+                     **kw).eval()
+    layers = [x for x in to_plain(m) if isinstance(x, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    assert len(layers) == depth
+
+
+def test_cifar_transitions_are_marked():
+    for name in ("plain20", "resnet20", "pnnh20"):
+        m = create_model(name, width=4)
+        flags = [getattr(b, "transition", False) for b in m.blocks]
+        assert flags == [False] * 3 + [True] + [False] * 2 + [True] + [False] * 2
+        for b in m.blocks:
+            if b.transition and name != "pnnh20":
+                assert b.conv1.stride == (2, 2)
+    r = create_model("resnet20", width=4)
+    assert isinstance(r.blocks[3].shortcut[0], nn.Conv2d)
+    assert isinstance(r.blocks[0].shortcut, nn.Identity)
+
+
+def test_parameter_counts():
+    assert count_parameters(create_model("resnet18")) == 11_689_512  # torchvision's resnet18
+    # CIFAR ResNet-20 with 1x1 projection shortcuts (He et al. report 0.27M)
+    assert 0.26e6 < count_parameters(create_model("resnet20")) < 0.28e6
+    # pnnh_mlp per block: A (n·n) + E (l·n + l) + D (n·l) + b2 (n); stem/head as the MLP's
+    n, lw, blocks = 128, 64, 49
+    pnnh = count_parameters(create_model("pnnh_mlp", depth=100, width=n, learner_width=lw))
+    res = count_parameters(create_model("resnet_mlp", depth=100, width=n))
+    stem_head = 40 * n + n + n * 10 + 10
+    assert pnnh == stem_head + blocks * (n * n + lw * n + lw + n * lw + n)
+    assert res == stem_head + blocks * 2 * (n * n + n)
+    # coder ratio 0.5 halves A
+    half = count_parameters(create_model("pnnh_mlp", depth=100, width=n, learner_width=lw,
+                                         coder_ratio=0.5))
+    assert pnnh - half == blocks * n * n // 2
+
+
+@pytest.mark.parametrize("name,in_shape,kw", [
+    ("pnnh_mlp", (1, 40), {"depth": 32}),
+    ("pnnh_cnn1d", (1, 40), {"depth": 32, "width": 8}),
+])
+def test_pnnh_net_without_normalization_is_stem_then_head_at_init(name, in_shape, kw):
+    """Every block is the identity at init on the (non-negative) stem output."""
+    torch.manual_seed(0)
+    m = create_model(name, in_shape=in_shape, **kw)
+    x = torch.randn(4, *in_shape)
+    assert torch.allclose(m(x), m.head(m.stem(x)), atol=1e-4)
+    plain = create_model(name.replace("pnnh", "plain"), in_shape=in_shape, **kw)
+    assert not torch.allclose(plain(x), plain.head(plain.stem(x)), atol=1e-2)
+
+
+def test_pnnh_cifar_blocks_at_init():
+    """With BatchNorm, non-transition PNNH blocks start as the identity on x >= 0 (eval)."""
+    m = create_model("pnnh20", width=4).eval()
+    for b in m.blocks:
+        assert isinstance(b, PNNHBlock)
+        x = torch.rand(2, b.coder.in_dim, 8, 8)
+        if not b.transition:
+            assert torch.allclose(b(x), x, atol=1e-5)
+
+
+def test_model_options_and_errors():
+    m = create_model("pnnh_mlp", depth=8, coder_constraint="procrustes", project_every=4)
+    assert (m.coder_constraint.mode, m.coder_constraint.project_every) == ("procrustes", 4)
+    assert create_model("pnnh20", width=4, procrustes=True).coder_constraint.mode == "procrustes"
+    with pytest.raises(ConfigError, match="depth"):
+        create_model("pnnh_mlp", depth=9)
+    with pytest.raises(ConfigError, match="depth"):
+        create_model("resnet20", depth=21)
+    with pytest.raises(ConfigError, match="depth"):
+        create_model("pnnh18", depth=19)
+    with pytest.raises(ConfigError, match="coder_constraint"):
+        create_model("pnnh_cnn1d", coder_constraint="bogus")
+    with pytest.raises(ConfigError, match="coder_ratio"):
+        create_model("pnnh_mlp", coder_ratio=-1)
+    with pytest.raises(ConfigError):
+        create_model("plain_cnn1d", in_shape=(3, 32, 32))
+
+
+def test_imagenet_stem_follows_input_size():
+    small = create_model("resnet18", in_shape=(3, 32, 32), width=4)
+    large = create_model("resnet18", in_shape=(3, 64, 64), width=4)
+    assert small.stem[0].kernel_size == (3, 3)
+    assert large.stem[0].kernel_size == (7, 7)
+    assert isinstance(large.stem[-1], nn.MaxPool2d)
+    assert large(torch.randn(1, 3, 64, 64)).shape == (1, 1000)

@@ -132,3 +132,29 @@ def test_imagenet_stem_follows_input_size():
     assert large.stem[0].kernel_size == (7, 7)
     assert isinstance(large.stem[-1], nn.MaxPool2d)
     assert large(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_pnnh_accuracy_experiment_smoke(tmp_path, monkeypatch):
+    """The experiment's plumbing on a tiny budget: rows, table, ablation, plot, reuse."""
+    import json
+
+    from pnnh.reproduce import pnnh_accuracy as exp
+
+    cpu = {**exp.CPU, "families": {"mlp": {"width": 8}}, "depths": (8,),
+           "train": {**exp.CPU["train"], "epochs": 1, "max_steps_per_epoch": 2,
+                     "num_samples": 200},
+           "ablation": {"model": "pnnh_mlp", "depth": 8, "width": 8,
+                        "variants": {"newton_schulz (default)": {}, "none":
+                                     {"coder_constraint": "none"}}}}
+    monkeypatch.setattr(exp, "CPU", cpu)
+    summary = exp.run(tmp_path, "cpu", "cpu", 0)
+    assert [r["kind"] for r in summary["rows"]] == ["plain", "resnet", "pnnh"]
+    assert summary["rows"][2]["params"] > summary["rows"][1]["params"]
+    assert "| mlp | 8 |" in summary["table"]
+    assert len(summary["ablation"]) == 2
+    for f in ("results.csv", "results.json", "ablation.csv", "accuracy_vs_depth.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    # the default ablation variant is the main study's PNNH run, reused
+    assert summary["ablation"][0]["final_test_acc"] == summary["rows"][2]["final_test_acc"]
+    resnet = json.loads((tmp_path / "runs" / "resnet_mlp_zero_init_d8" / "summary.json").read_text())
+    assert resnet["model_args"] == {"zero_init_residual": True}

@@ -5,7 +5,8 @@
 each as a plain net, a ResNet and a PNNH net, all trained with AdamW (lr 1e-3, cosine
 schedule, batch 128) for the same number of epochs. Then, on the 100-layer MLP, the ways of
 keeping the coder orthogonal (none / exact Procrustes SVD / penalty / the default batched
-Newton–Schulz step) and a parameter-matched PNNH (learner width 64). Writes
+Newton–Schulz step, every step or every 4th), a parameter-matched PNNH (learner width 64)
+and a coder ratio r = 0.5. Writes
 ``results.csv/json`` (one row per run: accuracy and parameters), ``ablation.csv/json`` and
 ``accuracy_vs_depth.png``; every run's directory (metrics, checkpoints) is under ``runs/``,
 and a finished run is reused when the experiment is run again.
@@ -25,7 +26,7 @@ from pathlib import Path
 from pnnh.io import atomic_write_json, read_jsonl, write_records
 
 DESCRIPTION = "plain vs ResNet vs PNNH on MNIST-1D (MLP, 1-D CNN; 8/32/100 layers) + coder ablation"
-CPU_MINUTES = 30
+CPU_MINUTES = 45
 
 KINDS = ("plain", "resnet", "pnnh")
 # The ResNets start with a zero last layer in each residual branch (zero_init_residual, Goyal
@@ -47,6 +48,8 @@ CPU = {
             "procrustes (SVD)": {"coder_constraint": "procrustes"},
             "penalty": {"coder_constraint": "penalty"},
             "learner_width=64": {"learner_width": 64},
+            "project_every=4": {"project_every": 4},
+            "coder_ratio=0.5": {"coder_ratio": 0.5},
         },
     },
 }

@@ -1,0 +1,80 @@
+"""Training-step time of PNNH vs ResNet at equal depth, and what the coder projection costs.
+
+    OMP_NUM_THREADS=1 python benchmarks/pnnh_step.py [--depth 100] [--width 128] [--family mlp]
+
+One step = forward + cross-entropy + backward + AdamW step + ``after_optimizer_step`` hooks,
+batch 128 on random MNIST-1D-shaped data. The variants are timed round-robin (each repeat
+times every variant once) so that a shared machine's load affects them alike; the median per
+variant is reported with its ratio to the ResNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pnnh import count_parameters, create_model
+
+VARIANTS = {
+    "resnet (zero-init residual)": ("resnet", {"zero_init_residual": True}),
+    "pnnh, no constraint": ("pnnh", {"coder_constraint": "none"}),
+    "pnnh, newton_schulz (default)": ("pnnh", {}),
+    "pnnh, newton_schulz every 4": ("pnnh", {"project_every": 4}),
+    "pnnh, procrustes (SVD)": ("pnnh", {"coder_constraint": "procrustes"}),
+    "pnnh, learner_width=width/2": ("pnnh", {"learner_width": None}),
+    "pnnh, learner_width=width/2, r=0.5": ("pnnh", {"learner_width": None, "coder_ratio": 0.5}),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--family", default="mlp", choices=["mlp", "cnn1d"])
+    p.add_argument("--depth", type=int, default=100)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    x, y = torch.randn(args.batch, 1, 40), torch.randint(0, 10, (args.batch,))
+    setups = {}
+    for label, (kind, kw) in VARIANTS.items():
+        kw = dict(kw)
+        if "learner_width" in kw:
+            kw["learner_width"] = args.width // 2
+        model = create_model(f"{kind}_{args.family}", depth=args.depth, width=args.width, **kw)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        hooks = [m.after_optimizer_step for m in model.modules()
+                 if callable(getattr(m, "after_optimizer_step", None))]
+        setups[label] = (model, opt, hooks, [])
+
+    def step(model, opt, hooks):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        for h in hooks:
+            h()
+
+    for model, opt, hooks, _ in setups.values():  # warm-up
+        step(model, opt, hooks)
+    for _ in range(args.repeats):
+        for model, opt, hooks, times in setups.values():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step(model, opt, hooks)
+            times.append((time.perf_counter() - t) / args.steps)
+    base = statistics.median(next(iter(setups.values()))[3])
+    print(f"{args.family}, depth {args.depth}, width {args.width}, batch {args.batch}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'variant':<38} {'params':>10} {'ms/step':>8} {'x resnet':>8}")
+    for label, (model, _, _, times) in setups.items():
+        med = statistics.median(times)
+        print(f"{label:<38} {count_parameters(model):>10,} {1000 * med:>8.1f} {med / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

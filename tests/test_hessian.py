@@ -186,3 +186,15 @@ def test_cli_writes_hessian_json(tmp_path):
         assert k in d
     assert d["lambda_max"] >= d["lambda_min"]
     assert (out / "hessian_spectrum.png").stat().st_size > 1000
+
+
+def test_rev_rev_mode_matches_forward_over_reverse():
+    model, (x, y) = small_net(), batch()
+    fr = HessianOperator(model, (x, y), "ce")
+    rr = HessianOperator(model, (x, y), "ce", hvp_mode="rev-rev")
+    v = torch.randn(fr.dim, dtype=torch.float64)
+    torch.testing.assert_close(rr.hvp(v), fr.hvp(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rr.hvp(2 * v), fr.hvp(2 * v), rtol=1e-10, atol=1e-12)  # cached
+    top = rr.extreme_eigenvalues(tol=1e-8, max_iter=fr.dim, which="max")
+    lam = torch.linalg.eigvalsh(fr.dense())
+    assert top["converged"] and abs(top["lambda_max"] - lam[-1]) <= 1e-4 * abs(lam[-1])

@@ -91,7 +91,12 @@ class HessianOperator:
         data: Batch | Iterable[Batch],
         loss_fn: LossFn | str = "ce",
         params: str | Sequence[str] | None = None,
+        hvp_mode: str = "fwd-rev",
     ):
+        if hvp_mode not in ("fwd-rev", "rev-rev"):
+            raise ConfigError(f"hvp_mode: fwd-rev or rev-rev, got {hvp_mode!r}", field="hvp_mode")
+        self.hvp_mode = hvp_mode
+        self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self.model = model
         self.loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
         self.names = select_parameters(model, params)
@@ -111,6 +116,15 @@ class HessianOperator:
             raise ConfigError("hessian: the data has no samples", field="data")
         self.hvp_calls = 0
 
+    @property
+    def theta(self) -> torch.Tensor:
+        return self._theta
+
+    @theta.setter
+    def theta(self, value: torch.Tensor) -> None:
+        self._theta = value
+        self._graph = None
+
     # -- plumbing -----------------------------------------------------------------------
     def _iter(self):
         dev = self.theta.device
@@ -129,6 +143,19 @@ class HessianOperator:
         g = grad(lambda t: self._loss(t, x, y))
         return jvp(g, (self.theta,), (v,))[1]
 
+    def _hvp_rev_rev(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Double backward ``∂(∇L·v)/∂θ``; with one batch the gradient graph is built once and
+        kept, so each HVP is a single backward pass (PyHessian's scheme)."""
+        if self._graph is not None and self._graph[0] is not None:
+            leaf, g = self._graph
+        else:
+            leaf = self.theta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                g = torch.autograd.grad(self._loss(leaf, x, y), leaf, create_graph=True)[0]
+            if isinstance(self._batches, list) and len(self._batches) == 1:
+                self._graph = (leaf, g)
+        return torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=True)[0].detach()
+
     # -- public API -----------------------------------------------------------------------
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
         """Mean loss and its gradient over all the data."""
@@ -145,8 +172,9 @@ class HessianOperator:
         v = v.to(self.theta)
         self.hvp_calls += 1
         out = torch.zeros_like(self.theta)
+        f = self._hvp_batch if self.hvp_mode == "fwd-rev" else self._hvp_rev_rev
         for x, y in self._iter():
-            out += (x.shape[0] / self.num_samples) * self._hvp_batch(v, x, y)
+            out += (x.shape[0] / self.num_samples) * f(v, x, y)
         return out
 
     def hvp_many(self, vs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
@@ -170,16 +198,17 @@ class HessianOperator:
         return 0.5 * (h + h.T)
 
     def extreme_eigenvalues(
-        self, tol: float = 1e-6, max_iter: int = 200, seed: int = 0
+        self, tol: float = 1e-6, max_iter: int = 200, seed: int = 0, which: str = "both"
     ) -> dict:
         """Largest and smallest (algebraic) eigenvalues by Lanczos with full re-orthogonalisation.
 
         Stops when both extreme Ritz pairs have residual ``|β_m s_{m,i}| <= tol·max|θ|`` (the
         residual norm ``||H u - θ u||`` of the Ritz vector ``u``), or after ``max_iter``
-        steps (``converged`` says which).
+        steps (``converged`` says which). ``which="max"`` waits for the largest one only
+        (``lambda_min`` is then the current, possibly unconverged, smallest Ritz value).
         """
         res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed,
-                      device=self.theta.device, stop="extremes")
+                      device=self.theta.device, stop="max" if which == "max" else "extremes")
         theta, s, beta_last = res["ritz"], res["ritz_vectors"], res["beta_last"]
         scale = max(float(theta.abs().max()), 1e-300)
         resid = (beta_last * s[-1, :]).abs()
@@ -189,7 +218,8 @@ class HessianOperator:
             "residual_max": float(resid[-1]),
             "residual_min": float(resid[0]),
             "iterations": res["steps"],
-            "converged": bool(resid[-1] <= tol * scale and resid[0] <= tol * scale),
+            "converged": bool(resid[-1] <= tol * scale
+                              and (which == "max" or resid[0] <= tol * scale)),
             "ritz_values": theta.tolist(),
         }
 
@@ -248,8 +278,9 @@ def lanczos(
     against every earlier ``q`` twice (classical Gram-Schmidt, "twice is enough"). Returns the
     Ritz values (ascending), the eigenvectors ``s`` of ``T`` (columns), ``beta_last`` and the
     number of steps. ``stop="extremes"`` stops when the extreme Ritz residuals are below
-    ``tol·max|θ|``; ``stop="none"`` runs ``max_steps`` (SLQ). An invariant subspace
-    (``β ≈ 0``) ends the iteration: the Ritz values are then exact eigenvalues.
+    ``tol·max|θ|`` (``stop="max"``: the largest only); ``stop="none"`` runs ``max_steps``
+    (SLQ). An invariant subspace (``β ≈ 0``) ends the iteration: the Ritz values are then
+    exact eigenvalues.
     """
     max_steps = max(1, min(max_steps, dim))
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -276,9 +307,9 @@ def lanczos(
         scale = max(float(ritz.abs().max()), 1e-300)
         if beta <= 1e-12 * scale:
             break
-        if stop == "extremes" and j >= 1:
+        if stop in ("extremes", "max") and j >= 1:
             r = (beta * s[-1, :]).abs()
-            if r[0] <= tol * scale and r[-1] <= tol * scale:
+            if r[-1] <= tol * scale and (stop == "max" or r[0] <= tol * scale):
                 break
         betas.append(beta)
         Q[j + 1] = w / beta

@@ -118,8 +118,9 @@ def _plot_curves(runs: list[dict], path: Path) -> Path | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
         ep = [m["epoch"] for m in r["metrics"]]
-        ax1.plot(ep, [m["train_loss"] for m in r["metrics"]], label=r["name"])
-        ax2.plot(ep, [m["val_acc"] for m in r["metrics"]], label=r["name"])
+        marker = "o" if len(ep) < 20 else None  # a one-epoch run is still visible
+        ax1.plot(ep, [m["train_loss"] for m in r["metrics"]], marker=marker, ms=3, label=r["name"])
+        ax2.plot(ep, [m["val_acc"] for m in r["metrics"]], marker=marker, ms=3, label=r["name"])
     ax1.set(xlabel="epoch", ylabel="training loss", title="Training loss", yscale="log")
     ax2.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy")
     ax2.legend(fontsize=7, loc="best")

@@ -115,3 +115,18 @@ def test_k1_condition_number_grows_and_k3_hessian_vanishes():
         assert c[0] < c[1] < c[2] and c[2] > 4 * c[0]
         lam = block_hessian_eigs(zero_net(name, 2 + 3 * 3, 3), x, y)
         assert float(lam.abs().max()) == 0.0
+
+
+@pytest.mark.slow
+def test_zero_init_study_reproduces_the_three_claims(tmp_path):
+    from pnnh.reproduce.shortcut_depth import SCALES, zero_init_study
+
+    rows = zero_init_study(SCALES["cpu"], 0, tmp_path)
+    for variant in ("linear", "relu"):
+        k2 = [r["condition_number"] for r in rows if r["variant"] == variant and r["shortcut"] == 2]
+        assert max(k2) / min(k2) - 1 < 1e-6
+        k1 = [r for r in rows if r["variant"] == variant and r["shortcut"] == 1]
+        assert k1[-1]["condition_number"] > 100 * k1[0]["condition_number"]
+        assert all(r["max_abs_eig"] == 0 for r in rows
+                   if r["variant"] == variant and r["shortcut"] == 3)
+    assert (tmp_path / "zero_init_hessian.csv").exists()

@@ -32,7 +32,7 @@ from pnnh.registry import count_parameters, create_model
 
 DESCRIPTION = ("paper 3: Hessian condition number at zero init vs depth for shortcut 1/2/3; "
                "small-init shortcut-2 training vs Xavier/orthogonal/shortcut-3")
-CPU_MINUTES = 6
+CPU_MINUTES = 10
 
 SCALES = {
     "cpu": {

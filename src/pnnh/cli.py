@@ -153,6 +153,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--procrustes", action="store_true", default=None,
       help="project constrained weights (coders / transitions) after each step")
     a("--zca", action="store_true", default=None, help="ZCA-whiten the classifier's input")
+    a("--tat", action="store_true", default=None,
+      help="plain models: leaky-ReLU TAT activations and orthogonal/Delta init (eta 0.9; "
+      "--model-arg tat_eta=X)")
     a("--config", help="YAML file of training options (flags override it)")
     a("--out", help="run directory (default runs/train)")
     a("--resume", action="store_true", default=None, help="continue from OUT/checkpoints/last.pt")
@@ -176,6 +179,8 @@ def train_config_from_args(args: argparse.Namespace):
         model_args["procrustes"] = True
     if args.zca:
         model_args["zca"] = True
+    if args.tat:
+        model_args["tat"] = True
     if model_args:
         overrides["model_args"] = model_args
     dataset_args = dict(parse_model_arg(t, "--dataset-arg") for t in args.dataset_arg)

@@ -87,7 +87,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
     ``None`` values are dropped so that callers may pass optional CLI values straight through.
     ``procrustes=True`` / ``zca=True`` on a factory that does not take them wraps the model
     with :func:`pnnh.norm_preservation.make_norm_preserving` (transition blocks projected
-    after each step; ZCA-whitened classifier input).
+    after each step; ZCA-whitened classifier input). ``tat=True`` (with ``tat_eta``, default
+    0.9) rebuilds a plain ReLU model with leaky-ReLU TAT activations and SUO/Delta init
+    (:func:`pnnh.tat.apply_tat`).
     """
     info = model_info(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -97,6 +99,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
     # Norm-preservation options (paper 2) apply to any model whose factory does not take them.
     generic = {k: bool(merged.pop(k)) for k in ("procrustes", "zca")
                if k in merged and k not in sig.parameters and not accepts_any}
+    # TAT (leaky-ReLU kernel shaping, pnnh.tat) likewise applies to any plain model.
+    tat = {k: merged.pop(k) for k in ("tat", "tat_eta")
+           if k in merged and k not in sig.parameters and not accepts_any}
     if not accepts_any:
         unknown = sorted(set(merged) - set(sig.parameters))
         if unknown:
@@ -114,6 +119,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
         model = make_norm_preserving(model, procrustes=generic.get("procrustes", False),
                                      zca=generic.get("zca", False))
+    if tat.get("tat"):
+        from pnnh.tat import apply_tat
+
+        model = apply_tat(model, eta=float(tat.get("tat_eta", 0.9)))
     model.pnnh_name = name  # type: ignore[attr-defined]
     return model
 

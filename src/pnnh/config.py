@@ -20,6 +20,8 @@ from pnnh.errors import ConfigError
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("cpu", "cuda", "auto")
+# upper bounds that catch a typo (an extra zero or three) before it allocates or runs forever
+MAX = {"epochs": 1_000_000, "depth": 10_000, "width": 1_000_000, "num_samples": 10_000_000}
 
 
 @dataclass
@@ -102,6 +104,10 @@ def _check_type(name: str, value: Any) -> Any:
         if t.startswith("dict"):
             if not isinstance(value, dict):
                 raise ValueError
+            bad_keys = [k for k in value if not (isinstance(k, str) and k.isidentifier())]
+            if bad_keys:
+                raise ConfigError(f"{name}: option names must be identifiers, got {bad_keys[0]!r}",
+                                  field=name)
             return dict(value)
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(
@@ -148,6 +154,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("width", "must be at least 1")
     if cfg.num_samples is not None and cfg.num_samples < 20:
         bad("num_samples", "must be at least 20")
+    for name, top in MAX.items():
+        value = getattr(cfg, name)
+        if value is not None and value > top:
+            bad(name, f"must be at most {top:,}")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         bad("grad_clip", "must be positive")
     if cfg.track_norms < 0:
@@ -158,8 +168,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("checkpoint_every", "must be at least 1")
     if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
         bad("max_steps_per_epoch", "must be at least 1")
-    if cfg.seed < 0:
-        bad("seed", "must be >= 0")
+    if not 0 <= cfg.seed < 2**32:
+        bad("seed", "must be in [0, 2**32)")
     if not cfg.out:
         bad("out", "must be a directory path")
     return cfg

@@ -164,6 +164,12 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world
         yield shard
 
 
+def shard_loss_scale(shard: int, batch: int, world: int) -> float:
+    """Factor on a rank's mean loss so that DDP's gradient *average* over ranks is the gradient
+    of the global batch's mean loss: ``(1/W) sum_r (W n_r / N) mean_r = (1/N) sum_i loss_i``."""
+    return shard * world / batch
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM stopped the run after saving ``last.pt``; ``exit_code`` is 128 + signal."""
 
@@ -297,11 +303,14 @@ def _build_model(cfg, model_kwargs: dict) -> nn.Module:
                               field=field)
     try:
         return create_model(cfg.model, **kwargs)
-    except (RuntimeError, MemoryError) as e:
-        if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
-            raise
-        raise ConfigError(f"model: cannot allocate {cfg.model!r} with depth={cfg.depth} "
-                          f"width={cfg.width} model_args={cfg.model_args}", field="model") from None
+    except PnnhError:
+        raise
+    except Exception as e:  # e.g. a negative size in model_args, or no memory left
+        field = "model_args" if cfg.model_args else "model"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ConfigError(f"{field}: cannot build model {cfg.model!r} with depth={cfg.depth} "
+                          f"width={cfg.width} model_args={cfg.model_args}: "
+                          f"{type(e).__name__}: {first}", field=field) from None
 
 
 def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
@@ -396,6 +405,8 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
     # ------------------------------------------------------------ from here on, rank 0 writes
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for tmp in [*out.glob(".*.tmp"), *ckpt_dir.glob(".*.tmp")]:  # left by a killed run
+            tmp.unlink(missing_ok=True)
         atomic_write_text(out / "config.yaml", config_mod.dump_yaml(cfg))
         if resumed_from is None:
             for stale in ("metrics.jsonl", "norms.jsonl", "summary.json"):
@@ -499,6 +510,10 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
                     break
                 if i < skip:
                     continue
+                # RNG states at the start of this step: a stop below rewinds to them, so the
+                # mid-epoch checkpoint replays this step exactly (augmentation, dropout)
+                rewind = (torch.get_rng_state(), aug_gen.get_state() if augment else None,
+                          torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
                 x, y = _fetch(train_ds, idx)
                 if augment:
                     x = augment_batch(x, aug_gen)
@@ -515,6 +530,11 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
                 diverged, stopping = dist.any([not bool(torch.isfinite(total)),
                                                "signal" in stop], device)
                 if stopping and not diverged:
+                    torch.set_rng_state(rewind[0])
+                    if rewind[1] is not None:
+                        aug_gen.set_state(rewind[1])
+                    if rewind[2] is not None:
+                        torch.cuda.set_rng_state(rewind[2], device)
                     sums = dist.all_sum([loss_sum, correct, seen], device)
                     aug_states = dist.gather(aug_gen.get_state(), device)
                     interrupted(epoch, {"epoch": epoch, "steps": i, "sums": sums,
@@ -535,7 +555,7 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 # DDP averages gradients over ranks: scale each shard's mean so that the
                 # average is the global batch's mean (exact for unequal shards too)
-                scale = len(y) * dist.world / n_batch
+                scale = shard_loss_scale(len(y), n_batch, dist.world)
                 backward = total * scale if scale != 1 else total
                 if scaler:
                     scaler.scale(backward).backward()

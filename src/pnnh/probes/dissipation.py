@@ -51,7 +51,8 @@ each) and the inputs ``X`` (flattened to ``p`` values each):
 ``depth`` is the number of weight layers (leaf modules owning a parameter of two or more
 dimensions: Linear, Conv, ...) that have run when the layer's output is produced, so nets of
 different kinds line up on one axis. A module may declare ``num_weight_layers`` (e.g. 2 for a
-block that holds its weights itself); its submodules are then not counted. A model without
+block that holds its weights itself), or has a plain form ``to_plain_layers()`` (PNNH blocks:
+its Linear/Conv layers are counted); its submodules are then not counted. A model without
 any weight layer gets the layer's position (1, 2, ...) instead.
 
 Memory and time: features are never stored. Each hook adds the batch's sufficient
@@ -140,10 +141,25 @@ def _first_tensor(output) -> torch.Tensor | None:
     return None
 
 
-def _num_weight_layers(m: nn.Module) -> int:
+def _declared_weight_layers(m: nn.Module) -> int | None:
+    """``m.num_weight_layers`` if set, else the weight layers of ``m.to_plain_layers()`` (the
+    PNNH blocks' plain form) if it has one, else None."""
     declared = getattr(m, "num_weight_layers", None)
     if declared is not None:
         return int(declared)
+    to_plain = getattr(m, "to_plain_layers", None)
+    if callable(to_plain):
+        try:
+            return sum(isinstance(layer, _WEIGHT_LEAVES) for layer in to_plain())
+        except Exception:  # a module whose plain form needs more than itself: not declared
+            return None
+    return None
+
+
+def _num_weight_layers(m: nn.Module) -> int:
+    declared = _declared_weight_layers(m)
+    if declared is not None:
+        return declared
     if list(m.children()):
         return 0
     return int(any(p.ndim >= 2 for p in m.parameters(recurse=False)))
@@ -156,7 +172,7 @@ def _weight_layer_modules(model: nn.Module) -> list[nn.Module]:
     for name, m in model.named_modules():
         if any(name.startswith(prefix) for prefix in declared):
             continue
-        if getattr(m, "num_weight_layers", None) is not None:
+        if _declared_weight_layers(m) is not None:
             declared.append(name + "." if name else "")
             out.append(m)
         elif _num_weight_layers(m):
@@ -415,7 +431,7 @@ def dissipation(
     *,
     batch_size: int = 1000,
     ridge: float | Sequence[float] = RIDGES,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     max_features: int = 1024,
     seed: int = 0,
 ) -> list[dict]:

@@ -97,3 +97,40 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert summary["world_size"] == 2 and summary["status"] == "finished"
 
 
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not available")
+def test_sigterm_to_torchrun_saves_mid_epoch_and_resumes_exactly(tmp_path):
+    """torchrun forwards SIGTERM to both ranks; they agree on the step, rank 0 saves."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pnnh", "train", *ARGS,
+           "--augment", "--dataset", "synthetic", "--num-samples", "4000",
+           "--dataset-arg", "input_shape=[1,8,8]"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    p = subprocess.run([*run, "--out", str(full)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    proc = subprocess.Popen([*run, "--out", str(part)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (part / "checkpoints" / "last.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(read_jsonl(part / "metrics.jsonl")[0]["time_s"] / 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count("SIGTERM received: stopped at epoch 2, step ") == 1, err[-3000:]
+    ckpt = load_checkpoint(part / "checkpoints" / "last.pt")
+    assert ckpt["partial_epoch"]["epoch"] == 2 and len(ckpt["partial_epoch"]["aug_rng"]) == 2
+    p = subprocess.run([*run, "--resume", "--out", str(part)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    strip = [{k: v for k, v in r.items() if k not in ("images_per_s", "time_s")}
+             for r in read_jsonl(full / "metrics.jsonl")]
+    assert strip == [{k: v for k, v in r.items() if k not in ("images_per_s", "time_s")}
+                     for r in read_jsonl(part / "metrics.jsonl")]

@@ -143,6 +143,7 @@ def test_pnnh_accuracy_experiment_smoke(tmp_path, monkeypatch):
     cpu = {**exp.CPU, "families": {"mlp": {"width": 8}}, "depths": (8,),
            "train": {**exp.CPU["train"], "epochs": 1, "max_steps_per_epoch": 2,
                      "num_samples": 200},
+           "extra_seeds": {"depth": 8, "seeds": (1,)},
            "ablation": {"model": "pnnh_mlp", "depth": 8, "width": 8,
                         "variants": {"newton_schulz (default)": {}, "none":
                                      {"coder_constraint": "none"}}}}
@@ -152,7 +153,8 @@ def test_pnnh_accuracy_experiment_smoke(tmp_path, monkeypatch):
     assert summary["rows"][2]["params"] > summary["rows"][1]["params"]
     assert "| mlp | 8 |" in summary["table"]
     assert len(summary["ablation"]) == 2
-    for f in ("results.csv", "results.json", "ablation.csv", "accuracy_vs_depth.png"):
+    assert [len(r["final_test_acc"]) for r in summary["seeds"]] == [2, 2, 2]
+    for f in ("results.csv", "results.json", "ablation.csv", "seeds.csv", "accuracy_vs_depth.png"):
         assert (tmp_path / f).stat().st_size > 0
     # the default ablation variant is the main study's PNNH run, reused
     assert summary["ablation"][0]["final_test_acc"] == summary["rows"][2]["final_test_acc"]

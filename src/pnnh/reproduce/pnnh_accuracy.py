@@ -6,8 +6,10 @@ each as a plain net, a ResNet and a PNNH net, all trained with AdamW (lr 1e-3, c
 schedule, batch 128) for the same number of epochs. Then, on the 100-layer MLP, the ways of
 keeping the coder orthogonal (none / exact Procrustes SVD / penalty / the default batched
 Newton–Schulz step, every step or every 4th), a parameter-matched PNNH (learner width 64)
-and a coder ratio r = 0.5. Writes
-``results.csv/json`` (one row per run: accuracy and parameters), ``ablation.csv/json`` and
+and a coder ratio r = 0.5. Finally the depth-8 runs are repeated with two more seeds, to show
+the seed-to-seed spread the table should be read with. Writes
+``results.csv/json`` (one row per run: accuracy and parameters), ``ablation.csv/json``,
+``seeds.csv/json`` and
 ``accuracy_vs_depth.png``; every run's directory (metrics, checkpoints) is under ``runs/``,
 and a finished run is reused when the experiment is run again.
 
@@ -40,6 +42,8 @@ CPU = {
     "depths": (8, 32, 100),
     "train": {"epochs": 10, "batch_size": 128, "lr": 1e-3, "optimizer": "adamw",
               "schedule": "cosine"},
+    # seed-to-seed spread, measured where runs are cheap (depth 8), to read the table by
+    "extra_seeds": {"depth": 8, "seeds": (1, 2)},
     "ablation": {
         "model": "pnnh_mlp", "depth": 100, "width": 128,
         "variants": {
@@ -162,11 +166,29 @@ def _run_cpu(out: Path, device: str, seed: int) -> dict:
         ablation.append(_row(s, variant=label, model=ab["model"], depth=ab["depth"]))
         write_records(ablation, out, "ablation")
 
+    spread = []
+    es = CPU["extra_seeds"]
+    for family, fam_args in CPU["families"].items():
+        for kind in KINDS:
+            model = _name(family, kind)
+            cfg = {"model": model, "dataset": CPU["dataset"], "depth": es["depth"],
+                   "width": fam_args["width"], "model_args": dict(MODEL_ARGS[kind]),
+                   **CPU["train"]}
+            accs = [r["final_test_acc"] for r in rows
+                    if (r["family"], r["kind"], r["depth"]) == (family, kind, es["depth"])]
+            for sd in es["seeds"]:
+                run_dir = out / "runs" / f"{model}{SUFFIX[kind]}_d{es['depth']}_seed{sd}"
+                accs.append(_run(run_dir, cfg, device, sd)["final_val_acc"])
+            spread.append({"family": family, "kind": kind, "depth": es["depth"],
+                           "seeds": [seed, *es["seeds"]], "final_test_acc": accs,
+                           "mean": sum(accs) / len(accs), "min": min(accs), "max": max(accs)})
+            write_records(spread, out, "seeds")
+
     gaps = {f"{r['family']}_d{r['depth']}": None for r in rows}
     for key in gaps:
         by = {r["kind"]: r["final_test_acc"] for r in rows if f"{r['family']}_d{r['depth']}" == key}
         gaps[key] = by["pnnh"] - by["resnet"]
-    summary = {"rows": rows, "ablation": ablation, "pnnh_minus_resnet": gaps,
+    summary = {"rows": rows, "ablation": ablation, "seeds": spread, "pnnh_minus_resnet": gaps,
                "pnnh_within_1pt_of_resnet": all(g >= -0.01 for g in gaps.values()),
                "table": table(rows)}
     atomic_write_json(out / "results_summary.json", summary)
@@ -175,6 +197,11 @@ def _run_cpu(out: Path, device: str, seed: int) -> dict:
     for r in ablation:
         print(f"{r['variant']:<26} acc {r['final_test_acc']:.3f}  params {r['params']:,}  "
               f"time {r['time_s']:.0f}s")
+    print()
+    for r in spread:
+        accs = ", ".join(f"{a:.3f}" for a in r["final_test_acc"])
+        print(f"seeds {r['seeds']}: {r['family']:<6} d{r['depth']} {r['kind']:<7} {accs}  "
+              f"mean {r['mean']:.3f}")
     return summary
 
 

@@ -1,0 +1,75 @@
+"""Shared helpers of the peer benchmarks: the machine's description, round-robin timing, JSON.
+
+Every benchmark times its contenders interleaved (each repeat times every contender once, in
+a rotated order) so that a shared machine's load falls on them alike, and reports medians and
+ratios. Results go to ``benchmarks/results/<name>.json`` with the machine description.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """nproc, CPU model, torch version and threads, and the load average right now."""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def time_round_robin(fns: dict[str, Callable[[], None]], repeats: int, inner: int = 1,
+                     warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of every ``fns[name]``: ``repeats`` rounds, each timing every function
+    once (``inner`` calls, averaged), in an order rotated by one each round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t = time.perf_counter()
+            for _ in range(inner):
+                fns[n]()
+            times[n].append((time.perf_counter() - t) / inner)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir) if out_dir else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    tmp.replace(path)
+    return path

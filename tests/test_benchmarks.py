@@ -1,0 +1,76 @@
+"""Smoke tests of the peer benchmarks' --quick modes: each runs and writes JSON of the right
+shape (the numbers themselves are for docs/BENCHMARKS.md, not asserted: no timed tests)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_common(path: Path, name: str) -> dict:
+    data = json.loads(path.read_text())
+    assert data["benchmark"] == name and data["config"]["quick"] is True
+    m = data["machine"]
+    assert m["nproc"] >= 1 and m["torch"] and m["torch_threads"] == 2
+    assert len(m["loadavg_1_5_15"]) == 3 and len(m["loadavg_before"]) == 3
+    return data
+
+
+def test_throughput_quick(tmp_path):
+    _load("throughput").main(["--quick", "--out", str(tmp_path)])
+    data = _check_common(tmp_path / "throughput_quick.json", "throughput")
+    got = {(r["mode"], r["model"]) for r in data["results"]}
+    assert got == {("train", "resnet"), ("train", "plain"), ("train", "pnnh"),
+                   ("infer", "resnet"), ("infer", "plain"), ("infer", "pnnh"),
+                   ("infer", "plain (exported)"), ("infer", "pnnh (exported)")}
+    for r in data["results"]:
+        assert r["images_per_s"] > 0 and r["params"] > 0
+        assert len(r["seconds"]) == data["config"]["repeats"]
+        if r["model"] == "resnet":
+            assert r["speed_vs_resnet"] == 1.0
+
+
+def test_machine_ceiling_quick(tmp_path):
+    _load("machine_ceiling").main(["--quick", "--out", str(tmp_path)])
+    data = _check_common(tmp_path / "machine_ceiling_quick.json", "machine_ceiling")
+    rows = {r["what"]: r for r in data["results"]}
+    assert rows["gemm"]["flops_per_call"] == 2 * 256 ** 3 and rows["gemm"]["share_of_gemm"] == 1.0
+    assert data["gemm_flops_per_s"] > 0
+    pnnh = next(r for k, r in rows.items() if k.startswith("pnnh_mlp"))
+    resnet = next(r for k, r in rows.items() if k.startswith("resnet_mlp"))
+    # forward + backward of the same shapes: the coder adds matmuls, so PNNH counts more
+    assert pnnh["flops_per_call"] > resnet["flops_per_call"] > 0
+    assert all(0 < r["share_of_gemm"] and math.isfinite(r["flops_per_s"]) for r in rows.values())
+
+
+def test_param_efficiency_quick(tmp_path):
+    _load("param_efficiency").main(["--quick", "--out", str(tmp_path)])
+    data = _check_common(tmp_path / "param_efficiency_quick.json", "param_efficiency")
+    rows = data["results"]
+    assert rows[0]["model"] == "resnet_mlp" and rows[0]["param_ratio"] == 1.0
+    assert len(rows) == 3 and all(r["model"] == "pnnh_mlp" for r in rows[1:])
+    for r in rows:
+        assert 0 <= r["mean"] <= 100 and len(r["val_acc"]) == data["config"]["seeds"]
+        assert r["param_ratio"] == pytest.approx(rows[0]["params"] / r["params"])
+    assert data["smallest_match"] in {None, *(r["label"] for r in rows if r["matches"])}
+
+
+def test_tat_peer_quick(tmp_path):
+    _load("tat_peer").main(["--quick", "--out", str(tmp_path)])
+    data = _check_common(tmp_path / "tat_peer_quick.json", "tat_peer")
+    rows = {r["model"]: r for r in data["results"]}
+    assert set(rows) == {"plain + TAT", "pnnh", "resnet", "plain"}
+    assert rows["plain + TAT"]["model_args"] == {"tat": True, "tat_eta": 0.7}  # depth 8: shallow
+    assert rows["plain + TAT"]["params"] == rows["plain"]["params"]
+    assert all(r["images_per_s"] > 0 and 0 <= r["mean"] <= 100 for r in rows.values())

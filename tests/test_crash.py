@@ -180,7 +180,8 @@ def test_flipped_bytes_in_a_tensor_are_detected_by_the_checksum(tmp_path, good_c
         pnnh.checkpoint.load_model(bad)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(where=st.floats(0.0, 1.0, exclude_max=True), mask=st.integers(1, 255),
        cut=st.booleans())
 def test_any_damage_is_an_error_or_leaves_the_content_intact(tmp_path, good_checkpoint, where,
@@ -230,3 +231,21 @@ def test_resume_from_a_corrupted_checkpoint_fails_cleanly_and_touches_nothing(tm
     assert err.startswith("pnnh: error: cannot load checkpoint") and "last.pt" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys, good_checkpoint):
+    """A changed width, or a mid-epoch checkpoint from another number of ranks: clean errors."""
+    run = good_checkpoint.parent.parent
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    with pytest.raises(pnnh.errors.ConfigError, match="does not fit this configuration"):
+        pnnh.train({**_small(run, epochs=2, augment=False, width=24), "resume": True})
+    ckpt = load_checkpoint(good_checkpoint)
+    ckpt["partial_epoch"] = {"epoch": 2, "steps": 3, "sums": [0.0, 0.0, 0.0], "train_time": 0.0,
+                             "aug_rng": [torch.Generator().get_state()] * 2}
+    other = tmp_path / "r"
+    (other / "checkpoints").mkdir(parents=True)
+    save_checkpoint(other / "checkpoints" / "last.pt", ckpt)
+    with pytest.raises(pnnh.errors.ConfigError, match="same number of processes"):
+        pnnh.train({**_small(other, epochs=2, augment=False), "resume": True})
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+    assert sorted(p.name for p in other.rglob("*")) == ["checkpoints", "last.pt"]

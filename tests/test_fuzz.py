@@ -17,7 +17,7 @@ from pnnh.config import FIELDS, MAX, from_dict, load_yaml, resolve, validate
 from pnnh.data import get_dataset
 from pnnh.errors import ConfigError, DataError, PnnhError
 
-FUZZ = settings(max_examples=30, deadline=None,
+FUZZ = settings(max_examples=30, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 # a tiny valid base, so a case that gets past validation only loads a 100-sample toy dataset
@@ -140,7 +140,7 @@ _yaml_value = st.recursive(
 _keys = st.one_of(st.sampled_from(sorted(FIELDS)), st.text(max_size=10))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(values=st.dictionaries(_keys, _yaml_value, max_size=6))
 def test_any_config_mapping_is_valid_or_a_config_error_naming_a_given_key(values):
     """Pure validation (no training): wrong types, unknown keys, any numbers."""
@@ -155,7 +155,7 @@ def test_any_config_mapping_is_valid_or_a_config_error_naming_a_given_key(values
     assert validate(cfg) is cfg
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(text=st.text(max_size=60))
 def test_any_config_text_is_a_mapping_or_a_config_error(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
@@ -273,7 +273,8 @@ _broken_images = st.one_of(st.just(b""), st.binary(min_size=1, max_size=64),
                            st.just(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=_broken_images)
 def test_unreadable_training_image(tmp_path_factory, capsys, payload):
     root = tmp_path_factory.mktemp("img")
@@ -307,3 +308,11 @@ def test_every_user_error_class_is_a_pnnh_error():
         assert issubclass(cls, PnnhError) and cls("x").exit_code == 2
     with pytest.raises(ConfigError, match="option names"):
         from_dict({"model_args": {3: 1}})
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("mine")
+    code, err = _run(capsys, ["train", *BASE, "--out", str(out)])
+    assert code == 2 and err.strip() == f"pnnh: error: out: {out} exists and is not a directory"
+    assert out.read_text() == "mine"

@@ -184,6 +184,7 @@ def _plot(zero_rows: list[dict], train_rows: list[dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, variant in zip(axes, ("linear", "relu")):
@@ -195,6 +196,9 @@ def _plot(zero_rows: list[dict], train_rows: list[dict], out: Path) -> None:
         ax.plot([], [], "x", label=f"shortcut 3: Hessian = 0 at all {len(rs)} depths")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(sorted({r["depth"] for r in zero_rows if r["variant"] == variant}))
         ax.set_xlabel("depth (weight layers)")
         ax.set_ylabel("condition number max|λ|/min|λ| of the Hessian at 0")
         ax.set_title(f"{variant} network, zero initial point")

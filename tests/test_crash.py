@@ -249,3 +249,15 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys, good_ch
         pnnh.train({**_small(other, epochs=2, augment=False), "resume": True})
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
     assert sorted(p.name for p in other.rglob("*")) == ["checkpoints", "last.pt"]
+
+
+def test_norm_tracking_survives_a_mid_epoch_stop(tmp_path):
+    """``--track-norms`` lines up to the stop are kept, the rest replayed: the same file."""
+    pnnh.train(_small(tmp_path / "full", track_norms=3))
+    with pytest.raises(TrainingInterrupted):
+        pnnh.train(_small(tmp_path / "part", track_norms=3),
+                   callbacks=[_SignalAt(17, signal.SIGTERM)])
+    pnnh.train({**_small(tmp_path / "part", track_norms=3), "resume": True})
+    a = read_jsonl(tmp_path / "full" / "norms.jsonl")
+    b = read_jsonl(tmp_path / "part" / "norms.jsonl")
+    assert len(a) > 0 and a == b

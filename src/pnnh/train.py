@@ -411,12 +411,13 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
         if resumed_from is None:
             for stale in ("metrics.jsonl", "norms.jsonl", "summary.json"):
                 (out / stale).unlink(missing_ok=True)
-        else:  # drop metric lines written after that checkpoint (a crash mid-epoch)
+        else:  # drop lines written after that checkpoint (a crash mid-epoch)
             rewrite_jsonl(out / "metrics.jsonl",
                           [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] <= resumed_from])
             if (out / "norms.jsonl").exists():
+                last_step = (resumed_from * steps_per_epoch + (partial["steps"] if partial else 0))
                 rewrite_jsonl(out / "norms.jsonl", [r for r in read_jsonl(out / "norms.jsonl")
-                                                    if r.get("epoch", 0) <= resumed_from])
+                                                    if r.get("step", 0) <= last_step])
 
     if cfg.track_norms and main:
         from pnnh.probes.norms import NormTracker

@@ -140,7 +140,20 @@ class Coder(nn.Module):
         return _CONV_T[self.dims](z, self.kernel(), padding=self.kernel_size // 2)
 
     def carry(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
-        """The coder path: ``AᵀA x`` (fused) or ``Aᵀ relu(Ax) - Aᵀ relu(-Ax)`` (plain form)."""
+        """The coder path: ``AᵀA x`` (fused) or ``Aᵀ relu(Ax) - Aᵀ relu(-Ax)`` (plain form).
+
+        Fused, a pointwise coder applied to ``R`` rows (batch x positions) computes ``G = AᵀA``
+        once (``n²m`` multiply-adds) and then ``G x`` (``Rn²``) when that is cheaper than
+        ``Aᵀ(Ax)`` (``2Rnm``) — always for convolutions, where ``R`` counts every position.
+        """
+        if fused and self.kernel_size == 1:
+            n, m = self.dim, self.width
+            rows = x.numel() // n
+            if n * n * m + rows * n * n < 2 * rows * n * m:
+                g = self.weight.t() @ self.weight  # (n, n), symmetric
+                if self.dims == 0:
+                    return F.linear(x, g)
+                return _CONV[self.dims](x, g.reshape(g.shape + (1,) * self.dims))
         z = self.encode(x)
         if fused:
             return self.decode(z)

@@ -386,6 +386,8 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
         ranks_rng = ckpt.get("rank_torch_rng")
         if dist.enabled and ranks_rng and len(ranks_rng) == dist.world:
             torch.set_rng_state(ranks_rng[dist.rank].cpu())
+        elif dist.rank > 0:  # saved by another number of ranks: fresh, distinct streams
+            torch.manual_seed(cfg.seed + 1_000_003 * dist.rank + 7_919 * int(ckpt["epoch"]))
         start_epoch = int(ckpt["epoch"]) + 1
         best_acc, best_epoch = float(ckpt["best_val_acc"]), int(ckpt["best_epoch"])
         resumed_from = int(ckpt["epoch"])

@@ -55,6 +55,24 @@ def test_scaled_shard_gradients_average_to_the_global_batch_gradient(batch, worl
     assert shard_loss_scale(50, 100, 2) == 1.0
 
 
+def test_sync_bn_on_cpu_ranks_is_a_config_error(tmp_path):
+    """SyncBatchNorm has no CPU kernel: say so before the first collective."""
+    from pnnh.config import resolve
+    from pnnh.errors import ConfigError
+    from pnnh.train import Distributed, _train
+
+    class TwoRanks(Distributed):
+        def __init__(self):  # rank 0 of 2, without a process group
+            self.world, self.rank, self.local_rank, self.enabled = 2, 0, 0, True
+
+    cfg = resolve({"model": "plain20", "dataset": "synthetic", "num_samples": 40, "device": "cpu",
+                   "dataset_args": {"input_shape": [3, 8, 8]}, "sync_bn": True,
+                   "out": str(tmp_path / "r"), "progress": False})
+    with pytest.raises(ConfigError, match="sync_bn: SyncBatchNorm needs CUDA"):
+        _train(cfg, TwoRanks(), [], {})
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(),
                     reason="torchrun / torch.distributed not available")
 def test_torchrun_two_processes_match_one_process(tmp_path):

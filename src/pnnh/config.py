@@ -57,6 +57,7 @@ class TrainConfig:
     amp: bool = False  # mixed precision (CUDA only)
     channels_last: bool = False  # CUDA only
     compile: bool = False  # torch.compile
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
     tensorboard: bool = False
     checkpoint_every: int = 1  # epochs between `last` checkpoints
     max_steps_per_epoch: int | None = None  # cap (tests, benchmarks)

@@ -350,6 +350,11 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
         model_kwargs["width"] = cfg.width
     model_kwargs.update(cfg.model_args)
     model = _build_model(cfg, model_kwargs)
+    if cfg.sync_bn and dist.enabled:
+        if device.type != "cuda":
+            raise ConfigError("sync_bn: SyncBatchNorm needs CUDA devices; on CPU each rank "
+                              "normalises over its own shard (drop sync_bn)", field="sync_bn")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = count_parameters(model)
     model.to(device)
     if cfg.channels_last and device.type == "cuda":

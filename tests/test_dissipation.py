@@ -195,3 +195,19 @@ def test_cli_writes_csv_json_png(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0] and "blocks.0" in err[0]
+
+
+def test_reproduce_dissipation_small(tmp_path):
+    from pnnh.reproduce import dissipation as experiment
+
+    summary = experiment.run(tmp_path, "cpu", "cpu", 0, kinds=("plain", "pnnh"), depths=[4, 6],
+                             epochs=1, width=32, num_samples=1000, probe_samples=64)
+    assert set(summary["accuracy"]) == {"plain-4", "plain-6", "pnnh-4", "pnnh-6"}
+    rows = list(csv.DictReader(open(tmp_path / "dissipation.csv")))
+    assert {(r["kind"], r["model_depth"], r["phase"]) for r in rows} == {
+        (k, d, p) for k in ("plain", "pnnh") for d in ("4", "6") for p in ("init", "trained")
+    }
+    theory_rows = list(csv.DictReader(open(tmp_path / "theory.csv")))
+    assert {r["kind"] for r in theory_rows} == {"plain", "pnnh"}
+    assert len(list(csv.DictReader(open(tmp_path / "accuracy.csv")))) == 4
+    assert (tmp_path / "dissipation.png").read_bytes()[:4] == b"\x89PNG"

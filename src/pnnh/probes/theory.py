@@ -190,3 +190,39 @@ def curves(kind: str, depth: int, rho0=0.0, **options) -> list[dict]:
     if kind == "pnnh":
         return pnnh_curves(blocks, rho0, **options)
     raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pnnh.probes.theory``: the correlation / surviving fraction at a few depths."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pnnh.probes.theory", description=main.__doc__)
+    p.add_argument("--depths", type=int, nargs="+", default=[8, 34, 102, 202, 402])
+    p.add_argument("--rho0", type=float, default=0.0, help="cosine between the two inputs")
+    p.add_argument("--particles", type=int, default=200_000)
+    args = p.parse_args(argv)
+    deepest = max(args.depths)
+    rows = {
+        "plain": curves("plain", deepest, args.rho0),
+        "resnet (post-act, He)": curves("resnet", deepest, args.rho0, particles=args.particles),
+        "resnet_preact (alpha=1)": curves("resnet_preact", deepest, args.rho0),
+        "pnnh (zero-init learner)": curves("pnnh", deepest, args.rho0, particles=args.particles),
+        "pnnh (He learner decoder)": curves("pnnh", deepest, args.rho0, learner_scale=1.0,
+                                            particles=args.particles),
+    }
+    print(f"mean-field theory at init, input cosine rho0 = {args.rho0}: "
+          "correlation (surviving fraction) after the last block")
+    print(f"{'kind':<27}" + "".join(f"{'depth ' + str(d):>18}" for d in args.depths))
+    for label, curve in rows.items():
+        by_depth = {c["depth"]: c for c in curve}
+        cells = []
+        for d in args.depths:
+            c = by_depth.get(d - 1)  # the last hidden layer of a depth-d net (head excluded)
+            cells.append(f"{c['correlation']:.5f} ({c['surviving_fraction']:.3f})" if c else "-")
+        print(f"{label:<27}" + "".join(f"{c:>18}" for c in cells))
+    print("plain asymptote 1 - rho_l ~ 9 pi^2 / (2 l^2): "
+          + ", ".join(f"l={d - 1}: {plain_gap_asymptote(d - 1):.5f}" for d in args.depths))
+
+
+if __name__ == "__main__":
+    main()

@@ -165,18 +165,21 @@ def _num_weight_layers(m: nn.Module) -> int:
     return int(any(p.ndim >= 2 for p in m.parameters(recurse=False)))
 
 
-def _weight_layer_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules counted by ``depth``: those declaring ``num_weight_layers`` (their submodules
-    are then not counted again) and leaves owning a parameter with two or more dimensions."""
-    out, declared = [], []
+def _weight_layer_modules(model: nn.Module) -> dict[nn.Module, int]:
+    """Modules counted by ``depth`` and their weight layers: those declaring a count (their
+    submodules are then not counted again) and leaves owning a parameter of 2+ dimensions."""
+    out: dict[nn.Module, int] = {}
+    declared: list[str] = []
     for name, m in model.named_modules():
         if any(name.startswith(prefix) for prefix in declared):
             continue
-        if _declared_weight_layers(m) is not None:
+        count = _declared_weight_layers(m)
+        if count is not None:
             declared.append(name + "." if name else "")
-            out.append(m)
-        elif _num_weight_layers(m):
-            out.append(m)
+        else:
+            count = _num_weight_layers(m)
+        if count:
+            out[m] = count
     return out
 
 
@@ -193,7 +196,7 @@ class _LayerStats:
         self.sketch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n = 0
         self.d = 0
-        self.split: dict[bool, dict[str, torch.Tensor]] = {}
+        self.split: dict[int, dict] = {}  # split id (0 fit, 1 validation, 2 test) -> sums
 
     def _reduce(self, h: torch.Tensor) -> torch.Tensor:
         """Count sketch to ``max_features`` columns when the layer is wider than that."""
@@ -463,7 +466,7 @@ def dissipation(
     state = {"weight_layers": 0, "order": 0, "x": None, "part": None, "seen": set()}
 
     def count_hook(mod, _inp, _out):
-        state["weight_layers"] += _num_weight_layers(mod)
+        state["weight_layers"] += counted[mod]
 
     def probe_hook(name):
         def hook(_mod, _inp, out):

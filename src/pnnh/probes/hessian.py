@@ -286,7 +286,8 @@ def lanczos(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(dim, generator=gen, dtype=torch.float64) if v0 is None else v0.double().cpu()
     q = (q / q.norm()).to(device)
-    Q = torch.zeros(max_steps + 1, dim, dtype=torch.float64, device=device)
+    # Lanczos vectors, grown by doubling (a full (max_steps, dim) block can be GBs)
+    Q = torch.empty(min(16, max_steps + 1), dim, dtype=torch.float64, device=device)
     Q[0] = q
     alphas, betas = [], []
     beta = 0.0
@@ -312,6 +313,11 @@ def lanczos(
             if r[-1] <= tol * scale and (stop == "max" or r[0] <= tol * scale):
                 break
         betas.append(beta)
+        if j + 1 >= Q.shape[0]:
+            grown = torch.empty(min(2 * Q.shape[0], max_steps + 1), dim, dtype=Q.dtype,
+                                device=device)
+            grown[: Q.shape[0]] = Q
+            Q = grown
         Q[j + 1] = w / beta
     return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas)}
 

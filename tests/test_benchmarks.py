@@ -58,11 +58,14 @@ def test_param_efficiency_quick(tmp_path):
     _load("param_efficiency").main(["--quick", "--out", str(tmp_path)])
     data = _check_common(tmp_path / "param_efficiency_quick.json", "param_efficiency")
     rows = data["results"]
-    assert rows[0]["model"] == "resnet_mlp" and rows[0]["param_ratio"] == 1.0
-    assert len(rows) == 3 and all(r["model"] == "pnnh_mlp" for r in rows[1:])
+    assert [r["model"] for r in rows] == ["resnet_mlp", "resnet_mlp", "pnnh_mlp"]
+    base = [r for r in rows if r["baseline"]]
+    assert len(base) == 1 and base[0]["mean"] == max(r["mean"] for r in rows[:2])
+    assert base[0]["param_ratio"] == 1.0 and base[0]["label"] == data["baseline"]
+    assert not any(r["matches"] for r in rows[:2])
     for r in rows:
         assert 0 <= r["mean"] <= 100 and len(r["val_acc"]) == data["config"]["seeds"]
-        assert r["param_ratio"] == pytest.approx(rows[0]["params"] / r["params"])
+        assert r["param_ratio"] == pytest.approx(base[0]["params"] / r["params"])
     assert data["smallest_match"] in {None, *(r["label"] for r in rows if r["matches"])}
 
 

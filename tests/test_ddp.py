@@ -24,6 +24,18 @@ ARGS = ["--model", "resnet_mlp", "--depth", "4", "--width", "32", "--dataset", "
         "--no-progress"]
 
 
+def _torchrun(argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m pnnh ARGV``; a second try if the free port
+    it picked was taken meanwhile (other jobs on the machine), which is no fault of pnnh."""
+    for _ in range(2):
+        p = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pnnh",
+                            *argv], capture_output=True, text=True, env=env, timeout=300)
+        if p.returncode == 0 or not any(s in p.stderr for s in (
+                "EADDRINUSE", "Address already in use", "DistNetworkError")):
+            return p
+    return p
+
+
 def test_epoch_batches_split_every_global_batch_across_ranks():
     one = list(epoch_batches(1600, 101, seed=3, epoch=2))
     two = [list(epoch_batches(1600, 101, seed=3, epoch=2, rank=r, world=2)) for r in range(2)]
@@ -79,9 +91,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     ddp = tmp_path / "ddp"
-    p = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pnnh",
-                        "train", *ARGS, "--out", str(ddp)],
-                       capture_output=True, text=True, env=env, timeout=300)
+    p = _torchrun(["train", *ARGS, "--out", str(ddp)], env)
     assert p.returncode == 0, p.stderr[-3000:]
 
     single = tmp_path / "single"
@@ -129,8 +139,7 @@ def test_sigterm_to_torchrun_saves_mid_epoch_and_resumes_exactly(tmp_path):
            "--augment", "--dataset", "synthetic", "--num-samples", "4000",
            "--dataset-arg", "input_shape=[1,8,8]"]
     full, part = tmp_path / "full", tmp_path / "part"
-    p = subprocess.run([*run, "--out", str(full)], capture_output=True, text=True, env=env,
-                       timeout=300)
+    p = _torchrun(run[6:] + ["--out", str(full)], env)
     assert p.returncode == 0, p.stderr[-3000:]
     proc = subprocess.Popen([*run, "--out", str(part)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -145,8 +154,7 @@ def test_sigterm_to_torchrun_saves_mid_epoch_and_resumes_exactly(tmp_path):
     assert err.count("SIGTERM received: stopped at epoch 2, step ") == 1, err[-3000:]
     ckpt = load_checkpoint(part / "checkpoints" / "last.pt")
     assert ckpt["partial_epoch"]["epoch"] == 2 and len(ckpt["partial_epoch"]["aug_rng"]) == 2
-    p = subprocess.run([*run, "--resume", "--out", str(part)], capture_output=True, text=True,
-                       env=env, timeout=300)
+    p = _torchrun(run[6:] + ["--resume", "--out", str(part)], env)
     assert p.returncode == 0, p.stderr[-3000:]
     strip = [{k: v for k, v in r.items() if k not in ("images_per_s", "time_s")}
              for r in read_jsonl(full / "metrics.jsonl")]

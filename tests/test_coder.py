@@ -287,3 +287,21 @@ def test_trainer_protocol_keeps_coders_orthogonal():
         errors[mode] = model.coder_constraint.orthogonality_error()
     assert errors["none"] > 0.05  # without a constraint AᵀA drifts ...
     assert errors["newton_schulz"] < min(1e-3, 0.01 * errors["none"])  # ... with one, it stays
+
+
+def test_polar_svd_on_near_orthogonal_batches_and_fallback(monkeypatch):
+    """Near-orthogonal coders have (nearly) repeated singular values; the SVD projection must
+    still work, and falls back to Newton–Schulz if LAPACK gives up."""
+    from pnnh import coder as coder_mod
+
+    torch.manual_seed(0)
+    q = torch.linalg.qr(torch.randn(49, 64, 64))[0]
+    w = q + 1e-4 * torch.randn_like(q)
+    expected = procrustes(w.double()).double()
+    assert torch.allclose(coder_mod.polar_svd(w).double(), expected, atol=1e-5)
+
+    def fail(*a, **k):
+        raise torch.linalg.LinAlgError("linalg.svd: failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", fail)
+    assert torch.allclose(coder_mod.polar_svd(w).double(), expected, atol=1e-4)

@@ -24,7 +24,7 @@ With ``r = 1``, ``A`` orthogonal and ``D = 0`` the block is the identity on ``x 
 batched over coders of equal shape) applies ``coder_constraint``:
 
 - ``"none"``;
-- ``"procrustes"``: ``A <- U Vᵀ`` (SVD) after every ``project_every`` optimizer steps;
+- ``"procrustes"``: ``A <- U Vᵀ`` (SVD, float64) after every ``project_every`` optimizer steps;
 - ``"newton_schulz"``: the same projection by Newton–Schulz iterations (matmuls only,
   batched), the default;
 - ``"penalty"``: adds ``penalty_weight · Σ ‖AᵀA - I‖²`` (Gram of the smaller side when
@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pnnh.errors import ConfigError
-from pnnh.orthogonal import newton_schulz, procrustes
+from pnnh.orthogonal import newton_schulz
 
 CONSTRAINTS = ("none", "procrustes", "newton_schulz", "penalty", "orthogonal")
 INITS = ("orthogonal", "identity")
@@ -436,6 +436,21 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module):
 # --------------------------------------------------------------------------- constraints
 
 
+def polar_svd(w: torch.Tensor) -> torch.Tensor:
+    """``U Vᵀ`` by SVD (orthogonal Procrustes), batched, in float64.
+
+    A coder right after a step is orthogonal up to ``O(lr)``: all its singular values are
+    nearly equal, and float32 LAPACK SVD can then fail to converge ("too many repeated singular
+    values"; seen on a 100-layer MLP). Float64 avoids it; should it still fail, the polar factor
+    comes from Newton–Schulz, which converges to the same matrix.
+    """
+    try:
+        u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        return (u @ vh).to(w.dtype)
+    except torch.linalg.LinAlgError:
+        return ns_project(newton_schulz(w, 10), 3, tol=float("inf"))
+
+
 def ns_project(w: torch.Tensor, steps: int = 1, tol: float = 0.25) -> torch.Tensor:
     """Polar factor ``U Vᵀ`` of a batch of *near-orthogonal* matrices, by warm Newton–Schulz.
 
@@ -502,7 +517,7 @@ class CoderConstraint(nn.Module):
             groups.setdefault(tuple(c.weight.shape), []).append(c)
         for cs in groups.values():
             w = torch.stack([c.weight for c in cs])
-            q = procrustes(w) if self.mode == "procrustes" else ns_project(w, self.ns_steps)
+            q = polar_svd(w) if self.mode == "procrustes" else ns_project(w, self.ns_steps)
             for c, qi in zip(cs, q):
                 c.weight.copy_(qi)
 

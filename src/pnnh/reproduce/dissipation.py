@@ -17,8 +17,11 @@ vs depth beside theory, and the accuracy table), and ``runs/`` (the training run
 The kinds: ``plain`` = ``plain_mlp``; ``resnet`` = ``resnet_mlp`` (He initialisation, no
 scaling: its branches dominate the identity path at init, see ``docs/PROBES.md``);
 ``resnet0`` = ``resnet_mlp`` with zero-initialised residual branches (the identity at init);
-``pnnh`` = ``pnnh_mlp`` (orthogonal coder, zero-initialised learner decoder, the Procrustes
-step after each optimizer step).
+``pnnh`` = ``pnnh_mlp`` with its defaults (orthogonal coder, zero-initialised learner decoder,
+the Newton-Schulz projection of the coder after each optimizer step).
+
+A training run that fails (diverges, or a numerical error) is recorded in ``accuracy.csv``
+(``error``, accuracy empty) and the experiment goes on; its trained-phase probe is skipped.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from pnnh.errors import PnnhError  # noqa: E402
 from pnnh.io import atomic_write_bytes, write_records  # noqa: E402
 from pnnh.probes import theory  # noqa: E402
 from pnnh.probes.dissipation import dissipation  # noqa: E402
@@ -44,7 +48,7 @@ KINDS = {  # kind -> (registered model, model_args, theory kind, theory options)
     "plain": ("plain_mlp", {}, "plain", {}),
     "resnet": ("resnet_mlp", {}, "resnet", {"alpha": 1.0}),
     "resnet0": ("resnet_mlp", {"zero_init_residual": True}, "resnet", {"alpha": 0.0}),
-    "pnnh": ("pnnh_mlp", {"procrustes": True}, "pnnh", {"learner_scale": 0.0}),
+    "pnnh": ("pnnh_mlp", {}, "pnnh", {"learner_scale": 0.0}),
 }
 
 SCALES = {
@@ -99,28 +103,36 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0,
                                  width=cfg["width"], **model_args).to(dev)
             init = dissipation(model, x, seed=seed)
             run_dir = out / "runs" / f"{kind}-{depth}"
-            summary = train({
-                "model": name, "dataset": "mnist1d", "depth": depth, "width": cfg["width"],
-                "model_args": model_args, "epochs": epochs, "batch_size": cfg["batch_size"],
-                "lr": cfg["lr"], "optimizer": "adamw", "schedule": "cosine", "seed": seed,
-                "device": str(dev), "num_samples": cfg["num_samples"], "out": str(run_dir),
-                "progress": False,
-            })
-            trained_model, _ = load_model(run_dir / "checkpoints" / "last.pt", map_location=dev)
-            trained = dissipation(trained_model.to(dev), x, seed=seed)
+            nan, error = float("nan"), ""
+            try:
+                summary = train({
+                    "model": name, "dataset": "mnist1d", "depth": depth, "width": cfg["width"],
+                    "model_args": model_args, "epochs": epochs, "batch_size": cfg["batch_size"],
+                    "lr": cfg["lr"], "optimizer": "adamw", "schedule": "cosine", "seed": seed,
+                    "device": str(dev), "num_samples": cfg["num_samples"], "out": str(run_dir),
+                    "progress": False,
+                })
+                trained_model, _ = load_model(run_dir / "checkpoints" / "last.pt",
+                                              map_location=dev)
+                trained = dissipation(trained_model.to(dev), x, seed=seed)
+            except (PnnhError, RuntimeError) as e:  # a diverged / failed run is a result too
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                summary, trained = {"final_val_acc": nan, "best_val_acc": nan}, []
             for phase, recs in (("init", init), ("trained", trained)):
                 records += [{"kind": kind, "model_depth": depth, "phase": phase, **r} for r in recs]
+            r2_trained = trained[-1]["input_r2"] if trained else nan
             accuracy.append({
                 "kind": kind, "depth": depth, "params": count_parameters(model),
                 "final_val_acc": summary["final_val_acc"], "best_val_acc": summary["best_val_acc"],
-                "input_r2_init": init[-1]["input_r2"], "input_r2_trained": trained[-1]["input_r2"],
+                "input_r2_init": init[-1]["input_r2"], "input_r2_trained": r2_trained,
                 "cosine_init": init[-1]["cosine_collapse"],
-                "cosine_trained": trained[-1]["cosine_collapse"],
+                "cosine_trained": trained[-1]["cosine_collapse"] if trained else nan,
+                "error": error,
             })
             print(f"[dissipation] {kind}-{depth}: val acc {summary['final_val_acc']:.3f}, "
                   f"input R2 at the last block {init[-1]['input_r2']:.3f} (init) -> "
-                  f"{trained[-1]['input_r2']:.3f} (trained)  [{time.time() - t0:.0f}s]",
-                  flush=True)
+                  f"{r2_trained:.3f} (trained)  [{time.time() - t0:.0f}s]"
+                  + (f"  FAILED: {error}" if error else ""), flush=True)
         deepest = max(depths)
         opts = {"particles": 100_000, "seed": seed} if theory_kind in ("resnet", "pnnh") else {}
         for r in theory.curves(theory_kind, deepest, rho0, **opts, **theory_opts):
@@ -134,6 +146,7 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0,
         "depths": depths, "epochs": epochs, "width": cfg["width"], "input_cosine": rho0,
         "seconds": round(time.time() - t0, 1),
         "accuracy": {f"{a['kind']}-{a['depth']}": a["final_val_acc"] for a in accuracy},
+        "failed": {f"{a['kind']}-{a['depth']}": a["error"] for a in accuracy if a["error"]},
         "input_r2_last_block": {
             f"{a['kind']}-{a['depth']}": {"init": a["input_r2_init"],
                                           "trained": a["input_r2_trained"]} for a in accuracy

@@ -78,7 +78,8 @@ def test_pnnh_vit_block_at_init_is_the_identity_when_the_coder_reads_the_raw_tok
     """r = 1, A orthogonal (AᵀA = I), W_o = D = 0, zero biases: the attention sublayer is
     AᵀA x = x and so is the MLP sublayer, whatever the heads and the learner compute."""
     torch.manual_seed(0)
-    model = pnnh.create_model("pnnh_vit_tiny", depth=12, width=32, coder_norm=False)
+    model = pnnh.create_model("pnnh_vit_tiny", depth=12, width=32, coder_norm=False,
+                              zero_init_decoder=True)
     e = 3 * torch.randn(4, 10, 32) + 1
     torch.testing.assert_close(model.blocks[0](e), e, atol=1e-5, rtol=0)
     torch.testing.assert_close(model.blocks(e), e, atol=1e-4, rtol=0)
@@ -88,7 +89,8 @@ def test_pnnh_vit_block_at_init_renormalizes_when_the_coder_reads_the_normalized
     """Same init, coder_norm=True: the block is LN2(LN1(x)); so the 12-block trunk maps the
     token embedding e to LN(e) (LN is idempotent up to its eps): the input never dissipates."""
     torch.manual_seed(0)
-    model = pnnh.create_model("pnnh_vit_tiny", depth=12, width=32, coder_norm=True)
+    model = pnnh.create_model("pnnh_vit_tiny", depth=12, width=32, coder_norm=True,
+                              zero_init_decoder=True)
     e = 3 * torch.randn(4, 10, 32) + 1
     ln = lambda t: F.layer_norm(t, (32,))  # noqa: E731
     torch.testing.assert_close(model.blocks[0](e), ln(ln(e)), atol=1e-5, rtol=0)
@@ -204,7 +206,7 @@ def test_exported_pnnh_vit_is_valid_onnx():
 def test_every_parameter_learns_after_the_first_step():
     """W_o = D = 0 at init stops the gradient to qkv / the learner's E at step 0 only."""
     torch.manual_seed(0)
-    model = _small("pnnh_vit_tiny", (1, 40))
+    model = _small("pnnh_vit_tiny", (1, 40), zero_init_decoder=True)
     x, y = torch.randn(8, 1, 40), torch.randint(0, 7, (8,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):

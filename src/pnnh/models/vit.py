@@ -20,20 +20,22 @@ timm: ViT-Tiny is ``depth=12, width=192, heads=3``), each with four weight matri
       MLP:        y = [Aᵀ, -Aᵀ, D] · φ([A; -A; E] c' + [0; 0; b1]) + b2
                     = AᵀA c' + D φ(E u + b1) + b2         (φ(z) - φ(-z) = z)
 
-  with ``u = LN(x)`` and ``c = u`` (``coder_norm=True``, the default) or ``c = x``. In the
+  with ``u = LN(x)`` and ``c = x`` (``coder_norm=False``, the default) or ``c = u``. In the
   attention sublayer the coder units are concatenated to the head outputs before the output
   projection, so each token's own input crosses the token mixing through shared weights (a
   token-wise path: no non-linearity acts on it there, so ``A`` is not doubled). In the MLP the
   coder sits in the hidden layer beside the learner ``E, D``; the identity ``φ(z) - φ(-z) = z``
   holds for ReLU and also for GELU (``z Φ(z) + z Φ(-z) = z``), so the ViT keeps its GELU.
 
-  LayerNorm placement: each sublayer starts with its own LayerNorm, as in the pre-norm ViT.
-  With ``coder_norm=True`` the coder reads the normalized token, so block ``l+1`` sees
-  ``z_{l+1} = LN(z_l + f(z_l))`` with ``AᵀA`` in place of ``I`` — a post-norm stream; with
-  ``coder_norm=False`` the coder reads the raw token (``x_{l+1} = AᵀA x_l + f(LN(x_l))``, the
-  pre-norm stream). At initialisation (``r = 1``, ``A`` orthogonal, ``W_o = D = 0`` by
-  ``zero_init_decoder``, zero biases) a block is ``LN2 ∘ LN1`` (``coder_norm=True``) or the
-  identity (``coder_norm=False``). See ``docs/PNNH_VIT.md``.
+  LayerNorm placement: each sublayer starts with its own LayerNorm, as in the pre-norm ViT, and
+  the learner (heads, ``E``) reads ``u = LN(x)``. With ``coder_norm=False`` (default) the coder
+  reads the raw token (``x_{l+1} = AᵀA x_l + f(LN(x_l))``, the pre-norm stream); with
+  ``coder_norm=True`` it reads ``LN(x)``, so ``z_{l+1} = LN(z_l + f(z_l))`` with ``AᵀA`` in place
+  of ``I`` — a post-norm stream. With ``zero_init_decoder=True`` (``W_o = D = 0``), ``r = 1``,
+  ``A`` orthogonal and zero biases, a block at initialisation is the identity
+  (``coder_norm=False``) or ``LN2 ∘ LN1`` (``coder_norm=True``). Defaults
+  (``coder_norm=False``, ``zero_init_decoder=False``) are the measured best on MNIST-1D; see
+  ``docs/PNNH_VIT.md``.
 
 :func:`vit_to_plain` turns a PNNH-ViT (or a plain ViT) into an equivalent ``nn.Sequential``
 with ``[A; -A]`` materialized (no shared weights, no skips).
@@ -162,8 +164,8 @@ class CoderAttention(nn.Module):
     """
 
     def __init__(self, width: int, heads: int, coder_ratio: float = 1.0,
-                 coder_init: str = "orthogonal", coder_norm: bool = True,
-                 zero_init_proj: bool = True):
+                 coder_init: str = "orthogonal", coder_norm: bool = False,
+                 zero_init_proj: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"width={width} must be divisible by heads={heads}")
@@ -194,8 +196,8 @@ class CoderMlp(nn.Module):
     """
 
     def __init__(self, width: int, hidden: int, act: str = "gelu", coder_ratio: float = 1.0,
-                 coder_init: str = "orthogonal", coder_norm: bool = True,
-                 zero_init_decoder: bool = True, fused: bool = True):
+                 coder_init: str = "orthogonal", coder_norm: bool = False,
+                 zero_init_decoder: bool = False, fused: bool = True):
         super().__init__()
         self.coder_norm, self.fused = coder_norm, fused
         self.norm = nn.LayerNorm(width)
@@ -221,7 +223,7 @@ class PNNHViTBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, hidden: int, act: str = "gelu",
                  coder_ratio: float = 1.0, coder_init: str = "orthogonal",
-                 coder_norm: bool = True, zero_init_decoder: bool = True, fused: bool = True):
+                 coder_norm: bool = False, zero_init_decoder: bool = False, fused: bool = True):
         super().__init__()
         self.attn = CoderAttention(width, heads, coder_ratio, coder_init, coder_norm,
                                    zero_init_decoder)
@@ -286,9 +288,9 @@ def plain_vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, widt
 def pnnh_vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, width: int = 64,
                   heads: int = 4, patch_size: int = 4, mlp_ratio: float = 4.0,
                   act: str = "gelu", coder_ratio: float = 1.0, coder_init: str = "orthogonal",
-                  coder_norm: bool = True, coder_constraint: str = "newton_schulz",
+                  coder_norm: bool = False, coder_constraint: str = "newton_schulz",
                   project_every: int = 1, penalty_weight: float = 0.01,
-                  zero_init_decoder: bool = True, fused: bool = True,
+                  zero_init_decoder: bool = False, fused: bool = True,
                   procrustes: bool = False) -> ViT:
     """PNNH-ViT: coder units in the MLP and a token-wise coder path through attention; no skips."""
     hidden = _check(depth, width, heads, mlp_ratio, act)

@@ -60,6 +60,7 @@ class TrainConfig:
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
     tensorboard: bool = False
     checkpoint_every: int = 1  # epochs between `last` checkpoints
+    checkpoint_steps: int = 0  # also save `last` every N optimizer steps inside an epoch (0: off)
     max_steps_per_epoch: int | None = None  # cap (tests, benchmarks)
     progress: bool | None = None  # None: a bar on a terminal, lines otherwise
 
@@ -167,6 +168,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("num_workers", "must be >= 0")
     if cfg.checkpoint_every < 1:
         bad("checkpoint_every", "must be at least 1")
+    if cfg.checkpoint_steps < 0:
+        bad("checkpoint_steps", "must be >= 0")
     if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
         bad("max_steps_per_epoch", "must be at least 1")
     if not 0 <= cfg.seed < 2**32:

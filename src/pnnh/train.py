@@ -20,6 +20,8 @@ checkpoint, and ``--resume`` drops lines newer than ``last.pt``, so a run killed
 SIGINT / SIGTERM stop the run at the next optimizer step and save ``last.pt`` *mid-epoch*
 (position in the epoch, partial metric sums, RNG and augmentation generator states), from which
 ``--resume`` continues exactly; then :class:`TrainingInterrupted` is raised (exit code 130/143).
+``checkpoint_steps: N`` also saves such a mid-epoch ``last.pt`` every N steps, so a SIGKILL in a
+long epoch loses at most N steps.
 """
 
 from __future__ import annotations
@@ -588,6 +590,15 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
                 for cb in callbacks:
                     cb.on_step(step=step, epoch=epoch, model=model, inputs=x, targets=y,
                                loss_fn=loss_fn)
+                if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 \
+                        and i + 1 < steps_per_epoch:  # mid-epoch save (the epoch end has its own)
+                    p = payload(epoch - 1, None, {
+                        "epoch": epoch, "steps": i + 1,
+                        "sums": dist.all_sum([loss_sum, correct, seen], device),
+                        "aug_rng": dist.gather(aug_gen.get_state(), device),
+                        "train_time": time.perf_counter() - t0})
+                    if main:
+                        save_checkpoint(ckpt_dir / "last.pt", p)
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")

@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="eta where a plain ReLU chain cannot reach --eta")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="throughput repeats")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the throughput")
+    p.add_argument("--train-threads", type=int, default=1,
+                   help="torch threads for the accuracy runs (1: lean on a shared machine, where "
+                   "2 threads of small matmuls stall on each other)")
     p.add_argument("--out", type=Path, default=None, help="results directory")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data and models")
     args = p.parse_args(argv)
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.depths, args.width, args.epochs, args.seeds = [8], 16, 1, 1
         args.num_samples, args.batch, args.repeats, max_steps = 400, 16, 1, 2
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.train_threads)
     load_before = machine_info()["loadavg_1_5_15"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
                 print(f"  depth {depth} {label}: {rows[-1]['mean']:.2f}", flush=True)
     # throughput: fresh models, every depth and contender interleaved
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 40)
     y = torch.randint(0, 10, (args.batch,))

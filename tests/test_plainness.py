@@ -224,3 +224,17 @@ def test_the_same_check_finds_the_resnet_skips(name):
     assert identity_blocks, "a ResNet has identity blocks"
     assert identity_blocks <= set(per_block)
     assert set(per_block) <= set(shapes)  # only in blocks (stem/head are plain)
+
+
+def test_a_block_called_twice_is_checked_at_both_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(PlainBlock(), AddSkip())
+
+        def forward(self, x):
+            return self.blocks[1](self.blocks[0](self.blocks[1](x)))
+
+    skips = find_skips(Twice(), X)
+    assert [s.block for s in skips] == ["blocks.1", "blocks.1"]
+    assert skips[0].source == "x" and skips[1].source != "x"

@@ -269,17 +269,23 @@ def find_skips(model: nn.Module, example_input) -> list[Skip]:
             return has_const
         return False
 
-    def unit_of(n: fx.Node, unit: str) -> bool:
-        stack = n.meta.get("nn_module_stack") or {}
-        if unit in stack:
-            return True
-        if n.op == "call_module":
-            return n.target == unit or n.target.startswith(unit + ".")
-        return False
+    def calls_of(unit: str) -> list[set[fx.Node]]:
+        """The block's nodes, one set per call (a module called twice is two blocks)."""
+        calls: dict[str, set[fx.Node]] = {}
+        for n in nodes:
+            stack = n.meta.get("nn_module_stack") or {}
+            # keys are "path" or "path@k" for the k-th call of a module; values (path, type)
+            keys = [k for k, v in stack.items() if v[0] == unit]
+            if not keys and n.op == "call_module" and (
+                n.target == unit or n.target.startswith(unit + ".")
+            ):
+                keys = [unit]
+            for k in keys[:1]:
+                calls.setdefault(k, set()).add(n)
+        return list(calls.values())
 
     skips: list[Skip] = []
-    for unit in block_names(model):
-        inside = {n for n in nodes if unit_of(n, unit)}
+    for unit, inside in ((u, c) for u in block_names(model) for c in calls_of(u)):
         if not inside & live:
             continue
         # ancestors (sources) and descendants (sinks) of the block, outside it

@@ -12,7 +12,9 @@ cosine schedule, batch 128, ``--epochs``, ``--seeds`` seeds):
   the transform equals ``dks``'s (``tests/test_tat.py``);
 - ``pnnh``: ``pnnh_mlp`` with its defaults (coder ratio 1, Newton–Schulz projection, zero-init
   learner decoder);
-- ``resnet``: ``resnet_mlp``; ``plain``: ``plain_mlp`` with He init, as the floor.
+- ``resnet``: ``resnet_mlp`` with zero-initialised residual branches (on MNIST-1D the He-init
+  ResNet MLP is far weaker: ``benchmarks/param_efficiency.py`` measures both);
+- ``plain``: ``plain_mlp`` with He init, as the floor.
 
 Accuracy: final validation accuracy, mean over seeds. Throughput: training steps (forward +
 backward + AdamW + after-step hooks, batch 128) of fresh models timed round-robin, all depths
@@ -40,7 +42,7 @@ from pnnh.train import train  # noqa: E402
 CONTENDERS = {  # label -> (model, model_args)
     "plain + TAT": ("plain_mlp", {"tat": True}),
     "pnnh": ("pnnh_mlp", {}),
-    "resnet": ("resnet_mlp", {}),
+    "resnet": ("resnet_mlp", {"zero_init_residual": True}),
     "plain": ("plain_mlp", {}),
 }
 

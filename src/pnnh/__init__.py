@@ -2,12 +2,13 @@
 
 from pnnh.data import get_dataset
 from pnnh.registry import count_parameters, create_model, list_models, model_info
-from pnnh.train import train  # the function shadows the submodule's name on purpose
+from pnnh.train import TrainingInterrupted, train  # `train` shadows the submodule on purpose
 
 __version__ = "0.1.0"
 
 __all__ = [
     "create_model", "list_models", "model_info", "count_parameters", "train", "get_dataset", "to_plain",
+    "TrainingInterrupted",
 ]
 
 

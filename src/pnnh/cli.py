@@ -150,6 +150,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--tensorboard", action=argparse.BooleanOptionalAction, default=None)
     a("--max-steps-per-epoch", type=int)
     a("--progress", action=argparse.BooleanOptionalAction, default=None)
+    a("--checkpoint-steps", type=int, metavar="N",
+      help="also save checkpoints/last.pt every N steps inside an epoch (0: off)")
+    a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+      help="synchronise BatchNorm statistics across torchrun processes (CUDA)")
     a("--procrustes", action="store_true", default=None,
       help="project constrained weights (coders / transitions) after each step")
     a("--zca", action="store_true", default=None, help="ZCA-whiten the classifier's input")
@@ -164,7 +168,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 TRAIN_FLAG_FIELDS = (
     "model depth width dataset data_dir epochs batch_size lr optimizer momentum weight_decay "
     "schedule warmup_epochs label_smoothing grad_clip seed device num_samples augment "
-    "track_norms amp channels_last compile tensorboard max_steps_per_epoch progress out resume"
+    "track_norms amp channels_last compile tensorboard max_steps_per_epoch progress out resume "
+    "checkpoint_steps sync_bn"
 ).split()
 
 

@@ -16,7 +16,7 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
             summary = json.loads((out / "train" / f"{name}-{depth}" / "summary.json").read_text())
             assert summary["epochs"] == 1
     html = (out / "report.html").read_text()
-    for fig in ("dissipation_input_r2.png", "dissipation_surviving.png", "norms_ratio.png"):
+    for fig in ("dissipation_init.png", "dissipation_trained.png", "norms_ratio.png"):
         assert (out / "probes" / fig).exists()
         assert f"probes/{fig}" in html
     with open(out / "probes" / "dissipation.csv") as f:

@@ -20,11 +20,15 @@ from pnnh.checkpoint import load_model
 from pnnh.errors import TrainingDiverged
 from pnnh.io import atomic_write_json, write_records
 from pnnh.probes.common import probe_batch
+from pnnh.probes.plots import plot_metric_vs_layer
 from pnnh.registry import create_model
 from pnnh.report import build_report
 from pnnh.train import train
 
-MODELS = ("plain_mlp", "resnet_mlp", "pnnh_mlp")
+# (registry name, options). The ResNet starts its residual branches at zero (Goyal et al.),
+# the counterpart of PNNH's zero-init learner decoder: with He init on both branch layers
+# and no normalisation, a 100-layer post-activation residual MLP diverges (docs/PNNH.md §5).
+MODELS = (("plain_mlp", {}), ("resnet_mlp", {"zero_init_residual": True}), ("pnnh_mlp", {}))
 
 
 @dataclass(frozen=True)
@@ -58,35 +62,6 @@ def _probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, label: str,
     return dis, nrm
 
 
-def _plot(records: list[dict], metric: str, ylabel: str, path: Path, title: str,
-          x_key: str, log: bool = False) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stages = sorted({r["stage"] for r in records}, key=["init", "trained"].index)
-    fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        groups: dict[str, list[dict]] = {}
-        for r in records:
-            if r["stage"] == stage:
-                groups.setdefault(r["model"], []).append(r)
-        for label, rows in groups.items():
-            xs = [r[x_key] for r in rows]
-            ys = [r[metric] for r in rows]
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
-        ax.set(xlabel="layer (weight layers from the input)" if x_key == "depth" else "block",
-               ylabel=ylabel, title=f"{title} — {stage}")
-        if log:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) -> dict:
     """Train, probe and report; returns ``{"report": path, "rows": accuracy rows}``."""
     plan = QUICK if quick else FULL
@@ -96,23 +71,23 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
     x, y, val = probe_batch("mnist1d", None, plan.probe_samples, seed)
     if plan.num_samples is not None:  # the quick plan trains on a smaller MNIST-1D
         x, y, val = _quick_batch(plan, seed)
-    jobs = [(m, d) for d in plan.depths for m in MODELS]
+    jobs = [(m, opts, d) for d in plan.depths for m, opts in MODELS]
     rows, dis_all, nrm_all = [], [], []
-    for i, (name, depth) in enumerate(jobs, 1):
+    for i, (name, opts, depth) in enumerate(jobs, 1):
         label = f"{name}-{depth}"
         run_dir = out / "train" / label
         _say(f"[{i}/{len(jobs)}] {label}: training {plan.epochs} epochs "
              f"({time.perf_counter() - start:.0f}s elapsed)")
         torch.manual_seed(seed)
         init_model = create_model(name, in_shape=val.input_shape, num_classes=val.num_classes,
-                                  depth=depth, width=plan.width)
+                                  depth=depth, width=plan.width, **opts)
         dis, nrm = _probe(init_model, x, y, label, "init", depth)
         dis_all += dis
         nrm_all += nrm
         cfg = dict(model=name, dataset="mnist1d", depth=depth, width=plan.width, epochs=plan.epochs,
                    batch_size=128, lr=1e-3, optimizer="adamw", schedule="cosine", seed=seed,
                    out=str(run_dir), num_samples=plan.num_samples, progress=False,
-                   max_steps_per_epoch=plan.max_steps_per_epoch, device="cpu")
+                   max_steps_per_epoch=plan.max_steps_per_epoch, device="cpu", model_args=opts)
         try:
             summary = train(cfg)
             status = "finished"
@@ -133,14 +108,17 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
     write_records(dis_all, probes, "dissipation")
     write_records(nrm_all, probes, "norms")
     deepest = max(plan.depths)
-    deep = [r for r in dis_all if r["net_depth"] == deepest]
-    _plot(deep, "input_r2", "input R² (held-out ridge fit)", probes / "dissipation_input_r2.png",
-          f"Input reconstructability, {deepest} layers", "depth")
-    _plot(deep, "surviving_fraction", "surviving fraction", probes / "dissipation_surviving.png",
-          f"Surviving units, {deepest} layers", "depth")
-    nrm_deep = [r for r in nrm_all if r["net_depth"] == deepest]
-    _plot(nrm_deep, "ratio", "‖∂L/∂x_in‖ / ‖∂L/∂x_out‖", probes / "norms_ratio.png",
-          f"Gradient-norm ratio per block, {deepest} layers", "index", log=True)
+    metrics = ["input_r2", "surviving_fraction", "cosine_collapse", "effective_rank"]
+    for stage in ("init", "trained"):
+        recs = [r for r in dis_all if r["net_depth"] == deepest and r["stage"] == stage]
+        if recs:
+            plot_metric_vs_layer(recs, metrics, probes / f"dissipation_{stage}.png",
+                                 title=f"Dissipation through {deepest}-layer nets ({stage})")
+    series = [{**r, "series": f"{r['model']} ({r['stage']})"} for r in nrm_all
+              if r["net_depth"] == deepest]
+    plot_metric_vs_layer(series, ["ratio"], probes / "norms_ratio.png", group="series", x="index",
+                         logy=["ratio"], title=f"Gradient-norm ratio per block, {deepest} layers "
+                         "(1 = norm-preserving)")
     write_records(rows, out, "accuracy")
     atomic_write_json(out / "report.json", {
         "title": "pnnh demo — depth study on MNIST-1D",

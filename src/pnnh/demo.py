@@ -126,6 +126,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
             f"Plain, ResNet and PNNH MLPs (width {plan.width}) at depths "
             f"{', '.join(map(str, plan.depths))} (weight layers), each trained for {plan.epochs} "
             "epochs on MNIST-1D with AdamW (lr 1e-3, cosine schedule, batch 128), one seed. "
+            "The ResNet's residual branches start at zero (zero_init_residual), as PNNH's "
+            "learner decoder does. "
             "PNNH blocks carry their input across each ReLU through a weight-shared coder "
             "([A; -A] / [Aᵀ, -Aᵀ]) beside a learner; no block adds its input to its output.\n\n"
             "Probes use a fixed batch of validation inputs, at initialisation and after training: "

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--depths", type=int, nargs="+", default=[8, 32, 100])
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=2, help="0: throughput only, no training")
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--eta", type=float, default=0.9)
     p.add_argument("--shallow-eta", type=float, default=0.7,
@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
                 params = count_parameters(create_model(name, depth=depth, width=args.width, **kw))
                 rows.append({"depth": depth, "model": label, "registry_name": name,
                              "model_args": kw, "params": params, "val_acc": accs,
-                             "mean": statistics.mean(accs),
+                             "mean": statistics.mean(accs) if accs else None,
                              "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
-                print(f"  depth {depth} {label}: {rows[-1]['mean']:.2f}", flush=True)
+                if accs:
+                    print(f"  depth {depth} {label}: {rows[-1]['mean']:.2f}", flush=True)
     # throughput: fresh models, every depth and contender interleaved
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for h in hooks:
                     h()
             fns[(depth, label)] = step
-    times = time_round_robin(fns, args.repeats, inner=5 if not args.quick else 1)
+    times = time_round_robin(fns, args.repeats, inner=3 if not args.quick else 1)
     for r in rows:
         t = median(times[(r["depth"], r["model"])])
         r["images_per_s"] = args.batch / t
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'img/s':>8} {'x resnet':>8}")
     for r in rows:
         eta = r["model_args"].get("tat_eta")
+        acc = f"{r['mean']:>6.2f} {r['std']:>5.2f}" if r["mean"] is not None else f"{'-':>6} {'-':>5}"
         print(f"{r['depth']:>5} {r['model']:<12} {eta if eta else '':>4} {r['params']:>9,} "
-              f"{r['mean']:>6.2f} {r['std']:>5.2f} {r['images_per_s']:>8.0f} "
+              f"{acc} {r['images_per_s']:>8.0f} "
               f"{r['speed_vs_resnet']:>8.2f}")
     payload = {"benchmark": "tat_peer", "machine": info, "config": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

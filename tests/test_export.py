@@ -144,3 +144,28 @@ def test_cli_export_errors(tmp_path, capsys):
     _, ckpt = _checkpoint(tmp_path, "resnet_mlp", {"in_shape": (1, 40), "depth": 8, "width": 8})
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.pt")]) == 2
     assert "resnet_to_plain" in capsys.readouterr().err
+
+
+def test_to_plain_dispatches_vits_and_export_checkpoint_names_the_format(tmp_path):
+    """PNNH-ViT exports through pnnh.to_plain; its attention layers need ONNX, not the plain file."""
+    import pnnh
+    from pnnh.errors import PnnhError
+    from pnnh.export import export_checkpoint
+
+    model = pnnh.create_model("pnnh_vit_tiny", depth=2, width=16, heads=2).eval()
+    x = torch.randn(4, 1, 40)
+    assert torch.allclose(pnnh.to_plain(model)(x), model(x), atol=1e-5)
+    with pytest.raises(PnnhError, match="ViTBlock"):
+        pnnh.to_plain(pnnh.create_model("vit_tiny", depth=2, width=16, heads=2).eval())
+    pnnh.train({"model": "pnnh_vit_tiny", "depth": 2, "width": 16, "model_args": {"heads": 2},
+                "epochs": 1, "num_samples": 200, "max_steps_per_epoch": 1, "progress": False,
+                "out": str(tmp_path / "run")})
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    with pytest.raises(PnnhError, match="use --format onnx"):
+        export_checkpoint(ckpt, "plain", tmp_path / "vit.pt")
+    assert not (tmp_path / "vit.pt").exists()
+    pytest.importorskip("onnx")
+    import onnx
+
+    path = export_checkpoint(ckpt, "onnx", tmp_path / "vit.onnx")
+    onnx.checker.check_model(onnx.load(str(path)))

@@ -80,7 +80,18 @@ def plain_layers(modules) -> list[nn.Module]:
 
 @torch.no_grad()
 def to_plain(model: nn.Module) -> nn.Sequential:
-    """The model's eval-mode function as an ``nn.Sequential`` of plain layers (weights copied)."""
+    """The model's eval-mode function as an ``nn.Sequential`` of plain layers (weights copied).
+
+    ViTs (PNNH-ViT and the plain ViT) go through :func:`pnnh.models.vit.vit_to_plain`, whose
+    sequence also holds attention and LayerNorm modules.
+    """
+    from pnnh.models.vit import ViT, vit_to_plain
+
+    if isinstance(model, ViT):
+        try:
+            return vit_to_plain(model).eval()
+        except ValueError as e:
+            raise PnnhError(f"cannot export {type(model).__name__}: {e}", field="model") from None
     if isinstance(model, nn.Sequential):
         parts = list(model)
     elif all(hasattr(model, a) for a in ("stem", "blocks", "head")):
@@ -124,7 +135,8 @@ def _spec(m: nn.Module) -> dict:
         return {"type": name, "args": [_plain_value(m.output_size)]}
     if isinstance(m, nn.ReLU):
         return {"type": name}
-    raise PnnhError(f"cannot serialise layer {name}", field="model")
+    raise PnnhError(f"cannot write layer {name} to the plain file format (Conv/Linear/ReLU/"
+                    "pooling/Flatten only); use --format onnx for this model", field="format")
 
 
 def _plain_value(v):

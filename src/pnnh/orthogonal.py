@@ -27,7 +27,8 @@ def procrustes(w: torch.Tensor, scale: float | str | None = 1.0) -> torch.Tensor
     the mean singular value (the nearest matrix with equal, free singular values); a float
     ``c`` gives ``c · U Vᵀ``. Works on ``(..., m, n)`` tensors.
     """
-    u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+    # float64: LAPACK's float32 SVD can fail to converge on near-orthogonal matrices
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     q = u @ vh
     if scale == "mean":
         q = q * s.mean(dim=-1, keepdim=True).unsqueeze(-1)

@@ -139,6 +139,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
 
 def extra_losses(model: nn.Module) -> torch.Tensor | None:
     terms = [m.extra_loss() for m in model.modules() if callable(getattr(m, "extra_loss", None))]
+    terms = [t for t in terms if t is not None]  # a module may have nothing to add this step
     return sum(terms) if terms else None
 
 

@@ -131,3 +131,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def rewrite_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
     """Atomically replace a JSONL file with ``records``."""
     atomic_write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in records))
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Render a matplotlib figure to PNG and write it atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

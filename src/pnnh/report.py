@@ -17,7 +17,6 @@ import base64
 import csv
 import datetime as _dt
 import html
-import io
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import sys
 from pathlib import Path
 
 from pnnh.errors import PnnhError
-from pnnh.io import atomic_write_text, read_jsonl
+from pnnh.io import atomic_write_text, read_jsonl, save_figure
 
 MAX_TABLE_ROWS = 60
 _GENERATED = "report_training_curves.png"
@@ -127,12 +126,7 @@ def _plot_curves(runs: list[dict], path: Path) -> Path | None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from pnnh.io import atomic_write_bytes
-
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=110)
 
 
 def _html_table(header: list[str], rows: list[list], caption: str = "") -> str:

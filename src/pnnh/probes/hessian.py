@@ -45,6 +45,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from pnnh.errors import ConfigError
+from pnnh.io import save_figure
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -472,8 +473,7 @@ def plot_spectrum(spectra: dict[str, dict], path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 

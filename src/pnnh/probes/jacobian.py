@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
+from pnnh.io import save_figure
+
 
 def input_jacobians(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Exact per-sample Jacobians of the flattened output w.r.t. the flattened input:
@@ -118,8 +120,7 @@ def plot_singular_values(svs: dict[str, torch.Tensor], path: str | Path) -> Path
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnnh.errors import ConfigError
-from pnnh.io import append_jsonl, write_records
+from pnnh.io import append_jsonl, save_figure, write_records
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BlockSpec = Sequence[str] | Mapping[str, nn.Module] | None
@@ -243,8 +243,7 @@ def plot(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 

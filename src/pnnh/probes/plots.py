@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pnnh.io import atomic_write_bytes  # noqa: E402
+from pnnh.io import save_figure  # noqa: E402
 
 
 def _groups(records: Sequence[dict], group: str | None) -> dict[str, list[dict]]:
@@ -68,8 +67,4 @@ def plot_metric_vs_layer(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=110)

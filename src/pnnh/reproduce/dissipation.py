@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from pnnh.errors import PnnhError  # noqa: E402
-from pnnh.io import atomic_write_bytes, write_records  # noqa: E402
+from pnnh.io import save_figure, write_records  # noqa: E402
 from pnnh.probes import theory  # noqa: E402
 from pnnh.probes.dissipation import dissipation  # noqa: E402
 
@@ -157,7 +157,6 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0,
 def plot(records: list[dict], theory_records: list[dict], accuracy: list[dict], path: Path) -> Path:
     """Input R² at the last block vs depth; R² and cosine per layer of the deepest models with
     theory; the table of accuracies."""
-    import io
 
     kinds = list(dict.fromkeys(a["kind"] for a in accuracy))
     colors = {k: f"C{i}" for i, k in enumerate(kinds)}
@@ -205,7 +204,4 @@ def plot(records: list[dict], theory_records: list[dict], accuracy: list[dict], 
     for a in axes[:3]:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=100)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pnnh.io import read_jsonl, write_records
+from pnnh.io import read_jsonl, save_figure, write_records
 from pnnh.probes.norms import norms
 from pnnh.registry import create_model
 
@@ -268,8 +268,7 @@ def _plot(out: Path, init_summary, curves, proc_curves, proc_metrics) -> None:
         ax.set_title("MNIST-1D MLPs at init" if fam == "mlp" else "CIFAR CNNs (BatchNorm) at init")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "init_ratios.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "init_ratios.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for (m, d), c in curves.items():
@@ -279,8 +278,7 @@ def _plot(out: Path, init_summary, curves, proc_curves, proc_metrics) -> None:
     ax.set_title("Norm preservation during training (MNIST-1D)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "train_ratios.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "train_ratios.png", dpi=120)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for label, (c_all, c_tr) in proc_curves.items():
@@ -298,5 +296,4 @@ def _plot(out: Path, init_summary, curves, proc_curves, proc_metrics) -> None:
     axes[1].set_title("ResNet vs Procrustes ResNet")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "procrustes.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "procrustes.png", dpi=120)

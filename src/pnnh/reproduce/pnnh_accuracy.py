@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pnnh.io import atomic_write_json, read_jsonl, write_records
+from pnnh.io import atomic_write_json, read_jsonl, save_figure, write_records
 
 DESCRIPTION = "plain vs ResNet vs PNNH on MNIST-1D (MLP, 1-D CNN; 8/32/100 layers) + coder ablation"
 CPU_MINUTES = 45
@@ -115,8 +115,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_title(f"{title}: {fam}")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def table(rows: list[dict]) -> str:

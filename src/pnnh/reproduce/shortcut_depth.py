@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pnnh.io import atomic_write_json, write_records
+from pnnh.io import atomic_write_json, save_figure, write_records
 from pnnh.probes.hessian import HessianOperator, condition_numbers, mse_loss
 from pnnh.registry import count_parameters, create_model
 
@@ -204,8 +204,7 @@ def _plot(zero_rows: list[dict], train_rows: list[dict], out: Path) -> None:
         ax.set_title(f"{variant} network, zero initial point")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "zero_init_condition_number.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "zero_init_condition_number.png", dpi=120)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for label, _, _ in TRAIN_RUNS:
@@ -222,8 +221,7 @@ def _plot(zero_rows: list[dict], train_rows: list[dict], out: Path) -> None:
     axes[1].set_yscale("symlog")
     axes[2].set_yscale("symlog")
     fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "training.png", dpi=120)
 
 
 def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> dict:

@@ -28,7 +28,10 @@ from pnnh.train import train
 # (registry name, options). The ResNet starts its residual branches at zero (Goyal et al.),
 # the counterpart of PNNH's zero-init learner decoder: with He init on both branch layers
 # and no normalisation, a 100-layer post-activation residual MLP diverges (docs/PNNH.md §5).
-MODELS = (("plain_mlp", {}), ("resnet_mlp", {"zero_init_residual": True}), ("pnnh_mlp", {}))
+# PNNH's learner is half the width, so that coder (width²) + learner (2·width²/2) weights
+# per block equal the ResNet's two width² layers: the three nets have equal parameter counts.
+MODELS = (("plain_mlp", {}), ("resnet_mlp", {"zero_init_residual": True}),
+          ("pnnh_mlp", {"learner_width": "half"}))
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
     jobs = [(m, opts, d) for d in plan.depths for m, opts in MODELS]
     rows, dis_all, nrm_all = [], [], []
     for i, (name, opts, depth) in enumerate(jobs, 1):
+        opts = {k: (plan.width // 2 if v == "half" else v) for k, v in opts.items()}
         label = f"{name}-{depth}"
         run_dir = out / "train" / label
         _say(f"[{i}/{len(jobs)}] {label}: training {plan.epochs} epochs "
@@ -127,7 +131,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
             f"{', '.join(map(str, plan.depths))} (weight layers), each trained for {plan.epochs} "
             "epochs on MNIST-1D with AdamW (lr 1e-3, cosine schedule, batch 128), one seed. "
             "The ResNet's residual branches start at zero (zero_init_residual), as PNNH's "
-            "learner decoder does. "
+            "learner decoder does; PNNH's learner is half the width, so all three nets have the "
+            "same number of parameters. "
             "PNNH blocks carry their input across each ReLU through a weight-shared coder "
             "([A; -A] / [Aᵀ, -Aᵀ]) beside a learner; no block adds its input to its output.\n\n"
             "Probes use a fixed batch of validation inputs, at initialisation and after training: "

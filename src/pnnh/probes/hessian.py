@@ -471,10 +471,7 @@ def plot_spectrum(spectra: dict[str, dict], path: str | Path) -> Path:
     ax.set_title("Hessian spectrum")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 # -- CLI --------------------------------------------------------------------------------------

@@ -118,10 +118,7 @@ def plot_singular_values(svs: dict[str, torch.Tensor], path: str | Path) -> Path
     ax.set_title("Jacobian singular values")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:

@@ -241,10 +241,7 @@ def plot(
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -137,15 +137,15 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def extra_losses(model: nn.Module) -> torch.Tensor | None:
-    terms = [m.extra_loss() for m in model.modules() if callable(getattr(m, "extra_loss", None))]
-    terms = [t for t in terms if t is not None]  # a module may have nothing to add this step
+def module_methods(model: nn.Module, name: str) -> list:
+    """The bound ``name`` methods of every submodule that defines one (found once, not per step)."""
+    return [getattr(m, name) for m in model.modules() if callable(getattr(m, name, None))]
+
+
+def extra_losses(loss_terms: list) -> torch.Tensor | None:
+    """Sum of the ``extra_loss()`` terms (penalties); a module may return None for nothing."""
+    terms = [t for t in (f() for f in loss_terms) if t is not None]
     return sum(terms) if terms else None
-
-
-def after_step_hooks(model: nn.Module) -> list:
-    return [m.after_optimizer_step for m in model.modules()
-            if callable(getattr(m, "after_optimizer_step", None))]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
@@ -444,7 +444,8 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    hooks = after_step_hooks(model)
+    hooks = module_methods(model, "after_optimizer_step")
+    loss_terms = module_methods(model, "extra_loss")
 
     def loss_fn(logits, targets):
         return F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
@@ -535,7 +536,7 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
                 with ctx:
                     logits = train_model(x)
                     loss = loss_fn(logits, y)
-                    extra = extra_losses(model)
+                    extra = extra_losses(loss_terms)
                     total = loss + extra if extra is not None else loss
                 # one flag exchange per step: every rank stops or diverges at the same step
                 diverged, stopping = dist.any([not bool(torch.isfinite(total)),

@@ -16,6 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from pnnh.train import module_methods
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -73,3 +76,29 @@ def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     tmp.replace(path)
     return path
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """One training step as the trainer takes it: forward, cross-entropy, backward, optimizer
+    step, then the model's ``after_optimizer_step`` hooks (the PNNH coder projection)."""
+    hooks = module_methods(model, "after_optimizer_step")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        for h in hooks:
+            h()
+    return step
+
+
+def save_results(name: str, args, info: dict, **fields) -> dict:
+    """Write ``{benchmark, machine, config (the CLI args), **fields}`` to
+    ``<name>[_quick].json`` under ``args.out`` (default results/), print the path, return it."""
+    payload = {"benchmark": name, "machine": info, "config": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **fields}
+    path = write_json(name + ("_quick" if getattr(args, "quick", False) else ""), payload,
+                      getattr(args, "out", None))
+    print(f"wrote {path}")
+    return payload

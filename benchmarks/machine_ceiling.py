@@ -25,23 +25,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_info, median, time_round_robin, write_json  # noqa: E402
+from _util import machine_info, median, save_results, time_round_robin, train_step  # noqa: E402
 
 from pnnh.registry import count_parameters, create_model  # noqa: E402
-
-
-def step_fn(model, x, y):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    hooks = [m.after_optimizer_step for m in model.modules()
-             if callable(getattr(m, "after_optimizer_step", None))]
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        for h in hooks:
-            h()
-    return step
 
 
 def step_flops(model, x, y) -> int:
@@ -86,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     for label, (model, x, y) in setups.items():
         flops[label] = step_flops(model, x, y)
         params[label] = count_parameters(model)
-        fns[label] = step_fn(model, x, y)
+        fns[label] = train_step(model, x, y, torch.optim.AdamW(model.parameters(), lr=1e-3))
     load_before = machine_info()["loadavg_1_5_15"]
     times = time_round_robin(fns, args.repeats)
     info = machine_info()
@@ -106,12 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['what']:<28} {r['flops_per_call'] / 1e9:>10.3f} {1e3 * r['seconds_median']:>9.1f} "
               f"{r['flops_per_s'] / 1e9:>8.2f} {r['share_of_gemm']:>8.1%}")
-    payload = {"benchmark": "machine_ceiling", "machine": info, "config": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "gemm_flops_per_s": ceiling, "results": rows}
-    path = write_json("machine_ceiling" + ("_quick" if args.quick else ""), payload, args.out)
-    print(f"wrote {path}")
-    return payload
+    return save_results("machine_ceiling", args, info, gemm_flops_per_s=ceiling, results=rows)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_info, write_json  # noqa: E402
+from _util import machine_info, save_results  # noqa: E402
 
 from pnnh.registry import count_parameters, create_model  # noqa: E402
 from pnnh.train import train  # noqa: E402
@@ -121,13 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{best['param_ratio']:.2f}x fewer than the ResNet ({base['params']:,})")
     else:
         print(f"no PNNH candidate within {args.tolerance} points of the ResNet")
-    payload = {"benchmark": "param_efficiency", "machine": info, "config": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "results": rows, "baseline": base["label"], "smallest_match": best["label"] if best else None,
-        "param_ratio": best["param_ratio"] if best else None}
-    path = write_json("param_efficiency" + ("_quick" if args.quick else ""), payload, args.out)
-    print(f"wrote {path}")
-    return payload
+    return save_results("param_efficiency", args, info, results=rows, baseline=base["label"],
+                        smallest_match=best["label"] if best else None,
+                        param_ratio=best["param_ratio"] if best else None)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,23 @@
 
 One step = forward + cross-entropy + backward + AdamW step + ``after_optimizer_step`` hooks,
 batch 128 on random MNIST-1D-shaped data. The variants are timed round-robin (each repeat
-times every variant once) so that a shared machine's load affects them alike; the median per
-variant is reported with its ratio to the ResNet.
+times every variant once, in a rotated order) so that a shared machine's load affects them
+alike; the median per variant is reported with its ratio to the ResNet.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from pnnh import count_parameters, create_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import time_round_robin, train_step  # noqa: E402
+
+from pnnh import count_parameters, create_model  # noqa: E402
 
 VARIANTS = {
     "resnet (zero-init residual)": ("resnet", {"zero_init_residual": True}),
@@ -41,38 +44,21 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 1, 40), torch.randint(0, 10, (args.batch,))
-    setups = {}
+    models, fns = {}, {}
     for label, (kind, kw) in VARIANTS.items():
         kw = dict(kw)
         if "learner_width" in kw:
             kw["learner_width"] = args.width // 2
         model = create_model(f"{kind}_{args.family}", depth=args.depth, width=args.width, **kw)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        hooks = [m.after_optimizer_step for m in model.modules()
-                 if callable(getattr(m, "after_optimizer_step", None))]
-        setups[label] = (model, opt, hooks, [])
-
-    def step(model, opt, hooks):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        for h in hooks:
-            h()
-
-    for model, opt, hooks, _ in setups.values():  # warm-up
-        step(model, opt, hooks)
-    for _ in range(args.repeats):
-        for model, opt, hooks, times in setups.values():
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                step(model, opt, hooks)
-            times.append((time.perf_counter() - t) / args.steps)
-    base = statistics.median(next(iter(setups.values()))[3])
+        models[label] = model
+        fns[label] = train_step(model, x, y, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    times = time_round_robin(fns, args.repeats, inner=args.steps)
+    base = statistics.median(next(iter(times.values())))
     print(f"{args.family}, depth {args.depth}, width {args.width}, batch {args.batch}, "
           f"threads {torch.get_num_threads()}")
     print(f"{'variant':<38} {'params':>10} {'ms/step':>8} {'x resnet':>8}")
-    for label, (model, _, _, times) in setups.items():
-        med = statistics.median(times)
+    for label, model in models.items():
+        med = statistics.median(times[label])
         print(f"{label:<38} {count_parameters(model):>10,} {1000 * med:>8.1f} {med / base:>8.2f}")
 
 

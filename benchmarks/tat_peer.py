@@ -30,10 +30,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_info, median, time_round_robin, write_json  # noqa: E402
+from _util import machine_info, median, save_results, time_round_robin, train_step  # noqa: E402
 
 from pnnh.registry import count_parameters, create_model  # noqa: E402
 from pnnh.tat import chain_c0  # noqa: E402
@@ -112,17 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
         for label, (name, _) in CONTENDERS.items():
             model = create_model(name, depth=depth, width=args.width,
                                  **model_args(label, depth, args.eta, args.shallow_eta))
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            hooks = [m.after_optimizer_step for m in model.modules()
-                     if callable(getattr(m, "after_optimizer_step", None))]
-
-            def step(model=model, opt=opt, hooks=hooks):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-                for h in hooks:
-                    h()
-            fns[(depth, label)] = step
+            fns[(depth, label)] = train_step(model, x, y,
+                                             torch.optim.AdamW(model.parameters(), lr=1e-3))
     times = time_round_robin(fns, args.repeats, inner=3 if not args.quick else 1)
     for r in rows:
         t = median(times[(r["depth"], r["model"])])
@@ -141,12 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['depth']:>5} {r['model']:<12} {eta if eta else '':>4} {r['params']:>9,} "
               f"{acc} {r['images_per_s']:>8.0f} "
               f"{r['speed_vs_resnet']:>8.2f}")
-    payload = {"benchmark": "tat_peer", "machine": info, "config": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "results": rows}
-    path = write_json("tat_peer" + ("_quick" if args.quick else ""), payload, args.out)
-    print(f"wrote {path}")
-    return payload
+    return save_results("tat_peer", args, info, results=rows)
 
 
 if __name__ == "__main__":

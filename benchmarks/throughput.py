@@ -22,28 +22,17 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_info, median, time_round_robin, write_json  # noqa: E402
+from _util import machine_info, median, save_results, time_round_robin, train_step  # noqa: E402
 
 from pnnh.export import to_plain  # noqa: E402
 from pnnh.registry import count_parameters, create_model  # noqa: E402
 
 
 def _train_fn(model, x, y):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    hooks = [m.after_optimizer_step for m in model.modules()
-             if callable(getattr(m, "after_optimizer_step", None))]
     model.train()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        for h in hooks:
-            h()
-    return step
+    return train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
 
 
 def _infer_fn(model, x):
@@ -105,12 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in sorted(rows, key=lambda r: (r["depth"], r["mode"] != "train")):
         print(f"{r['depth']:>5} {r['mode']:<6} {r['model']:<16} {r['params']:>9,} "
               f"{r['images_per_s']:>8.1f} {r['speed_vs_resnet']:>8.2f}")
-    payload = {"benchmark": "throughput", "machine": info, "config": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "results": rows}
-    path = write_json("throughput" + ("_quick" if args.quick else ""), payload, args.out)
-    print(f"wrote {path}")
-    return payload
+    return save_results("throughput", args, info, results=rows)
 
 
 if __name__ == "__main__":

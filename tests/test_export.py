@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import trained_like
 from torch import nn
 
 from pnnh import create_model
@@ -30,20 +31,6 @@ CASES = [
     ("plain_mlp", (1, 40), {"depth": 8}),
     ("plain20", (3, 32, 32), {"width": 4}),
 ]
-
-
-def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Move every weight off its init and give BatchNorm non-trivial statistics (eval mode)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-                m.weight.add_(0.3 * torch.randn(m.weight.shape, generator=g))
-    return model.eval()
 
 
 @pytest.mark.parametrize("name,in_shape,kw", CASES)

@@ -8,20 +8,29 @@ Every checkpoint carries ``sha256``, a digest of its whole content (every tensor
 and bytes, every key and plain value, in order). :func:`load_checkpoint` recomputes it, so a
 file damaged on disk or in transit (flipped bytes, a truncation that still unzips) is a
 :class:`~pnnh.errors.CheckpointError`, never a silently wrong model.
+
+The training loop keeps two generations: :func:`save_checkpoint` with ``keep_previous`` writes
+the new file to a temporary name first, then renames the current ``last.pt`` to ``prev.pt`` and
+the new file to ``last.pt``. At every instant a good checkpoint exists under one of the two
+names; :func:`load_latest` reads ``last.pt`` and falls back to ``prev.pt`` when ``last.pt`` is
+damaged or missing. A write that fails (a full disk: ``OSError(ENOSPC)``) removes its temporary
+file, leaves both generations as they were and is a one-line :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pnnh.errors import CheckpointError
-from pnnh.io import atomic_write_bytes
+from pnnh.io import _MODE
 
 FORMAT = "pnnh-checkpoint"
 VERSION = 2  # 2: adds the sha256 content digest
@@ -54,12 +63,88 @@ def content_digest(payload: dict) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """Serialise ``payload`` (plus a format tag and its sha256 digest) and write it atomically."""
+def save_checkpoint(path: str | Path, payload: dict, keep_previous: str | None = None) -> Path:
+    """Serialise ``payload`` (plus a format tag and its sha256 digest) and write it atomically.
+
+    With ``keep_previous`` (a file name in the same folder, e.g. ``"prev.pt"``) the checkpoint
+    that ``path`` held is renamed to it once the new one is safely on disk. A failed write
+    (no space left, read-only disk) leaves every existing file intact and raises a one-line
+    :class:`CheckpointError` naming ``path``.
+    """
+    path = Path(path)
     body = {k: v for k, v in payload.items() if k not in _HEADER}
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, "sha256": content_digest(body), **body}, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    try:
+        tmp = _write_temporary(path, buf.getvalue())
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(keep_previous))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        kept = " (the previous checkpoint is intact)" if path.exists() else ""
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}{kept}",
+                              field="checkpoint") from None
+    return path
+
+
+def _write_temporary(path: Path, data: bytes) -> str:
+    """``data`` in a fsynced temporary file next to ``path`` (removed again if writing fails)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (where the platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_latest(folder: str | Path, names: tuple[str, ...] = ("last.pt", "prev.pt"),
+                log=None) -> tuple[Path, dict] | None:
+    """The newest loadable checkpoint among ``names`` in ``folder``: ``(path, checkpoint)``.
+
+    ``names`` are tried in order; a damaged one is skipped (``log`` is told why) when a later
+    one loads. None when none exists; when every existing one is damaged, the first one's
+    :class:`CheckpointError` is raised.
+    """
+    folder = Path(folder)
+    first_error = None
+    for name in names:
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            first_error = first_error or e
+            continue
+        if first_error is not None and log is not None:
+            log(f"{first_error}; falling back to {path}")
+        return path, ckpt
+    if first_error is not None:
+        raise first_error
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -52,7 +52,11 @@ class TrainConfig:
     val_batch_size: int = 1000
     num_workers: int = 0
     out: str = "runs/train"
-    resume: bool = False
+    # true: continue from out/checkpoints/last.pt (prev.pt if last.pt is damaged); "auto": the
+    # same when that checkpoint's config equals this one (TRAJECTORY_FREE fields aside), refuse
+    # one of another config, start fresh without one; false: start fresh. None: "auto" under
+    # torchrun (an elastic restart must continue by itself), false otherwise.
+    resume: bool | str | None = None
     track_norms: int = 0  # record per-block gradient norms every N steps (0: off)
     amp: bool = False  # mixed precision (CUDA only)
     channels_last: bool = False  # CUDA only
@@ -69,10 +73,37 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# fields that change where and how a run reports, never the numbers it computes: a checkpoint
+# saved under other values of these is still "the same configuration" for resume: auto
+TRAJECTORY_FREE = ("out", "resume", "progress", "tensorboard", "data_dir", "checkpoint_every",
+                   "checkpoint_steps", "num_workers")
+
+
+def config_differences(stored: dict, cfg: TrainConfig) -> list[str]:
+    """``"field: stored -> now"`` for every field where a checkpoint's config differs from
+    ``cfg`` (fields the stored config lacks count as their default; TRAJECTORY_FREE ignored)."""
+    now, default = cfg.to_dict(), TrainConfig().to_dict()
+    return [f"{k}: {stored.get(k, default[k])!r} -> {v!r}" for k, v in now.items()
+            if k not in TRAJECTORY_FREE and stored.get(k, default[k]) != v]
+
+
+def _resume_value(value: Any) -> bool | str | None:
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off", "never"):
+        return False
+    raise ConfigError(f"resume: expected true, false or auto, got {value!r}", field="resume")
 
 
 def _check_type(name: str, value: Any) -> Any:
     """Coerce YAML/CLI values to the field's type, or raise a ConfigError naming the field."""
+    if name == "resume":
+        return _resume_value(value)
     f = FIELDS[name]
     t = f.type if isinstance(f.type, str) else str(f.type)
     if value is None:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnnh import config as config_mod
-from pnnh.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pnnh.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from pnnh.data import TensorData, augment_batch, get_dataset
 from pnnh.errors import ConfigError, PnnhError, TrainingDiverged
 from pnnh.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
@@ -68,18 +68,38 @@ def pick_device(name: str) -> torch.device:
 
 
 class Distributed:
-    """Rank/world from torchrun's environment; a no-op for a single process."""
+    """Rank/world from torchrun's environment; a no-op for a single process.
+
+    Under ``torchrun`` the process group is formed on the launcher's store under a key prefix
+    of its own per restart (``pnnh/attempt_<TORCHELASTIC_RESTART_COUNT>``). torchrun keeps one
+    store for the whole job and ``init_process_group`` alone uses the same keys on every
+    attempt, so restarted workers would read the addresses of the killed ones and fail with
+    "Gloo connectFullMesh failed ... Connection refused".
+    """
 
     def __init__(self, device_name: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         self.enabled = self.world > 1
         if self.enabled and not torch.distributed.is_initialized():
             use_cuda = device_name != "cpu" and torch.cuda.is_available()
             if use_cuda:
                 torch.cuda.set_device(self.local_rank)
-            torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+            self._init_group("nccl" if use_cuda else "gloo")
+
+    def _init_group(self, backend: str) -> None:
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            torch.distributed.init_process_group(backend=backend)
+            return
+        from torch.distributed.constants import default_pg_timeout
+
+        store, _, _ = next(torch.distributed.rendezvous("env://", self.rank, self.world,
+                                                        timeout=default_pg_timeout))
+        store = torch.distributed.PrefixStore(f"pnnh/attempt_{self.restart}", store)
+        torch.distributed.init_process_group(backend=backend, store=store, rank=self.rank,
+                                             world_size=self.world)
 
     @property
     def is_main(self) -> bool:
@@ -107,8 +127,22 @@ class Distributed:
         torch.distributed.all_gather(parts, src)
         return [p.cpu() for p in parts]
 
-    def close(self) -> None:
-        if self.enabled and torch.distributed.is_initialized():
+    def close(self, agreed: bool = True) -> None:
+        """Leave together, then tear the group down.
+
+        After an end all ranks agreed on (finished, interrupted, diverged: ``agreed``) every
+        rank waits in a barrier for the others (rank 0 writes files last), so no rank destroys the group while another is still in a collective,
+        and the group is destroyed before the interpreter exits (gloo's threads alive at
+        interpreter teardown abort the process: "terminate called without an active
+        exception"). After an error there is no barrier: a peer may be dead, and torchrun
+        stops the rest.
+        """
+        if not (self.enabled and torch.distributed.is_initialized()):
+            return
+        try:
+            if agreed:
+                torch.distributed.barrier()
+        finally:
             torch.distributed.destroy_process_group()
 
 
@@ -260,11 +294,17 @@ def train(config=None, callbacks: list | None = None, **overrides) -> dict:
     _check_out_dir(Path(cfg.out))
     dist = Distributed(cfg.device)
     state: dict = {}
+    agreed = False  # every rank reached the same end (finished, interrupted, diverged)
     try:
         with _stop_on_signals(state):
-            return _train(cfg, dist, list(callbacks or []), state)
+            summary = _train(cfg, dist, list(callbacks or []), state)
+        agreed = True
+        return summary
+    except (TrainingInterrupted, TrainingDiverged):
+        agreed = True
+        raise
     finally:
-        dist.close()
+        dist.close(agreed)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -275,6 +315,33 @@ def _check_out_dir(out: Path) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"out: cannot write to {parent}", field="out")
+
+
+def _find_resume_checkpoint(cfg, ckpt_dir: Path, main: bool) -> tuple[Path, dict] | None:
+    """The checkpoint this run continues from, by ``cfg.resume`` (see TrainConfig.resume).
+
+    ``last.pt`` first, ``prev.pt`` when ``last.pt`` is damaged or missing (killed between the
+    two renames of a save); both damaged: the one-line CheckpointError of ``last.pt``.
+    Under ``auto`` a checkpoint whose stored config differs from ``cfg`` in a field that
+    changes the trajectory is refused with one line naming those fields.
+    """
+    mode = cfg.resume
+    if mode is None:  # under torchrun (its agent sets this, 0 on the first attempt): auto
+        mode = "auto" if "TORCHELASTIC_RESTART_COUNT" in os.environ else False
+    if not mode:
+        return None
+    found = load_latest(ckpt_dir, log=_log if main else None)
+    if found is None:
+        if main and mode is True:
+            _log(f"no checkpoint at {ckpt_dir / 'last.pt'}; starting from scratch")
+        return None
+    path, ckpt = found
+    diff = config_mod.config_differences(dict(ckpt.get("config") or {}), cfg)
+    if mode == "auto" and diff:
+        raise ConfigError(f"resume: {path} was saved by another configuration "
+                          f"({'; '.join(diff)}); use another --out, or --resume to continue it "
+                          f"anyway, or --no-resume to start over", field="resume")
+    return path, ckpt
 
 
 def _memory_bytes() -> int | None:
@@ -377,17 +444,19 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
     start_epoch, best_acc, best_epoch = 1, -1.0, 0
     resumed_from = None
     partial = None  # a mid-epoch position saved by SIGINT/SIGTERM
-    if cfg.resume and (ckpt_dir / "last.pt").exists():
-        ckpt = load_checkpoint(ckpt_dir / "last.pt")  # on the CPU; load_state_dict moves it
+    found = _find_resume_checkpoint(cfg, ckpt_dir, main)
+    ckpt_path = found[0] if found else ckpt_dir / "last.pt"
+    if found is not None:
+        ckpt = found[1]  # on the CPU; load_state_dict moves it
         if ckpt.get("model_name") != cfg.model:
-            raise ConfigError(f"resume: {ckpt_dir / 'last.pt'} holds model "
+            raise ConfigError(f"resume: {ckpt_path} holds model "
                               f"{ckpt.get('model_name')!r}, not {cfg.model!r}", field="model")
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError(f"resume: {ckpt_dir / 'last.pt'} does not fit this configuration "
+            raise ConfigError(f"resume: {ckpt_path} does not fit this configuration "
                               f"(depth/width/model_args/optimizer changed?): "
                               f"{str(e).splitlines()[0][:200]}", field="resume") from None
         set_rng_state(ckpt["rng"])
@@ -401,16 +470,14 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
         resumed_from = int(ckpt["epoch"])
         partial = ckpt.get("partial_epoch")
         if partial is not None and len(partial["aug_rng"]) != dist.world:
-            raise ConfigError(f"resume: {ckpt_dir / 'last.pt'} was saved mid-epoch by "
+            raise ConfigError(f"resume: {ckpt_path} was saved mid-epoch by "
                               f"{len(partial['aug_rng'])} rank(s); resume it with the same number "
                               f"of processes (now {dist.world})", field="resume")
-    if main:
-        if resumed_from is not None:
-            where = f"epoch {resumed_from}" + (f", step {partial['steps']} of epoch "
-                                               f"{partial['epoch']}" if partial else "")
-            _log(f"resuming from {ckpt_dir / 'last.pt'} ({where})")
-        elif cfg.resume:
-            _log(f"no checkpoint at {ckpt_dir / 'last.pt'}; starting from scratch")
+    if main and resumed_from is not None:
+        where = f"epoch {resumed_from}" + (f", step {partial['steps']} of epoch "
+                                           f"{partial['epoch']}" if partial else "")
+        done = "; the run had already finished" if start_epoch > cfg.epochs and not partial else ""
+        _log(f"resuming from {ckpt_path} ({where}){done}")
 
     # ------------------------------------------------------------ from here on, rank 0 writes
     if main:
@@ -418,8 +485,12 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
         for tmp in [*out.glob(".*.tmp"), *ckpt_dir.glob(".*.tmp")]:  # left by a killed run
             tmp.unlink(missing_ok=True)
         atomic_write_text(out / "config.yaml", config_mod.dump_yaml(cfg))
-        if resumed_from is None:
-            for stale in ("metrics.jsonl", "norms.jsonl", "summary.json"):
+        if found is not None and ckpt_path.name != "last.pt" and (ckpt_dir / "last.pt").exists():
+            # a damaged last.pt: keep it for inspection, out of the prev.pt rotation
+            os.replace(ckpt_dir / "last.pt", ckpt_dir / "last.pt.damaged")
+        if resumed_from is None:  # a fresh start: nothing of an earlier run may be resumed
+            for stale in ("metrics.jsonl", "norms.jsonl", "summary.json", "checkpoints/last.pt",
+                          "checkpoints/prev.pt"):
                 (out / stale).unlink(missing_ok=True)
         else:  # drop lines written after that checkpoint (a crash mid-epoch)
             rewrite_jsonl(out / "metrics.jsonl",
@@ -475,7 +546,7 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
         if mid is not None and step > start_step:  # (at an epoch end last.pt is saved already)
             p = payload(epoch - 1, None, mid)
             if main:
-                save_checkpoint(where, p)
+                save_checkpoint(where, p, keep_previous="prev.pt")
         if bar:
             bar.close()
         if writer:
@@ -600,7 +671,7 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
                         "aug_rng": dist.gather(aug_gen.get_state(), device),
                         "train_time": time.perf_counter() - t0})
                     if main:
-                        save_checkpoint(ckpt_dir / "last.pt", p)
+                        save_checkpoint(ckpt_dir / "last.pt", p, keep_previous="prev.pt")
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
@@ -643,7 +714,7 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
             if improved:  # best.pt before last.pt: a crash between them replays this epoch
                 save_checkpoint(ckpt_dir / "best.pt", p)
             if save_last:
-                save_checkpoint(ckpt_dir / "last.pt", p)
+                save_checkpoint(ckpt_dir / "last.pt", p, keep_previous="prev.pt")
             _log(f"epoch {epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
                  f"train_acc {record['train_acc']:.4f}  val_loss {val_loss:.4f}  "
                  f"val_acc {val_acc:.4f}  lr {record['lr']:.3g}  "
@@ -653,7 +724,7 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
             if not save_last:  # make last.pt this epoch's state before stopping
                 p = payload(epoch, val_acc)
                 if main:
-                    save_checkpoint(ckpt_dir / "last.pt", p)
+                    save_checkpoint(ckpt_dir / "last.pt", p, keep_previous="prev.pt")
             interrupted(epoch, None)
 
     if writer:
@@ -683,4 +754,7 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
     }
     if main:
         atomic_write_json(out / "summary.json", summary)
+        # prev.pt guards a run in progress against a damaged last.pt; a finished run's folder
+        # keeps last.pt and best.pt only
+        (ckpt_dir / "prev.pt").unlink(missing_ok=True)
     return summary

@@ -162,7 +162,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
       "--model-arg tat_eta=X)")
     a("--config", help="YAML file of training options (flags override it)")
     a("--out", help="run directory (default runs/train)")
-    a("--resume", action="store_true", default=None, help="continue from OUT/checkpoints/last.pt")
+    a("--resume", nargs="?", const=True, default=None, choices=("auto", "true", "false"),
+      help="continue from OUT/checkpoints/last.pt (prev.pt if last.pt is damaged); "
+      "'--resume auto': only a checkpoint of this same configuration, refuse another one "
+      "(the default under torchrun, so that an elastic restart continues)")
+    a("--no-resume", dest="resume", action="store_const", const=False,
+      help="start afresh even under torchrun")
 
 
 TRAIN_FLAG_FIELDS = (

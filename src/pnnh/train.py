@@ -131,11 +131,11 @@ class Distributed:
         """Leave together, then tear the group down.
 
         After an end all ranks agreed on (finished, interrupted, diverged: ``agreed``) every
-        rank waits in a barrier for the others (rank 0 writes files last), so no rank destroys the group while another is still in a collective,
-        and the group is destroyed before the interpreter exits (gloo's threads alive at
-        interpreter teardown abort the process: "terminate called without an active
-        exception"). After an error there is no barrier: a peer may be dead, and torchrun
-        stops the rest.
+        rank waits in a barrier for the others (rank 0 writes files last), so that no rank
+        tears down its side while a peer still uses the group: that race aborted a rank of a
+        finished run ("terminate called without an active exception", SIGABRT) about once in
+        ten runs. After an error there is no barrier (a peer may be dead; torchrun stops the
+        rest); the group is destroyed in every case.
         """
         if not (self.enabled and torch.distributed.is_initialized()):
             return

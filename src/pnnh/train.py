@@ -21,22 +21,31 @@ SIGINT / SIGTERM stop the run at the next optimizer step and save ``last.pt`` *m
 (position in the epoch, partial metric sums, RNG and augmentation generator states), from which
 ``--resume`` continues exactly; then :class:`TrainingInterrupted` is raised (exit code 130/143).
 ``checkpoint_steps: N`` also saves such a mid-epoch ``last.pt`` every N steps, so a SIGKILL in a
-long epoch loses at most N steps.
+long epoch loses at most N steps. Each save keeps the one before as ``prev.pt``, the fallback
+when ``last.pt`` is damaged. ``resume: auto`` (the default under torchrun) continues only a
+checkpoint of the same configuration, so an elastic restart continues by itself.
+
+Reading order. :func:`train` → ``_train``, which runs the phases over one :class:`Run`:
+``_setup`` (validate and build; nothing written), ``_resume``, ``_prepare_out_dir`` (rank 0
+starts writing), ``_wrap_for_training``, then per epoch ``_train_one_epoch`` (calling
+``_train_step``, the forward/backward/step core), :func:`evaluate` and ``_end_epoch``
+(metrics, checkpoints), and finally ``_summary``. The unusual ends have their own helpers:
+``_interrupted``, ``_diverged``, ``_record_failure``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-import random
 import signal
 import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +53,7 @@ from torch import nn
 from pnnh import config as config_mod
 from pnnh.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from pnnh.data import TensorData, augment_batch, get_dataset
+from pnnh.device import Distributed, pick_device, seed_everything  # also re-exported from here
 from pnnh.errors import ConfigError, PnnhError, TrainingDiverged
 from pnnh.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
 from pnnh.registry import count_parameters, create_model
@@ -53,99 +63,6 @@ METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"
 
 
 # ----------------------------------------------------------------------------- helpers
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but no CUDA device is available", field="device")
-    return torch.device(name)
-
-
-class Distributed:
-    """Rank/world from torchrun's environment; a no-op for a single process.
-
-    Under ``torchrun`` the process group is formed on the launcher's store under a key prefix
-    of its own per restart (``pnnh/attempt_<TORCHELASTIC_RESTART_COUNT>``). torchrun keeps one
-    store for the whole job and ``init_process_group`` alone uses the same keys on every
-    attempt, so restarted workers would read the addresses of the killed ones and fail with
-    "Gloo connectFullMesh failed ... Connection refused".
-    """
-
-    def __init__(self, device_name: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        self.enabled = self.world > 1
-        if self.enabled and not torch.distributed.is_initialized():
-            use_cuda = device_name != "cpu" and torch.cuda.is_available()
-            if use_cuda:
-                torch.cuda.set_device(self.local_rank)
-            self._init_group("nccl" if use_cuda else "gloo")
-
-    def _init_group(self, backend: str) -> None:
-        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            torch.distributed.init_process_group(backend=backend)
-            return
-        from torch.distributed.constants import default_pg_timeout
-
-        store, _, _ = next(torch.distributed.rendezvous("env://", self.rank, self.world,
-                                                        timeout=default_pg_timeout))
-        store = torch.distributed.PrefixStore(f"pnnh/attempt_{self.restart}", store)
-        torch.distributed.init_process_group(backend=backend, store=store, rank=self.rank,
-                                             world_size=self.world)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, values: list[float], device) -> list[float]:
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def any(self, flags: list[bool], device) -> list[bool]:
-        """Element-wise OR across ranks (every rank takes the same branch afterwards)."""
-        if not self.enabled:
-            return flags
-        return [v > 0 for v in self.all_sum([float(f) for f in flags], device)]
-
-    def gather(self, t: torch.Tensor, device) -> list[torch.Tensor]:
-        """Every rank's copy of a same-shaped tensor (e.g. RNG states), on the CPU."""
-        if not self.enabled:
-            return [t.cpu()]
-        src = t.to(device)
-        parts = [torch.empty_like(src) for _ in range(self.world)]
-        torch.distributed.all_gather(parts, src)
-        return [p.cpu() for p in parts]
-
-    def close(self, agreed: bool = True) -> None:
-        """Leave together, then tear the group down.
-
-        After an end all ranks agreed on (finished, interrupted, diverged: ``agreed``) every
-        rank waits in a barrier for the others (rank 0 writes files last), so that no rank
-        tears down its side while a peer still uses the group: that race aborted a rank of a
-        finished run ("terminate called without an active exception", SIGABRT) about once in
-        ten runs. After an error there is no barrier (a peer may be dead; torchrun stops the
-        rest); the group is destroyed in every case.
-        """
-        if not (self.enabled and torch.distributed.is_initialized()):
-            return
-        try:
-            if agreed:
-                torch.distributed.barrier()
-        finally:
-            torch.distributed.destroy_process_group()
-
-
 def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
     """Multiplier of ``cfg.lr`` at optimizer step ``step`` (linear warmup, then the schedule)."""
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -317,33 +234,6 @@ def _check_out_dir(out: Path) -> None:
         raise ConfigError(f"out: cannot write to {parent}", field="out")
 
 
-def _find_resume_checkpoint(cfg, ckpt_dir: Path, main: bool) -> tuple[Path, dict] | None:
-    """The checkpoint this run continues from, by ``cfg.resume`` (see TrainConfig.resume).
-
-    ``last.pt`` first, ``prev.pt`` when ``last.pt`` is damaged or missing (killed between the
-    two renames of a save); both damaged: the one-line CheckpointError of ``last.pt``.
-    Under ``auto`` a checkpoint whose stored config differs from ``cfg`` in a field that
-    changes the trajectory is refused with one line naming those fields.
-    """
-    mode = cfg.resume
-    if mode is None:  # under torchrun (its agent sets this, 0 on the first attempt): auto
-        mode = "auto" if "TORCHELASTIC_RESTART_COUNT" in os.environ else False
-    if not mode:
-        return None
-    found = load_latest(ckpt_dir, log=_log if main else None)
-    if found is None:
-        if main and mode is True:
-            _log(f"no checkpoint at {ckpt_dir / 'last.pt'}; starting from scratch")
-        return None
-    path, ckpt = found
-    diff = config_mod.config_differences(dict(ckpt.get("config") or {}), cfg)
-    if mode == "auto" and diff:
-        raise ConfigError(f"resume: {path} was saved by another configuration "
-                          f"({'; '.join(diff)}); use another --out, or --resume to continue it "
-                          f"anyway, or --no-resume to start over", field="resume")
-    return path, ckpt
-
-
 def _memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -383,34 +273,129 @@ def _build_model(cfg, model_kwargs: dict) -> nn.Module:
                           f"{type(e).__name__}: {first}", field=field) from None
 
 
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """The state of one training run, shared by the phases below.
+
+    Set up once (``_setup``): the config, the processes, device, data, model, optimizer and
+    schedule. Moved by the loop: ``step`` (optimizer steps taken), ``best_acc`` /
+    ``best_epoch``, ``history`` (rank 0's metrics records), ``partial`` (a mid-epoch position
+    to continue from, consumed by the first epoch).
+    """
+
+    cfg: config_mod.TrainConfig
+    dist: Distributed
+    device: torch.device
+    callbacks: list
+    stop: dict  # {"signal": signum} once SIGINT/SIGTERM arrived
+    train_ds: object
+    val_ds: object
+    augment: bool
+    model: nn.Module
+    model_kwargs: dict
+    params: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    train_model: nn.Module | None = None  # model, compiled and/or wrapped in DDP
+    scaler: torch.amp.GradScaler | None = None
+    hooks: list = field(default_factory=list)  # after_optimizer_step methods
+    loss_terms: list = field(default_factory=list)  # extra_loss methods
+    start_epoch: int = 1
+    step: int = 0
+    start_step: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    resumed_from: int | None = None
+    partial: dict | None = None
+    ckpt_path: Path | None = None  # the checkpoint resumed from
+    history: list = field(default_factory=list)
+    writer: object = None
+    bar: object = None
+    run_start: float = 0.0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.cfg.out) / "checkpoints"
+
+    @property
+    def main(self) -> bool:
+        return self.dist.is_main
+
+    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
+
+    def payload(self, epoch: int, val_acc: float | None, mid: dict | None = None) -> dict:
+        """Checkpoint content after ``epoch`` complete epochs (+ ``mid``: a partial one).
+        Collective under DDP: every rank calls it, rank 0 writes."""
+        dist = self.dist
+        rank_rng = dist.gather(torch.get_rng_state(), self.device) if dist.enabled else None
+        p = {
+            "epoch": epoch, "step": self.step, "model_name": self.cfg.model,
+            "model_kwargs": self.model_kwargs, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "config": self.cfg.to_dict(), "rng": rng_state(), "best_val_acc": self.best_acc,
+            "best_epoch": self.best_epoch, "val_acc": val_acc, "world_size": dist.world,
+        }
+        if rank_rng is not None:
+            p["rank_torch_rng"] = rank_rng
+        if mid is not None:
+            p["partial_epoch"] = mid
+        return p
+
+    def save_last(self, payload: dict) -> None:
+        if self.main:
+            save_checkpoint(self.ckpt_dir / "last.pt", payload, keep_previous="prev.pt")
+
+    def close_bar(self) -> None:
+        if self.bar:
+            self.bar.close()
+            self.bar = None
+
+
 def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
+    """The phases of a run, in order (see the module docstring)."""
+    run = _setup(cfg, dist, callbacks, stop)  # validates everything, writes nothing
+    _resume(run)
+    _prepare_out_dir(run)  # from here on, rank 0 writes
+    _wrap_for_training(run)
+    if run.main:
+        _log(f"training {cfg.model} ({run.params:,} params) on {cfg.dataset} "
+             f"[{len(run.train_ds)} train / {len(run.val_ds)} val] for {cfg.epochs} epochs on "
+             f"{run.device}" + (f" x{dist.world} ranks" if dist.enabled else ""))
+    run.history = read_jsonl(run.out / "metrics.jsonl") if run.resumed_from is not None and run.main else []
+    run.step = run.start_step = ((run.start_epoch - 1) * run.steps_per_epoch
+                                 + (run.partial["steps"] if run.partial else 0))
+    run.run_start = time.perf_counter()
+    for epoch in range(run.start_epoch, cfg.epochs + 1):
+        try:
+            t0, sums = _train_one_epoch(run, epoch)
+            train_time = time.perf_counter() - t0
+            val_loss, val_acc = evaluate(run.model, run.val_ds, cfg.val_batch_size, run.device,
+                                         dist, cfg.channels_last and run.device.type == "cuda")
+        except PnnhError as e:  # e.g. an unreadable image met mid-run: say so in summary.json
+            _record_failure(run, epoch, e)
+            raise
+        _end_epoch(run, epoch, sums, train_time, time.perf_counter() - t0, val_loss, val_acc)
+    if run.writer:
+        run.writer.close()
+    return _summary(run)
+
+
+# ----------------------------------------------------------------------------- setup
+def _setup(cfg, dist: Distributed, callbacks: list, stop: dict) -> Run:
+    """Device, data, model, optimizer and schedule; every check a user's input can fail."""
     device = pick_device(cfg.device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    main = dist.is_main
-    progress = _progress_enabled(cfg) and main
-
-    # ------------------------------------------------------------ validate, write nothing
-    if cfg.tensorboard and main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("tensorboard: install the 'tensorboard' package to use it",
-                              field="tensorboard") from None
-    try:
-        train_ds, val_ds = get_dataset(cfg.dataset, cfg.data_dir, num_samples=cfg.num_samples,
-                                       seed=cfg.seed, **cfg.dataset_args)
-    except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as e:
-        raise ConfigError(f"dataset_args: cannot build dataset {cfg.dataset!r} with "
-                          f"{cfg.dataset_args}: {str(e).splitlines()[0][:200] if str(e) else e!r}",
-                          field="dataset_args") from None
-    augment = cfg.augment if cfg.augment is not None else getattr(train_ds, "augmentable", False)
-    if augment and len(train_ds.input_shape) != 3:
-        raise ConfigError("augment: random crop/flip needs 2-D images (C, H, W); "
-                          f"dataset {cfg.dataset!r} has inputs {train_ds.input_shape}",
-                          field="augment")
+    if cfg.tensorboard and dist.is_main:
+        _tensorboard_writer_class()
+    train_ds, val_ds, augment = _load_data(cfg)
 
     seed_everything(cfg.seed)  # the same seed on every rank: identical initial weights
     model_kwargs = {"in_shape": list(train_ds.input_shape), "num_classes": train_ds.num_classes}
@@ -440,321 +425,389 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
         optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
     if dist.rank > 0:  # decorrelate dropout across ranks (rank 0 keeps the single-process stream)
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
+    return Run(cfg=cfg, dist=dist, device=device, callbacks=callbacks, stop=stop,
+               train_ds=train_ds, val_ds=val_ds, augment=augment, model=model,
+               model_kwargs=model_kwargs, params=params, optimizer=optimizer,
+               scheduler=scheduler, steps_per_epoch=steps_per_epoch)
 
-    start_epoch, best_acc, best_epoch = 1, -1.0, 0
-    resumed_from = None
-    partial = None  # a mid-epoch position saved by SIGINT/SIGTERM
-    found = _find_resume_checkpoint(cfg, ckpt_dir, main)
-    ckpt_path = found[0] if found else ckpt_dir / "last.pt"
-    if found is not None:
-        ckpt = found[1]  # on the CPU; load_state_dict moves it
-        if ckpt.get("model_name") != cfg.model:
-            raise ConfigError(f"resume: {ckpt_path} holds model "
-                              f"{ckpt.get('model_name')!r}, not {cfg.model!r}", field="model")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError(f"resume: {ckpt_path} does not fit this configuration "
-                              f"(depth/width/model_args/optimizer changed?): "
-                              f"{str(e).splitlines()[0][:200]}", field="resume") from None
-        set_rng_state(ckpt["rng"])
-        ranks_rng = ckpt.get("rank_torch_rng")
-        if dist.enabled and ranks_rng and len(ranks_rng) == dist.world:
-            torch.set_rng_state(ranks_rng[dist.rank].cpu())
-        elif dist.rank > 0:  # saved by another number of ranks: fresh, distinct streams
-            torch.manual_seed(cfg.seed + 1_000_003 * dist.rank + 7_919 * int(ckpt["epoch"]))
-        start_epoch = int(ckpt["epoch"]) + 1
-        best_acc, best_epoch = float(ckpt["best_val_acc"]), int(ckpt["best_epoch"])
-        resumed_from = int(ckpt["epoch"])
-        partial = ckpt.get("partial_epoch")
-        if partial is not None and len(partial["aug_rng"]) != dist.world:
-            raise ConfigError(f"resume: {ckpt_path} was saved mid-epoch by "
-                              f"{len(partial['aug_rng'])} rank(s); resume it with the same number "
-                              f"of processes (now {dist.world})", field="resume")
-    if main and resumed_from is not None:
-        where = f"epoch {resumed_from}" + (f", step {partial['steps']} of epoch "
-                                           f"{partial['epoch']}" if partial else "")
-        done = "; the run had already finished" if start_epoch > cfg.epochs and not partial else ""
-        _log(f"resuming from {ckpt_path} ({where}){done}")
 
-    # ------------------------------------------------------------ from here on, rank 0 writes
-    if main:
+def _tensorboard_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard: install the 'tensorboard' package to use it",
+                          field="tensorboard") from None
+    return SummaryWriter
+
+
+def _load_data(cfg) -> tuple[object, object, bool]:
+    """``(train_ds, val_ds, augment)``; bad dataset options are a ConfigError."""
+    try:
+        train_ds, val_ds = get_dataset(cfg.dataset, cfg.data_dir, num_samples=cfg.num_samples,
+                                       seed=cfg.seed, **cfg.dataset_args)
+    except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as e:
+        raise ConfigError(f"dataset_args: cannot build dataset {cfg.dataset!r} with "
+                          f"{cfg.dataset_args}: {str(e).splitlines()[0][:200] if str(e) else e!r}",
+                          field="dataset_args") from None
+    augment = cfg.augment if cfg.augment is not None else getattr(train_ds, "augmentable", False)
+    if augment and len(train_ds.input_shape) != 3:
+        raise ConfigError("augment: random crop/flip needs 2-D images (C, H, W); "
+                          f"dataset {cfg.dataset!r} has inputs {train_ds.input_shape}",
+                          field="augment")
+    return train_ds, val_ds, augment
+
+
+# ----------------------------------------------------------------------------- resume
+def _resume(run: Run) -> None:
+    """Load the checkpoint ``cfg.resume`` asks for (if any) into the run; still writes nothing."""
+    cfg, dist = run.cfg, run.dist
+    found = _find_resume_checkpoint(cfg, run.ckpt_dir, run.main)
+    if found is None:
+        return
+    path, ckpt = found  # on the CPU; load_state_dict moves it
+    if ckpt.get("model_name") != cfg.model:
+        raise ConfigError(f"resume: {path} holds model "
+                          f"{ckpt.get('model_name')!r}, not {cfg.model!r}", field="model")
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"resume: {path} does not fit this configuration "
+                          f"(depth/width/model_args/optimizer changed?): "
+                          f"{str(e).splitlines()[0][:200]}", field="resume") from None
+    set_rng_state(ckpt["rng"])
+    ranks_rng = ckpt.get("rank_torch_rng")
+    if dist.enabled and ranks_rng and len(ranks_rng) == dist.world:
+        torch.set_rng_state(ranks_rng[dist.rank].cpu())
+    elif dist.rank > 0:  # saved by another number of ranks: fresh, distinct streams
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank + 7_919 * int(ckpt["epoch"]))
+    run.ckpt_path = path
+    run.start_epoch = int(ckpt["epoch"]) + 1
+    run.best_acc, run.best_epoch = float(ckpt["best_val_acc"]), int(ckpt["best_epoch"])
+    run.resumed_from = int(ckpt["epoch"])
+    partial = run.partial = ckpt.get("partial_epoch")
+    if partial is not None and len(partial["aug_rng"]) != dist.world:
+        raise ConfigError(f"resume: {path} was saved mid-epoch by "
+                          f"{len(partial['aug_rng'])} rank(s); resume it with the same number "
+                          f"of processes (now {dist.world})", field="resume")
+    if run.main:
+        where = f"epoch {run.resumed_from}" + (f", step {partial['steps']} of epoch "
+                                               f"{partial['epoch']}" if partial else "")
+        done = "; the run had already finished" if run.start_epoch > cfg.epochs and not partial else ""
+        _log(f"resuming from {path} ({where}){done}")
+
+
+def _find_resume_checkpoint(cfg, ckpt_dir: Path, main: bool) -> tuple[Path, dict] | None:
+    """The checkpoint this run continues from, by ``cfg.resume`` (see TrainConfig.resume).
+
+    ``last.pt`` first, ``prev.pt`` when ``last.pt`` is damaged or missing (killed between the
+    two renames of a save); both damaged: the one-line CheckpointError of ``last.pt``.
+    Under ``auto`` a checkpoint whose stored config differs from ``cfg`` in a field that
+    changes the trajectory is refused with one line naming those fields.
+    """
+    mode = cfg.resume
+    if mode is None:  # under torchrun (its agent sets this, 0 on the first attempt): auto
+        mode = "auto" if "TORCHELASTIC_RESTART_COUNT" in os.environ else False
+    if not mode:
+        return None
+    found = load_latest(ckpt_dir, log=_log if main else None)
+    if found is None:
+        if main and mode is True:
+            _log(f"no checkpoint at {ckpt_dir / 'last.pt'}; starting from scratch")
+        return None
+    path, ckpt = found
+    diff = config_mod.config_differences(dict(ckpt.get("config") or {}), cfg)
+    if mode == "auto" and diff:
+        raise ConfigError(f"resume: {path} was saved by another configuration "
+                          f"({'; '.join(diff)}); use another --out, or --resume to continue it "
+                          f"anyway, or --no-resume to start over", field="resume")
+    return path, ckpt
+
+
+# ----------------------------------------------------------------------------- output folder
+def _prepare_out_dir(run: Run) -> None:
+    """Rank 0 writes ``config.yaml`` and makes the folder agree with the resumed checkpoint:
+    temporary files of a killed run swept, metric lines newer than the checkpoint dropped (a
+    fresh start drops them all, with the earlier run's resume state)."""
+    out, ckpt_dir = run.out, run.ckpt_dir
+    if run.main:
         out.mkdir(parents=True, exist_ok=True)
         for tmp in [*out.glob(".*.tmp"), *ckpt_dir.glob(".*.tmp")]:  # left by a killed run
             tmp.unlink(missing_ok=True)
-        atomic_write_text(out / "config.yaml", config_mod.dump_yaml(cfg))
-        if found is not None and ckpt_path.name != "last.pt" and (ckpt_dir / "last.pt").exists():
+        atomic_write_text(out / "config.yaml", config_mod.dump_yaml(run.cfg))
+        if run.ckpt_path is not None and run.ckpt_path.name != "last.pt" \
+                and (ckpt_dir / "last.pt").exists():
             # a damaged last.pt: keep it for inspection, out of the prev.pt rotation
             os.replace(ckpt_dir / "last.pt", ckpt_dir / "last.pt.damaged")
-        if resumed_from is None:  # a fresh start: nothing of an earlier run may be resumed
+        if run.resumed_from is None:  # a fresh start: nothing of an earlier run may be resumed
             for stale in ("metrics.jsonl", "norms.jsonl", "summary.json", "checkpoints/last.pt",
                           "checkpoints/prev.pt"):
                 (out / stale).unlink(missing_ok=True)
         else:  # drop lines written after that checkpoint (a crash mid-epoch)
-            rewrite_jsonl(out / "metrics.jsonl",
-                          [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] <= resumed_from])
+            rewrite_jsonl(out / "metrics.jsonl", [r for r in read_jsonl(out / "metrics.jsonl")
+                                                  if r["epoch"] <= run.resumed_from])
             if (out / "norms.jsonl").exists():
-                last_step = (resumed_from * steps_per_epoch + (partial["steps"] if partial else 0))
+                last_step = (run.resumed_from * run.steps_per_epoch
+                             + (run.partial["steps"] if run.partial else 0))
                 rewrite_jsonl(out / "norms.jsonl", [r for r in read_jsonl(out / "norms.jsonl")
                                                     if r.get("step", 0) <= last_step])
-
-    if cfg.track_norms and main:
+    if run.cfg.track_norms and run.main:
         from pnnh.probes.norms import NormTracker
 
-        callbacks.append(NormTracker(every=cfg.track_norms, path=out / "norms.jsonl"))
+        run.callbacks.append(NormTracker(every=run.cfg.track_norms, path=out / "norms.jsonl"))
+    if run.cfg.tensorboard and run.main:
+        run.writer = _tensorboard_writer_class()(log_dir=str(out / "tensorboard"))
 
-    writer = SummaryWriter(log_dir=str(out / "tensorboard")) if cfg.tensorboard and main else None
 
-    train_model = model
-    if cfg.compile:
-        train_model = torch.compile(model)
-    if dist.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    hooks = module_methods(model, "after_optimizer_step")
-    loss_terms = module_methods(model, "extra_loss")
+def _wrap_for_training(run: Run) -> None:
+    """torch.compile, DDP, the AMP scaler and the modules' step hooks."""
+    cfg, device = run.cfg, run.device
+    run.train_model = torch.compile(run.model) if cfg.compile else run.model
+    if run.dist.enabled:
+        run.train_model = nn.parallel.DistributedDataParallel(
+            run.train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.amp and device.type == "cuda":
+        run.scaler = torch.amp.GradScaler("cuda")
+    run.hooks = module_methods(run.model, "after_optimizer_step")
+    run.loss_terms = module_methods(run.model, "extra_loss")
 
-    def loss_fn(logits, targets):
-        return F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
 
-    def payload(epoch: int, val_acc: float | None, mid: dict | None = None) -> dict:
-        """Checkpoint content after ``epoch`` complete epochs (+ ``mid``: a partial one).
-        Collective under DDP: every rank calls it, rank 0 writes."""
-        rank_rng = dist.gather(torch.get_rng_state(), device) if dist.enabled else None
-        p = {
-            "epoch": epoch, "step": step, "model_name": cfg.model, "model_kwargs": model_kwargs,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "config": cfg.to_dict(), "rng": rng_state(),
-            "best_val_acc": best_acc, "best_epoch": best_epoch, "val_acc": val_acc,
-            "world_size": dist.world,
-        }
-        if rank_rng is not None:
-            p["rank_torch_rng"] = rank_rng
-        if mid is not None:
-            p["partial_epoch"] = mid
-        return p
+# ----------------------------------------------------------------------------- one epoch
+def _train_one_epoch(run: Run, epoch: int) -> tuple[float, list[float]]:
+    """Train ``epoch`` (from a mid-epoch position if ``run.partial``); returns its start time
+    and the global ``[loss_sum, correct, seen]``."""
+    cfg, dist, device = run.cfg, run.dist, run.device
+    run.model.train()
+    t0 = time.perf_counter()
+    # augmentation: one stream per (seed, epoch, rank); rank 0's is the single-process one
+    aug_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch + 1 + 104_729 * dist.rank)
+    sums = [0.0, 0.0, 0.0]  # loss_sum, correct, seen (this rank's)
+    skip = 0
+    if run.partial is not None:  # continue a mid-epoch checkpoint exactly where it stopped
+        skip = int(run.partial["steps"])
+        aug_gen.set_state(run.partial["aug_rng"][dist.rank].cpu())
+        if run.main:
+            sums = [float(v) for v in run.partial["sums"]]
+        t0 -= float(run.partial["train_time"])
+        run.partial = None
+    if _progress_enabled(cfg) and run.main:
+        from tqdm import tqdm
 
-    def interrupted(epoch: int, mid: dict | None):
-        """Save ``last.pt`` (mid-epoch if ``mid``) and raise TrainingInterrupted."""
-        signum = int(stop.get("signal") or signal.SIGTERM)
-        name = signal.Signals(signum).name
-        where = ckpt_dir / "last.pt"
-        if mid is not None and step > start_step:  # (at an epoch end last.pt is saved already)
-            p = payload(epoch - 1, None, mid)
-            if main:
-                save_checkpoint(where, p, keep_previous="prev.pt")
-        if bar:
-            bar.close()
-        if writer:
-            writer.close()
-        pos = (f"epoch {epoch}, step {mid['steps']}/{steps_per_epoch}" if mid
-               else f"end of epoch {epoch}")
-        saved = f"checkpoint saved to {where}" if where.exists() else "no checkpoint yet"
-        raise TrainingInterrupted(signum, f"{name} received: stopped at {pos}; {saved}; "
-                                          f"continue with --resume")
-
-    if main:
-        _log(f"training {cfg.model} ({params:,} params) on {cfg.dataset} "
-             f"[{len(train_ds)} train / {len(val_ds)} val] for {cfg.epochs} epochs on {device}"
-             + (f" x{dist.world} ranks" if dist.enabled else ""))
-
-    history = read_jsonl(out / "metrics.jsonl") if resumed_from is not None and main else []
-    step = (start_epoch - 1) * steps_per_epoch + (partial["steps"] if partial else 0)
-    start_step = step
-    run_start = time.perf_counter()
-    bar = None
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        # augmentation: one stream per (seed, epoch, rank); rank 0's is the single-process one
-        aug_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch + 1 + 104_729 * dist.rank)
-        loss_sum = correct = seen = 0.0
-        skip = 0
-        if partial is not None:  # continue a mid-epoch checkpoint exactly where it stopped
-            skip = int(partial["steps"])
-            aug_gen.set_state(partial["aug_rng"][dist.rank].cpu())
-            if main:
-                loss_sum, correct, seen = (float(v) for v in partial["sums"])
-            t0 -= float(partial["train_time"])
-            partial = None
-        it = epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}/{cfg.epochs}",
+        run.bar = tqdm(total=run.steps_per_epoch, initial=skip, desc=f"epoch {epoch}/{cfg.epochs}",
                        leave=False, dynamic_ncols=True, file=sys.stderr)
-        try:
-            for i, (idx, n_batch) in enumerate(it):
-                if i >= steps_per_epoch:
-                    break
-                if i < skip:
-                    continue
-                # RNG states at the start of this step: a stop below rewinds to them, so the
-                # mid-epoch checkpoint replays this step exactly (augmentation, dropout)
-                rewind = (torch.get_rng_state(), aug_gen.get_state() if augment else None,
-                          torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-                x, y = _fetch(train_ds, idx)
-                if augment:
-                    x = augment_batch(x, aug_gen)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if cfg.channels_last and device.type == "cuda" and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-                with ctx:
-                    logits = train_model(x)
-                    loss = loss_fn(logits, y)
-                    extra = extra_losses(loss_terms)
-                    total = loss + extra if extra is not None else loss
-                # one flag exchange per step: every rank stops or diverges at the same step
-                diverged, stopping = dist.any([not bool(torch.isfinite(total)),
-                                               "signal" in stop], device)
-                if stopping and not diverged:
-                    torch.set_rng_state(rewind[0])
-                    if rewind[1] is not None:
-                        aug_gen.set_state(rewind[1])
-                    if rewind[2] is not None:
-                        torch.cuda.set_rng_state(rewind[2], device)
-                    sums = dist.all_sum([loss_sum, correct, seen], device)
-                    aug_states = dist.gather(aug_gen.get_state(), device)
-                    interrupted(epoch, {"epoch": epoch, "steps": i, "sums": sums,
-                                        "aug_rng": aug_states,
-                                        "train_time": time.perf_counter() - t0})
-                if diverged:
-                    if bar:
-                        bar.close()
-                    where = ckpt_dir / "last.pt"
-                    kept = f"; the last good checkpoint is kept at {where}" if where.exists() else ""
-                    if main:
-                        atomic_write_json(out / "summary.json", {
-                            "status": "diverged", "diverged_epoch": epoch, "diverged_step": step,
-                            "model": cfg.model, "dataset": cfg.dataset, "params": params,
-                            "best_val_acc": max(best_acc, 0.0), "final_val_acc": None})
-                    raise TrainingDiverged(f"loss became {total.item()} at epoch {epoch}, step "
-                                           f"{step} (try a smaller --lr or --grad-clip){kept}")
-                optimizer.zero_grad(set_to_none=True)
-                # DDP averages gradients over ranks: scale each shard's mean so that the
-                # average is the global batch's mean (exact for unequal shards too)
-                scale = shard_loss_scale(len(y), n_batch, dist.world)
-                backward = total * scale if scale != 1 else total
-                if scaler:
-                    scaler.scale(backward).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    backward.backward()
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                for h in hooks:
-                    h()
-                scheduler.step()
-                step += 1
-                with torch.no_grad():
-                    loss_sum += loss.item() * len(y)
-                    correct += (logits.argmax(1) == y).sum().item()
-                    seen += len(y)
-                for cb in callbacks:
-                    cb.on_step(step=step, epoch=epoch, model=model, inputs=x, targets=y,
-                               loss_fn=loss_fn)
-                if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 \
-                        and i + 1 < steps_per_epoch:  # mid-epoch save (the epoch end has its own)
-                    p = payload(epoch - 1, None, {
-                        "epoch": epoch, "steps": i + 1,
-                        "sums": dist.all_sum([loss_sum, correct, seen], device),
-                        "aug_rng": dist.gather(aug_gen.get_state(), device),
-                        "train_time": time.perf_counter() - t0})
-                    if main:
-                        save_checkpoint(ckpt_dir / "last.pt", p, keep_previous="prev.pt")
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-            if bar:
-                bar.close()
-                bar = None
-            train_time = time.perf_counter() - t0
-            loss_sum, correct, seen = dist.all_sum([loss_sum, correct, seen], device)
-            val_loss, val_acc = evaluate(model, val_ds, cfg.val_batch_size, device, dist,
-                                         cfg.channels_last and device.type == "cuda")
-        except PnnhError as e:  # e.g. an unreadable image met mid-run: say so in summary.json
-            if main and not isinstance(e, TrainingDiverged):
-                atomic_write_json(out / "summary.json", {
-                    "status": "failed", "error": str(e), "failed_epoch": epoch,
-                    "model": cfg.model, "dataset": cfg.dataset, "params": params,
-                    "best_val_acc": max(best_acc, 0.0), "final_val_acc": None})
-            raise
-        record = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": seen / max(train_time, 1e-9),
-            "time_s": time.perf_counter() - t0,
-        }
-        improved = val_acc > best_acc
-        if improved:
-            best_acc, best_epoch = val_acc, epoch
-        save_last = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
-        p = payload(epoch, val_acc) if save_last or improved else None
-        if main:
-            history.append(record)
-            append_jsonl(out / "metrics.jsonl", record)  # before last.pt: see the module doc
-            if writer:
-                for k, v in record.items():
-                    if k != "epoch":
-                        writer.add_scalar(k, v, epoch)
-            if improved:  # best.pt before last.pt: a crash between them replays this epoch
-                save_checkpoint(ckpt_dir / "best.pt", p)
-            if save_last:
-                save_checkpoint(ckpt_dir / "last.pt", p, keep_previous="prev.pt")
-            _log(f"epoch {epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
-                 f"train_acc {record['train_acc']:.4f}  val_loss {val_loss:.4f}  "
-                 f"val_acc {val_acc:.4f}  lr {record['lr']:.3g}  "
-                 f"{record['images_per_s']:.0f} img/s  {record['time_s']:.1f}s")
-        (stopping,) = dist.any(["signal" in stop], device)
-        if stopping and epoch < cfg.epochs:
-            if not save_last:  # make last.pt this epoch's state before stopping
-                p = payload(epoch, val_acc)
-                if main:
-                    save_checkpoint(ckpt_dir / "last.pt", p, keep_previous="prev.pt")
-            interrupted(epoch, None)
 
-    if writer:
-        writer.close()
+    def position(steps: int) -> dict:  # the mid-epoch checkpoint's view of this epoch
+        return {"epoch": epoch, "steps": steps, "sums": dist.all_sum(sums, device),
+                "aug_rng": dist.gather(aug_gen.get_state(), device),
+                "train_time": time.perf_counter() - t0}
+
+    for i, x, y, n_batch in _epoch_data(run, epoch, skip):
+        # RNG states at the start of this step: a stop rewinds to them, so the mid-epoch
+        # checkpoint replays this step exactly (augmentation, dropout)
+        rewind = _rng_snapshot(aug_gen if run.augment else None, device)
+        if run.augment:
+            x = augment_batch(x, aug_gen)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.channels_last and device.type == "cuda" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            logits, loss = _train_step(run, x, y, n_batch, epoch)
+        except _StopRequested:  # rewound, this step is the first the checkpoint replays
+            _restore_rng(rewind, aug_gen, device)
+            _interrupted(run, epoch, position(i))
+        with torch.no_grad():
+            sums[0] += loss.item() * len(y)
+            sums[1] += (logits.argmax(1) == y).sum().item()
+            sums[2] += len(y)
+        for cb in run.callbacks:
+            cb.on_step(step=run.step, epoch=epoch, model=run.model, inputs=x, targets=y,
+                       loss_fn=run.loss_fn)
+        if cfg.checkpoint_steps and run.step % cfg.checkpoint_steps == 0 \
+                and i + 1 < run.steps_per_epoch:  # mid-epoch save (the epoch end has its own)
+            run.save_last(run.payload(epoch - 1, None, position(i + 1)))
+        if run.bar:
+            run.bar.update(1)
+            run.bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
+    run.close_bar()
+    return t0, dist.all_sum(sums, device)
+
+
+def _epoch_data(run: Run, epoch: int, skip: int):
+    """``(i, x, y, global_batch_len)`` of this rank's steps ``skip ..`` of ``epoch``.
+    Datasets read item by item (imagefolder) use ``num_workers`` DataLoader processes."""
+    cfg, dist = run.cfg, run.dist
+    shards = list(itertools.islice(epoch_batches(len(run.train_ds), cfg.batch_size, cfg.seed,
+                                                 epoch, dist.rank, dist.world), run.steps_per_epoch))
+    todo = shards[skip:]
+    if cfg.num_workers and not isinstance(run.train_ds, TensorData) and todo:
+        loader = torch.utils.data.DataLoader(run.train_ds, batch_sampler=[s.tolist() for s, _ in todo],
+                                             num_workers=cfg.num_workers)
+        batches_xy = ((x, torch.as_tensor(y, dtype=torch.long)) for x, y in loader)
+    else:
+        batches_xy = (_fetch(run.train_ds, idx) for idx, _ in todo)
+    for i, (_, n_batch), (x, y) in zip(itertools.count(skip), todo, batches_xy):
+        yield i, x, y, n_batch
+
+
+def _rng_snapshot(aug_gen: torch.Generator | None, device: torch.device) -> tuple:
+    return (torch.get_rng_state(), aug_gen.get_state() if aug_gen is not None else None,
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _restore_rng(snapshot: tuple, aug_gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        aug_gen.set_state(snapshot[1])
+    if snapshot[2] is not None:
+        torch.cuda.set_rng_state(snapshot[2], device)
+
+
+# ----------------------------------------------------------------------------- one step
+class _StopRequested(Exception):
+    """Every rank agreed to stop before this step's update (a SIGINT/SIGTERM somewhere)."""
+
+
+def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor, n_batch: int,
+                epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, one agreement between ranks (diverged? stop?), backward, clip, step, hooks,
+    schedule. Returns ``(logits, loss)``; raises TrainingDiverged or _StopRequested (nothing
+    updated yet)."""
+    cfg, optimizer, scaler = run.cfg, run.optimizer, run.scaler
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if scaler else nullcontext()
+    with ctx:
+        logits = run.train_model(x)
+        loss = run.loss_fn(logits, y)
+        extra = extra_losses(run.loss_terms)
+        total = loss + extra if extra is not None else loss
+    # one flag exchange per step: every rank stops or diverges at the same step
+    diverged, stopping = run.dist.any([not bool(torch.isfinite(total)), "signal" in run.stop],
+                                      run.device)
+    if diverged:
+        _diverged(run, epoch, total)
+    if stopping:
+        raise _StopRequested
+    optimizer.zero_grad(set_to_none=True)
+    # DDP averages gradients over ranks: scale each shard's mean so that the average is the
+    # global batch's mean (exact for unequal shards too)
+    scale = shard_loss_scale(len(y), n_batch, run.dist.world)
+    backward = total * scale if scale != 1 else total
+    if scaler:
+        scaler.scale(backward).backward()
+        scaler.unscale_(optimizer)
+    else:
+        backward.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    for h in run.hooks:
+        h()
+    run.scheduler.step()
+    run.step += 1
+    return logits, loss
+
+
+# ----------------------------------------------------------------------------- unusual ends
+def _interrupted(run: Run, epoch: int, mid: dict | None):
+    """Save ``last.pt`` (mid-epoch if ``mid``) and raise TrainingInterrupted."""
+    signum = int(run.stop.get("signal") or signal.SIGTERM)
+    where = run.ckpt_dir / "last.pt"
+    if mid is not None and run.step > run.start_step:  # (at an epoch end last.pt is saved already)
+        run.save_last(run.payload(epoch - 1, None, mid))
+    run.close_bar()
+    if run.writer:
+        run.writer.close()
+    pos = (f"epoch {epoch}, step {mid['steps']}/{run.steps_per_epoch}" if mid
+           else f"end of epoch {epoch}")
+    saved = f"checkpoint saved to {where}" if where.exists() else "no checkpoint yet"
+    raise TrainingInterrupted(signum, f"{signal.Signals(signum).name} received: stopped at {pos}; "
+                                      f"{saved}; continue with --resume")
+
+
+def _diverged(run: Run, epoch: int, total: torch.Tensor):
+    """A NaN/inf loss on some rank: summary.json says so, the last good checkpoint stays."""
+    run.close_bar()
+    where = run.ckpt_dir / "last.pt"
+    kept = f"; the last good checkpoint is kept at {where}" if where.exists() else ""
+    if run.main:
+        atomic_write_json(run.out / "summary.json", {
+            "status": "diverged", "diverged_epoch": epoch, "diverged_step": run.step,
+            "model": run.cfg.model, "dataset": run.cfg.dataset, "params": run.params,
+            "best_val_acc": max(run.best_acc, 0.0), "final_val_acc": None})
+    raise TrainingDiverged(f"loss became {total.item()} at epoch {epoch}, step "
+                           f"{run.step} (try a smaller --lr or --grad-clip){kept}")
+
+
+def _record_failure(run: Run, epoch: int, e: PnnhError) -> None:
+    if run.main and not isinstance(e, TrainingDiverged):
+        atomic_write_json(run.out / "summary.json", {
+            "status": "failed", "error": str(e), "failed_epoch": epoch,
+            "model": run.cfg.model, "dataset": run.cfg.dataset, "params": run.params,
+            "best_val_acc": max(run.best_acc, 0.0), "final_val_acc": None})
+
+
+# ----------------------------------------------------------------------------- end of epoch
+def _end_epoch(run: Run, epoch: int, sums: list[float], train_time: float, time_s: float,
+               val_loss: float, val_acc: float) -> None:
+    """Metrics line, best/last checkpoints, log line; then stop here if a signal came."""
+    cfg = run.cfg
+    loss_sum, correct, seen = sums
+    record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+              "train_acc": correct / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
+              "lr": run.optimizer.param_groups[0]["lr"],
+              "images_per_s": seen / max(train_time, 1e-9), "time_s": time_s}
+    improved = val_acc > run.best_acc
+    if improved:
+        run.best_acc, run.best_epoch = val_acc, epoch
+    save_last = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
+    p = run.payload(epoch, val_acc) if save_last or improved else None
+    if run.main:
+        run.history.append(record)
+        append_jsonl(run.out / "metrics.jsonl", record)  # before last.pt: see the module doc
+        if run.writer:
+            for k, v in record.items():
+                if k != "epoch":
+                    run.writer.add_scalar(k, v, epoch)
+        if improved:  # best.pt before last.pt: a crash between them replays this epoch
+            save_checkpoint(run.ckpt_dir / "best.pt", p)
+        if save_last:
+            run.save_last(p)
+        _log(f"epoch {epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
+             f"train_acc {record['train_acc']:.4f}  val_loss {val_loss:.4f}  "
+             f"val_acc {val_acc:.4f}  lr {record['lr']:.3g}  "
+             f"{record['images_per_s']:.0f} img/s  {record['time_s']:.1f}s")
+    (stopping,) = run.dist.any(["signal" in run.stop], run.device)
+    if stopping and epoch < cfg.epochs:
+        if not save_last:  # make last.pt this epoch's state before stopping
+            run.save_last(run.payload(epoch, val_acc))
+        _interrupted(run, epoch, None)
+
+
+# ----------------------------------------------------------------------------- summary
+def _summary(run: Run) -> dict:
+    """``summary.json`` of a finished run (rank 0 writes it); every rank returns it."""
+    cfg, history = run.cfg, run.history
     final = history[-1] if history else {}
     summary = {
-        "status": "finished",
-        "model": cfg.model,
-        "dataset": cfg.dataset,
-        "depth": cfg.depth,
-        "width": cfg.width,
-        "model_args": cfg.model_args,
-        "params": params,
-        "epochs": cfg.epochs,
-        "best_val_acc": best_acc,
-        "best_epoch": best_epoch,
-        "final_val_acc": final.get("val_acc"),
-        "final_val_loss": final.get("val_loss"),
-        "final_train_loss": final.get("train_loss"),
-        "final_train_acc": final.get("train_acc"),
+        "status": "finished", "model": cfg.model, "dataset": cfg.dataset, "depth": cfg.depth,
+        "width": cfg.width, "model_args": cfg.model_args, "params": run.params,
+        "epochs": cfg.epochs, "best_val_acc": run.best_acc, "best_epoch": run.best_epoch,
+        "final_val_acc": final.get("val_acc"), "final_val_loss": final.get("val_loss"),
+        "final_train_loss": final.get("train_loss"), "final_train_acc": final.get("train_acc"),
         "mean_images_per_s": (sum(r["images_per_s"] for r in history) / len(history)
                               if history else None),
         "time_s": sum(r["time_s"] for r in history),
-        "run_time_s": time.perf_counter() - run_start,
-        "world_size": dist.world,
-        "resumed_from_epoch": resumed_from,
+        "run_time_s": time.perf_counter() - run.run_start,
+        "world_size": run.dist.world,
+        "resumed_from_epoch": run.resumed_from,
     }
-    if main:
-        atomic_write_json(out / "summary.json", summary)
+    if run.main:
+        atomic_write_json(run.out / "summary.json", summary)
         # prev.pt guards a run in progress against a damaged last.pt; a finished run's folder
         # keeps last.pt and best.pt only
-        (ckpt_dir / "prev.pt").unlink(missing_ok=True)
+        (run.ckpt_dir / "prev.pt").unlink(missing_ok=True)
     return summary

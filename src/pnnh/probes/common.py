@@ -10,9 +10,9 @@ from torch import nn
 
 from pnnh.checkpoint import load_model
 from pnnh.data import get_dataset
+from pnnh.device import pick_device
 from pnnh.errors import ConfigError
 from pnnh.registry import create_model
-from pnnh.train import pick_device
 
 
 @dataclass

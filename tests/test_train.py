@@ -164,3 +164,34 @@ def test_augmentation_on_image_data(tmp_path):
         pnnh.train(_small(tmp_path / "s2", augment=True, epochs=1))
     with pytest.raises(ConfigError, match="dataset_args"):
         pnnh.train(_small(tmp_path / "s3", dataset_args={"colour": 1}, epochs=1))
+
+
+def test_num_workers_load_imagefolder_batches_in_worker_processes(tmp_path, monkeypatch):
+    """Item-by-item datasets go through a DataLoader with ``num_workers`` processes; the
+    batches (and so the whole run) are the same as those read in the main process."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for c in ("a", "b", "c"):
+            d = tmp_path / "img" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                px = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(px).save(d / f"{i}.png")
+    made, real = [], torch.utils.data.DataLoader
+
+    def loader(*args, **kwargs):
+        made.append(kwargs.get("num_workers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", loader)
+    runs = {}
+    for workers in (0, 2):
+        runs[workers] = pnnh.train(dict(
+            model="plain_mlp", depth=4, width=16, dataset="imagefolder",
+            data_dir=str(tmp_path / "img"), dataset_args={"image_size": 8}, epochs=2,
+            batch_size=8, num_workers=workers, out=str(tmp_path / f"w{workers}"), progress=False))
+    a, b = (_strip(read_jsonl(tmp_path / f"w{w}" / "metrics.jsonl")) for w in (0, 2))
+    assert len(a) == 2 and a == b
+    assert made == [2, 2]  # one loader an epoch, only when workers were asked for

@@ -76,3 +76,36 @@ def test_parse_model_arg():
     assert parse_model_arg("name=abc") == ("name", "abc")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_model_arg("coder_ratio")
+
+
+def test_every_config_field_has_a_flag():
+    """Flags are generated from TrainConfig's fields: each field is settable from the command
+    line, to a value other than its default."""
+    import dataclasses
+
+    from pnnh.cli import build_parser, train_config_from_args
+    from pnnh.config import TrainConfig
+
+    values = {int: "3", float: "0.5", str: "x"}
+    special = {"optimizer": "sgd", "schedule": "step", "device": "cpu", "out": "runs/other",
+               "epochs": "4", "warmup_epochs": "1", "num_samples": "300", "gamma": "0.5"}
+    argv, expected = ["train"], {}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).split(" | ")[0]
+        if f.name in ("model_args", "dataset_args", "resume"):
+            continue
+        if kind == "bool":
+            argv.append(flag if f.default is not True else "--no-" + flag[2:])
+            expected[f.name] = f.default is not True
+            continue
+        text = special.get(f.name, values[{"int": int, "float": float, "str": str}[kind]])
+        argv += [flag, text]
+        expected[f.name] = {"int": int, "float": float, "str": str}[kind](text)
+    argv += ["--model-arg", "coder_ratio=0.5", "--dataset-arg", "image_size=8", "--resume", "auto"]
+    cfg = train_config_from_args(build_parser(argv).parse_args(argv))
+    for name, value in expected.items():
+        assert getattr(cfg, name) == value != getattr(TrainConfig(), name), name
+    assert cfg.model_args == {"coder_ratio": 0.5} and cfg.dataset_args == {"image_size": 8}
+    assert cfg.resume == "auto"
+    assert len(expected) == len(dataclasses.fields(TrainConfig)) - 3

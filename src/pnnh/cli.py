@@ -121,39 +121,13 @@ def _probe_module(name: str):
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from pnnh.config import OPTIMIZERS, SCHEDULES
-
+    """``--model/--depth/--width/--model-arg`` (shared with the probes), a flag per
+    TrainConfig field (:func:`add_config_flags`), and the few flags that are not one field."""
     add_model_arguments(p)
     a = p.add_argument
-    a("--dataset", help="mnist1d (default), digits, cifar10, cifar100, imagefolder, synthetic")
-    a("--data-dir", help="directory holding cifar/imagefolder data")
+    add_config_flags(p, skip=("model", "depth", "width"))
     a("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
       help="dataset option, e.g. image_size=64 or input_shape=[3,16,16] (repeatable)")
-    a("--epochs", type=int)
-    a("--batch-size", type=int)
-    a("--lr", type=float)
-    a("--optimizer", choices=OPTIMIZERS)
-    a("--momentum", type=float)
-    a("--weight-decay", type=float)
-    a("--schedule", choices=SCHEDULES)
-    a("--warmup-epochs", type=float)
-    a("--label-smoothing", type=float)
-    a("--grad-clip", type=float)
-    a("--seed", type=int)
-    a("--device", choices=["cpu", "cuda", "auto"])
-    a("--num-samples", type=int, help="dataset size for mnist1d/synthetic")
-    a("--augment", action=argparse.BooleanOptionalAction, default=None)
-    a("--track-norms", type=int, metavar="N", help="record per-block gradient norms every N steps")
-    a("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (cuda)")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile")
-    a("--tensorboard", action=argparse.BooleanOptionalAction, default=None)
-    a("--max-steps-per-epoch", type=int)
-    a("--progress", action=argparse.BooleanOptionalAction, default=None)
-    a("--checkpoint-steps", type=int, metavar="N",
-      help="also save checkpoints/last.pt every N steps inside an epoch (0: off)")
-    a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
-      help="synchronise BatchNorm statistics across torchrun processes (CUDA)")
     a("--procrustes", action="store_true", default=None,
       help="project constrained weights (coders / transitions) after each step")
     a("--zca", action="store_true", default=None, help="ZCA-whiten the classifier's input")
@@ -161,7 +135,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
       help="plain models: leaky-ReLU TAT activations and orthogonal/Delta init (eta 0.9; "
       "--model-arg tat_eta=X)")
     a("--config", help="YAML file of training options (flags override it)")
-    a("--out", help="run directory (default runs/train)")
     a("--resume", nargs="?", const=True, default=None, choices=("auto", "true", "false"),
       help="continue from OUT/checkpoints/last.pt (prev.pt if last.pt is damaged); "
       "'--resume auto': only a checkpoint of this same configuration, refuse another one "
@@ -170,12 +143,43 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
       help="start afresh even under torchrun")
 
 
-TRAIN_FLAG_FIELDS = (
-    "model depth width dataset data_dir epochs batch_size lr optimizer momentum weight_decay "
-    "schedule warmup_epochs label_smoothing grad_clip seed device num_samples augment "
-    "track_norms amp channels_last compile tensorboard max_steps_per_epoch progress out resume "
-    "checkpoint_steps sync_bn"
-).split()
+def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> list[str]:
+    """One ``--field-name`` per :class:`pnnh.config.TrainConfig` field (help, choices and
+    metavar from the field's metadata; fields marked ``flag=False`` are set another way).
+    Every flag defaults to None, meaning "not given", so a config file's value survives it.
+    Returns the field names that got a flag."""
+    import dataclasses
+
+    from pnnh.config import TrainConfig
+
+    added = []
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if f.name in skip or not meta.get("flag", True):
+            continue
+        kind = str(f.type).split(" | ")[0]
+        default = "" if f.default in (None, "") else f" (default {f.default})"
+        kw: dict = {"help": meta.get("help", "") + default, "default": None}
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float}.get(kind, str)
+            for key in ("choices", "metavar"):
+                if key in meta:
+                    kw[key] = meta[key]
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+        added.append(f.name)
+    return added
+
+
+def _train_flag_fields() -> list[str]:
+    """The TrainConfig fields set straight from a flag of the same name."""
+    import dataclasses
+
+    from pnnh.config import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag", True)
+            ] + ["resume"]
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -183,7 +187,7 @@ def train_config_from_args(args: argparse.Namespace):
     from pnnh.config import from_dict, load_yaml, parse_model_arg, validate
 
     base = from_dict(load_yaml(args.config)) if args.config else None
-    overrides = {k: getattr(args, k) for k in TRAIN_FLAG_FIELDS if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in _train_flag_fields() if getattr(args, k) is not None}
     model_args = dict(parse_model_arg(t) for t in args.model_arg)
     if args.procrustes:
         model_args["procrustes"] = True

@@ -24,49 +24,65 @@ DEVICES = ("cpu", "cuda", "auto")
 MAX = {"epochs": 1_000_000, "depth": 10_000, "width": 1_000_000, "num_samples": 10_000_000}
 
 
+def _opt(default: Any = None, help: str = "", **meta: Any) -> Any:
+    """A TrainConfig field with its command-line help (``pnnh train --FIELD``) as metadata;
+    ``flag=False`` for fields set another way, ``choices`` / ``metavar`` for the flag."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class TrainConfig:
-    model: str = "resnet_mlp"
-    dataset: str = "mnist1d"
-    depth: int | None = None
-    width: int | None = None
-    model_args: dict = field(default_factory=dict)  # family-specific options (coder_ratio, ...)
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    step_size: int = 30  # epochs between decays for the step schedule
-    gamma: float = 0.1  # decay factor for the step schedule
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    data_dir: str | None = None
-    dataset_args: dict = field(default_factory=dict)  # e.g. synthetic input_shape, image_size
-    augment: bool | None = None  # None: on for 2-D image datasets, off otherwise
-    num_samples: int | None = None  # mnist1d / synthetic size
-    val_batch_size: int = 1000
-    num_workers: int = 0
-    out: str = "runs/train"
+    """Every training setting. Each field is a config-file key and a ``pnnh train`` flag
+    (generated from these fields: ``pnnh.cli.add_config_flags``)."""
+
+    model: str = _opt("resnet_mlp", "registered model name (see `pnnh models`)")
+    dataset: str = _opt("mnist1d", "mnist1d, digits, cifar10, cifar100, imagefolder, synthetic")
+    depth: int | None = _opt(None, "number of weight layers")
+    width: int | None = _opt(None, "hidden width / base channels")
+    model_args: dict = _opt({}, "family-specific options (coder_ratio, ...)", flag=False)
+    epochs: int = _opt(10, "training epochs")
+    batch_size: int = _opt(128, "global batch (split across torchrun processes)")
+    lr: float = _opt(1e-3, "peak learning rate")
+    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov when > 0)")
+    weight_decay: float = _opt(0.0, "weight decay (not on biases and norm parameters)")
+    schedule: str = _opt("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
+    warmup_epochs: float = _opt(0.0, "linear warmup length in epochs")
+    step_size: int = _opt(30, "epochs between decays for the step schedule")
+    gamma: float = _opt(0.1, "decay factor for the step schedule")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
+    grad_clip: float | None = _opt(None, "clip the gradient norm to this value")
+    seed: int = _opt(0, "seed of weights, batch order and augmentation")
+    device: str = _opt("auto", "device", choices=DEVICES)
+    data_dir: str | None = _opt(None, "directory holding cifar/imagefolder data")
+    dataset_args: dict = _opt({}, "e.g. synthetic input_shape, image_size", flag=False)
+    augment: bool | None = _opt(None, "random crop + flip (default: on for 2-D image datasets)")
+    num_samples: int | None = _opt(None, "dataset size for mnist1d/synthetic")
+    val_batch_size: int = _opt(1000, "batch size of the evaluation")
+    num_workers: int = _opt(0, "DataLoader worker processes for datasets read item by item "
+                               "(imagefolder; 0: the main process)")
+    out: str = _opt("runs/train", "run directory")
     # true: continue from out/checkpoints/last.pt (prev.pt if last.pt is damaged); "auto": the
     # same when that checkpoint's config equals this one (TRAJECTORY_FREE fields aside), refuse
     # one of another config, start fresh without one; false: start fresh. None: "auto" under
     # torchrun (an elastic restart must continue by itself), false otherwise.
-    resume: bool | str | None = None
-    track_norms: int = 0  # record per-block gradient norms every N steps (0: off)
-    amp: bool = False  # mixed precision (CUDA only)
-    channels_last: bool = False  # CUDA only
-    compile: bool = False  # torch.compile
-    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
-    tensorboard: bool = False
-    checkpoint_every: int = 1  # epochs between `last` checkpoints
-    checkpoint_steps: int = 0  # also save `last` every N optimizer steps inside an epoch (0: off)
-    max_steps_per_epoch: int | None = None  # cap (tests, benchmarks)
-    progress: bool | None = None  # None: a bar on a terminal, lines otherwise
+    resume: bool | str | None = _opt(None, "see --resume / --no-resume", flag=False)
+    track_norms: int = _opt(0, "record per-block gradient norms every N steps (0: off)",
+                            metavar="N")
+    amp: bool = _opt(False, "mixed precision (CUDA only)")
+    channels_last: bool = _opt(False, "channels-last memory format (CUDA only)")
+    compile: bool = _opt(False, "torch.compile")
+    sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across torchrun processes "
+                                "(CUDA)")
+    tensorboard: bool = _opt(False, "also log to OUT/tensorboard")
+    checkpoint_every: int = _opt(1, "epochs between checkpoints/last.pt saves", metavar="N")
+    checkpoint_steps: int = _opt(0, "also save checkpoints/last.pt every N steps inside an "
+                                    "epoch (0: off)", metavar="N")
+    max_steps_per_epoch: int | None = _opt(None, "cap on optimizer steps per epoch (tests, "
+                                                 "benchmarks)")
+    progress: bool | None = _opt(None, "a progress bar (default: on a terminal)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

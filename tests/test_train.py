@@ -195,3 +195,20 @@ def test_num_workers_load_imagefolder_batches_in_worker_processes(tmp_path, monk
     a, b = (_strip(read_jsonl(tmp_path / f"w{w}" / "metrics.jsonl")) for w in (0, 2))
     assert len(a) == 2 and a == b
     assert made == [2, 2]  # one loader an epoch, only when workers were asked for
+
+
+def test_an_error_in_a_loader_worker_is_one_line():
+    from pnnh.errors import DataError
+    from pnnh.train import _one_line_errors
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise DataError(f"cannot read image /data/{i}.png: truncated")
+
+    loader = torch.utils.data.DataLoader(Broken(), batch_sampler=[[0, 1]], num_workers=1)
+    with pytest.raises(DataError) as e:
+        list(_one_line_errors(loader))
+    assert str(e.value) == "cannot read image /data/0.png: truncated"

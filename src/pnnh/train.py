@@ -643,11 +643,21 @@ def _epoch_data(run: Run, epoch: int, skip: int):
     if cfg.num_workers and not isinstance(run.train_ds, TensorData) and todo:
         loader = torch.utils.data.DataLoader(run.train_ds, batch_sampler=[s.tolist() for s, _ in todo],
                                              num_workers=cfg.num_workers)
-        batches_xy = ((x, torch.as_tensor(y, dtype=torch.long)) for x, y in loader)
+        batches_xy = ((x, torch.as_tensor(y, dtype=torch.long)) for x, y in _one_line_errors(loader))
     else:
         batches_xy = (_fetch(run.train_ds, idx) for idx, _ in todo)
     for i, (_, n_batch), (x, y) in zip(itertools.count(skip), todo, batches_xy):
         yield i, x, y, n_batch
+
+
+def _one_line_errors(loader):
+    """Iterate ``loader``; a PnnhError raised in a worker process (which the DataLoader
+    re-raises with the worker's traceback in its message) keeps only its own message."""
+    try:
+        yield from loader
+    except PnnhError as e:
+        last = str(e).strip().splitlines()[-1]  # "pnnh.errors.DataError: cannot read ..."
+        raise type(e)(last.split(": ", 1)[-1] if last.startswith("pnnh.") else str(e)) from None
 
 
 def _rng_snapshot(aug_gen: torch.Generator | None, device: torch.device) -> tuple:

@@ -52,9 +52,16 @@ def add_model_arguments(p: argparse.ArgumentParser, multiple: bool = False) -> N
 def add_probe_common_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, multiple=True)
     p.add_argument("--checkpoint", help="a pnnh checkpoint (.pt) to probe instead of a fresh init")
+    p.add_argument("--model-file", metavar="FILE.py:FACTORY",
+                   help="your own model: FACTORY() in FILE.py returns an nn.Module")
+    p.add_argument("--input-shape", metavar="C,H,W",
+                   help="probe a seeded synthetic batch of this shape (L, C,L or C,H,W) "
+                   "instead of a dataset")
     p.add_argument("--dataset", help="dataset of the probe batch (default: the checkpoint's, "
                    "else mnist1d)")
     p.add_argument("--data-dir", help="directory for cifar10/cifar100/imagefolder")
+    p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset option, e.g. input_shape=[3,16,16] (repeatable)")
     p.add_argument("--num-samples", type=int, default=512, help="probe batch size (samples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
@@ -228,9 +235,9 @@ def cmd_train(args) -> int:
 
 def cmd_probe(args) -> int:
     from pnnh.config import parse_model_arg
+    from pnnh.probes.common import _check_combination
 
-    if not args.model and not args.checkpoint:
-        raise PnnhError("probe: give --model NAME (repeatable) or --checkpoint PATH", field="model")
+    _check_combination(args)
     args.model_args = dict(parse_model_arg(t) for t in args.model_arg)
     _probe_module(args.probe).run_cli(args)
     return 0

@@ -58,19 +58,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 def resolve_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` pairs to measure.
 
-    ``None``: the children of ``model.blocks`` (named ``blocks.0``, ``blocks.1``, ...);
+    ``None``: the blocks :func:`pnnh.probes.common.find_blocks` finds (``blocks.0``, ...,
+    ``layer1.0``, ..., ``encoder.layer.0``, ...);
     a sequence of names: those submodules (``model.get_submodule(name)``);
     a mapping: its ``label -> module`` items.
     """
     if blocks is None:
-        seq = getattr(model, "blocks", None)
-        if not isinstance(seq, nn.Module) or len(list(seq.children())) == 0:
-            raise ConfigError(
-                f"norms: model {type(model).__name__} has no `blocks` container; "
-                "name the modules to measure (blocks=[...] / --blocks a,b,c)",
-                field="blocks",
-            )
-        return [(f"blocks.{name}", m) for name, m in seq.named_children()]
+        from pnnh.probes.common import find_blocks
+
+        return find_blocks(model)
     if isinstance(blocks, Mapping):
         return list(blocks.items())
     out = []
@@ -247,7 +243,8 @@ def plot(
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--blocks",
-        help="comma-separated submodule names to measure (default: the children of model.blocks)",
+        help="comma-separated submodule names to measure (default: the blocks found in "
+        "the common layouts, see docs/PROBES.md)",
     )
 
 

@@ -288,9 +288,33 @@ COMMANDS = {
 }
 
 
+QUICK_ENV = "PNNH_QUICK"
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """``PNNH_QUICK=1``: every command finishes in seconds with the same code paths (the
+    docs-commands test runs README's and docs/'s commands this way). ``train``: 1 epoch of at
+    most 2 steps on at most 512 MNIST-1D/synthetic samples; ``probe``: at most 64 samples and
+    short Hessian/Jacobian iterations; ``demo``: ``--quick``. Depths and widths are kept."""
+    if os.environ.get(QUICK_ENV, "0") in ("", "0"):
+        return
+    if args.command == "train":
+        args.epochs, args.max_steps_per_epoch, args.progress = 1, 2, False
+        args.num_samples = min(args.num_samples or 512, 512)
+    elif args.command == "probe":
+        args.num_samples = min(args.num_samples, 64)
+        for name, cap in (("max_iter", 8), ("hutchinson_samples", 4), ("slq_runs", 1),
+                          ("slq_steps", 4), ("dense_limit", 300), ("power_iters", 10)):
+            if getattr(args, name, None) is not None:
+                setattr(args, name, min(getattr(args, name), cap))
+    elif args.command == "demo":
+        args.quick = True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    apply_quick(args)
     try:
         return COMMANDS[args.command](args) or 0
     except PnnhError as e:

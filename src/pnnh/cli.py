@@ -235,9 +235,9 @@ def cmd_train(args) -> int:
 
 def cmd_probe(args) -> int:
     from pnnh.config import parse_model_arg
-    from pnnh.probes.common import _check_combination
+    from pnnh.probes.common import check_model_flags
 
-    _check_combination(args)
+    check_model_flags(args)
     args.model_args = dict(parse_model_arg(t) for t in args.model_arg)
     _probe_module(args.probe).run_cli(args)
     return 0

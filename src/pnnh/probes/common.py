@@ -194,7 +194,9 @@ def _default_in_shape(name: str) -> tuple[int, ...] | None:
     return tuple(shape) if shape is not None else None
 
 
-def _check_combination(args: argparse.Namespace) -> None:
+def check_model_flags(args: argparse.Namespace) -> None:
+    """One model source (``--model``, ``--checkpoint`` or ``--model-file``), and one batch
+    source (``--input-shape`` or ``--dataset``/``--data-dir``): else a one-line error."""
     given = [f for f, v in (("--model", args.model), ("--checkpoint", args.checkpoint),
                             ("--model-file", getattr(args, "model_file", None))) if v]
     if len(given) != 1:
@@ -233,7 +235,7 @@ def probe_targets(args: argparse.Namespace) -> list[ProbeTarget]:
     options (``--dataset``/``--dataset-arg`` or ``--input-shape``) into targets."""
     from pnnh.train import pick_device
 
-    _check_combination(args)
+    check_model_flags(args)
     device = pick_device(getattr(args, "device", "cpu") or "cpu")
     seed = getattr(args, "seed", 0) or 0
     shape = parse_input_shape(getattr(args, "input_shape", None))

@@ -600,7 +600,8 @@ def run_cli(args: argparse.Namespace) -> list[dict]:
     plot_metric_vs_layer(
         [{"model": r.get("model", targets[0].label), **r} for r in records], METRICS,
         out / "dissipation.png",
-        title=f"dissipation ({args.dataset or 'mnist1d'}, {args.num_samples} samples)",
+        title=f"dissipation ({args.dataset or ('synthetic' if args.input_shape else 'mnist1d')}, "
+              f"{len(targets[0].inputs)} samples)",
     )
     last = {}
     for r in records:

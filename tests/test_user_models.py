@@ -128,6 +128,9 @@ def test_a_module_called_twice_is_probed_per_call():
     recs = dissipation(model, x, ["layer1.0.relu", "layer1.0.conv2"])
     assert [r["layer"] for r in recs] == ["layer1.0.relu", "layer1.0.conv2", "layer1.0.relu@1"]
     assert recs[0]["depth"] < recs[1]["depth"] <= recs[2]["depth"]
+    recs = norms(model, _batch("tv_resnet"), blocks=["layer1.0.relu"])
+    assert [r["block"] for r in recs] == ["layer1.0.relu", "layer1.0.relu@1"]
+    assert all(r["ratio"] > 0 for r in recs)
 
 
 def test_default_layers_that_never_run_are_skipped_with_a_note_named_ones_are_errors():

@@ -32,7 +32,7 @@ def test_models_lists_names_families_and_parameter_counts(capsys):
     (["train", "--config", "/nonexistent/c.yaml"], "config file not found: /nonexistent/c.yaml"),
     (["train", "--model", "plain_mlp", "--depth", "7"], "depth must be 2 + 2*k"),
     (["train", "--model-arg", "bogus=1"], "does not take option(s) bogus"),
-    (["probe", "norms", "--out", "x"], "give --model"),
+    (["probe", "norms", "--out", "x"], "give exactly one of --model"),
 ])
 def test_user_errors_are_one_line_exit_2_no_traceback(capsys, tmp_path, argv, needle):
     code, out, err = run_cli(capsys, *argv, "--out", str(tmp_path / "o"))

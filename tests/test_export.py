@@ -84,6 +84,22 @@ def test_plain_file_round_trip(tmp_path):
         load_plain(tmp_path / "bad.pt")
 
 
+def test_plain_file_is_checksummed_like_a_checkpoint(tmp_path):
+    plain = to_plain(trained_like(create_model("pnnh_mlp", depth=4, width=8)))
+    path = save_plain(plain, tmp_path / "p.pt")
+    payload = torch.load(path, weights_only=True)
+    assert len(payload["sha256"]) == 64
+    key = next(k for k in payload["state_dict"] if k.endswith("weight"))
+    payload["state_dict"][key][0, 0] += 1.0  # one weight changed, the digest kept
+    torch.save(payload, tmp_path / "tampered.pt")
+    with pytest.raises(PnnhError, match="corrupted.*sha256"):
+        load_plain(tmp_path / "tampered.pt")
+    del payload["sha256"]
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(PnnhError, match="no checksum"):
+        load_plain(tmp_path / "old.pt")
+
+
 @pytest.mark.parametrize("name,in_shape,kw", [
     ("pnnh20", (3, 32, 32), {"width": 4}),
     ("pnnh_cnn1d", (1, 40), {"depth": 8, "width": 8}),

@@ -180,12 +180,36 @@ def test_cli_writes_hessian_json(tmp_path):
                "--shortcut", "2", "--init", "small", "--num-samples", "64", "--loss", "ce",
                "--out", str(out)])
     assert rc == 0
-    d = json.loads((out / "hessian.json").read_text())
+    (d,) = json.loads((out / "hessian.json").read_text())  # a list, one record per model
     for k in ("lambda_max", "lambda_min", "trace", "condition_number",
               "condition_number_positive", "method"):
         assert k in d
     assert d["lambda_max"] >= d["lambda_min"]
     assert (out / "hessian_spectrum.png").stat().st_size > 1000
+    assert (out / "hessian.csv").read_text().startswith("model,")
+
+
+def test_cli_mse_on_class_labels_regresses_one_hot_targets(tmp_path):
+    """README's command: --loss mse on MNIST-1D labels (was a shape error in mse_loss)."""
+    from pnnh.cli import main
+
+    out = tmp_path / "h0"
+    rc = main(["probe", "hessian", "--model", "shortcut_linear", "--depth", "4", "--width", "6",
+               "--shortcut", "2", "--init", "zero", "--loss", "mse", "--params", "blocks",
+               "--num-samples", "32", "--out", str(out)])
+    assert rc == 0
+    (d,) = json.loads((out / "hessian.json").read_text())
+    assert d["lambda_max"] >= d["lambda_min"] and d["num_params"] > 0
+
+
+def test_cli_model_flags_with_a_checkpoint_are_one_line_exit_2(tmp_path, capsys):
+    from pnnh.cli import main
+
+    rc = main(["probe", "hessian", "--model-file", "nowhere.py:f", "--shortcut", "2",
+               "--out", str(tmp_path / "h")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--shortcut" in err
 
 
 def test_rev_rev_mode_matches_forward_over_reverse():

@@ -96,7 +96,7 @@ def test_named_blocks_and_errors():
     assert all(r["ratio"] > 0 for r in records)
     with pytest.raises(ConfigError, match="no submodule 'blocks.9'"):
         resolve_blocks(model, ["blocks.9"])
-    with pytest.raises(ConfigError, match="no `blocks`"):
+    with pytest.raises(ConfigError, match="no blocks found in Linear"):
         resolve_blocks(nn.Linear(3, 3))
     # A first block fed straight from the data is measured too (the input requires grad).
     raw = Chain([nn.Tanh(), nn.Tanh()], 40)

@@ -108,7 +108,8 @@ def test_skips_inside_blocks_are_found_once_per_block(block):
     assert [s.block for s in skips] == ["blocks.0", "blocks.1", "blocks.2"]
     assert skips[0].source == "x"  # the model input is block 0's input
     assert skips[0].shape == (4, 6)
-    assert "blocks.1" in skips[0].sink and skips[0].path  # leaves into the next block's layers
+    assert skips[0].kind == "identity" and skips[0].layers == (0, 2)
+    assert skips[0].sink in ("add", "cat")  # the merge itself
 
 
 def test_skip_around_blocks_at_model_level_is_found():
@@ -121,14 +122,31 @@ def test_skip_around_blocks_at_model_level_is_found():
         def forward(self, x):
             return self.head(torch.cat([x, self.blocks(x)], -1))
 
-    skips = find_skips(Dense(), X)
-    assert {s.block for s in skips} == {"blocks.0", "blocks.1"}
-    assert all(s.source == "x" for s in skips)
+    (skip,) = find_skips(Dense(), X)  # one connection, around both blocks
+    assert skip.block == "blocks.0..blocks.1" and skip.source == "x" and skip.sink == "cat"
+    assert skip.layers == (0, 4)
 
 
-def test_not_reported_projection_shortcut_shapes_and_zeros_like():
-    assert find_skips(Chain(ProjectionShortcut(), ProjectionShortcut()), X) == []
+def test_projection_shortcuts_are_reported_shapes_and_zeros_like_are_not():
+    skips = find_skips(Chain(ProjectionShortcut(), ProjectionShortcut()), X)
+    assert [(s.block, s.kind, s.layers) for s in skips] == [
+        ("blocks.0", "projection", (1, 2)), ("blocks.1", "projection", (1, 2))]
+    assert skips[0].path == ("blocks.0.short (Linear)",) and skips[0].source == "x"
+    assert "projection, 1 vs 2 layers" in str(skips[0])
     assert find_skips(Chain(ShapesOnly(), ShapesOnly()), X) == []
+
+
+def test_equal_depth_branches_are_plain_and_a_gate_is_not():
+    class Glu(PlainBlock):  # act(W1 x) * W2 x: one layer on each side
+        def forward(self, x):
+            return torch.relu(self.fc1(x)) * self.fc2(x)
+
+    class Gate(PlainBlock):  # x * sigmoid(W2 relu(W1 x)): the input is carried (SE-style)
+        def forward(self, x):
+            return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x))))
+
+    assert find_skips(Chain(Glu(), Glu()), X) == []
+    assert [s.layers for s in find_skips(Chain(Gate(), Glu()), X)] == [(0, 2)]
 
 
 def test_without_blocks_the_top_level_children_are_the_blocks():
@@ -154,9 +172,13 @@ def test_assert_plain_names_the_skips_and_the_model_state_is_kept():
     assert_plain(Chain(PlainBlock()), X)
 
 
-def test_untraceable_submodule_is_an_opaque_layer_with_a_warning():
+def test_untraceable_submodule_is_reported_unverified_never_plain():
+    model = Chain(PlainBlock(), Untraceable(), PlainBlock())
     with pytest.warns(UserWarning, match="blocks.1"):
-        assert find_skips(Chain(PlainBlock(), Untraceable(), PlainBlock()), X) == []
+        skips = find_skips(model, X)
+    assert [(s.block, s.kind) for s in skips] == [("blocks.1", "unverified")]
+    with pytest.warns(UserWarning), pytest.raises(NotPlainError, match="blocks.1: unverified"):
+        assert_plain(model, X)
 
 
 # --------------------------------------------------------------------------- the registry
@@ -188,21 +210,37 @@ def test_registry_has_models_of_each_kind():
     assert "plain_mlp" in PLAIN_AND_PNNH and "resnet_mlp" in RESNETS
 
 
+def _plain_form(model: nn.Module) -> nn.Module:
+    """PNNH blocks in their plain form (``fused=False``: ``[A; -A; E]``, ReLU, ``[Aᵀ, -Aᵀ, D]``)."""
+    for m in model.modules():
+        if hasattr(m, "fused"):
+            m.fused = False
+    return model
+
+
 @pytest.mark.filterwarnings("ignore:plainness")
 @pytest.mark.parametrize("name", PLAIN_AND_PNNH)
 def test_plain_and_pnnh_models_have_no_skips(name):
     model, x = _small(name)
-    assert_plain(model, x)
+    assert_plain(_plain_form(model), x)
+
+
+@pytest.mark.filterwarnings("ignore:plainness")
+@pytest.mark.parametrize("name", ["pnnh_mlp", "pnnh_cnn1d", "pnnh20"])
+def test_pnnh_training_form_is_not_claimed_plain_and_its_export_is(name):
+    """The training form computes the coder path by the reparametrization AᵀA x: whatever the
+    checker sees there (an identity/projection add, or a module it cannot trace) is not plain;
+    the exported network is."""
+    model, x = _small(name)
+    assert find_skips(model, x), "the training form must not pass as plain"
+    assert_plain(pnnh.to_plain(model), x)
 
 
 @pytest.mark.filterwarnings("ignore:plainness")
 @pytest.mark.parametrize("name", RESNETS)
 def test_the_same_check_finds_the_resnet_skips(name):
-    """One skip in every block whose output has its input's shape (identity shortcut).
-
-    Transition blocks with a projection shortcut (through a layer) may go unreported; see
-    ``pnnh.plainness``.
-    """
+    """Every block has its residual connection(s): identity where the block keeps its
+    input's shape, projection (1x1 conv / linear + norm) in transition blocks."""
     model, x = _small(name)
     shapes = {}
     hooks = [
@@ -217,13 +255,15 @@ def test_the_same_check_finds_the_resnet_skips(name):
         model(x)
     for h in hooks:
         h.remove()
-    skips = find_skips(model, x)
+    skips = [s for s in find_skips(model, x) if s.kind != "unverified"]
     per_block = [s.block for s in skips]
-    assert len(per_block) == len(set(per_block)), "one report per block"
+    assert len({(s.block, s.source, s.sink) for s in skips}) == len(skips), "each listed once"
     identity_blocks = {b for b, (i, o) in shapes.items() if i == o}
     assert identity_blocks, "a ResNet has identity blocks"
-    assert identity_blocks <= set(per_block)
-    assert set(per_block) <= set(shapes)  # only in blocks (stem/head are plain)
+    assert set(per_block) == set(shapes)  # every block, transitions included; stem/head plain
+    for s in skips:
+        assert s.kind == ("identity" if s.block in identity_blocks else "projection"), s
+
 
 
 def test_a_block_called_twice_is_checked_at_both_calls():

@@ -125,3 +125,10 @@ def test_tat_flag_reaches_model_args():
     assert cfg.model_args == {"tat": True, "tat_eta": 0.8}
     argv = ["train", "--model", "plain_mlp"]
     assert "tat" not in train_config_from_args(build_parser(argv).parse_args(argv)).model_args
+
+
+def test_tat_eta_without_tat_is_an_error_not_ignored():
+    with pytest.raises(ConfigError, match=r"tat_eta: only applies with tat=True"):
+        create_model("plain_mlp", depth=8, width=16, tat_eta=0.7)
+    with pytest.raises(ConfigError, match="tat_eta"):
+        create_model("plain_mlp", depth=8, width=16, tat=False, tat_eta=0.7)

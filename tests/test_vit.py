@@ -155,8 +155,10 @@ def test_plainness(shape):
         assert find_skips(_small("pnnh_vit_tiny", shape, coder_norm=cn), x) == []
     assert find_skips(_small("plain_vit_tiny", shape), x) == []
     skips = find_skips(_small("vit_tiny", shape, depth=3), x)
-    assert [s.block for s in skips] == ["blocks.0", "blocks.1", "blocks.2"]
-    assert all(s.path[:2] == ("add", "add_1") or len(s.path) == 2 for s in skips)
+    # two residual connections per block: around attention and around the MLP
+    assert [s.block for s in skips] == ["blocks.0", "blocks.0", "blocks.1", "blocks.1",
+                                        "blocks.2", "blocks.2"]
+    assert all(s.kind == "identity" and s.sink.startswith("add") for s in skips)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "create_model", "list_models", "model_info", "count_parameters", "train", "get_dataset", "to_plain",
-    "TrainingInterrupted",
+    "TrainingInterrupted", "convert",
 ]
 
 
@@ -17,4 +17,8 @@ def __getattr__(name):  # lazy: keep `import pnnh` light
         from pnnh.export import to_plain
 
         return to_plain
+    if name == "convert":  # pnnh.convert.resnet_to_plain, without importing it up front
+        import importlib
+
+        return importlib.import_module("pnnh.convert")
     raise AttributeError(f"module 'pnnh' has no attribute {name!r}")

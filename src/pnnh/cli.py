@@ -52,9 +52,16 @@ def add_model_arguments(p: argparse.ArgumentParser, multiple: bool = False) -> N
 def add_probe_common_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, multiple=True)
     p.add_argument("--checkpoint", help="a pnnh checkpoint (.pt) to probe instead of a fresh init")
+    p.add_argument("--model-file", metavar="FILE.py:FACTORY",
+                   help="your own model: FACTORY() in FILE.py returns an nn.Module")
+    p.add_argument("--input-shape", metavar="C,H,W",
+                   help="probe a seeded synthetic batch of this shape (L, C,L or C,H,W) "
+                   "instead of a dataset")
     p.add_argument("--dataset", help="dataset of the probe batch (default: the checkpoint's, "
                    "else mnist1d)")
     p.add_argument("--data-dir", help="directory for cifar10/cifar100/imagefolder")
+    p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset option, e.g. input_shape=[3,16,16] (repeatable)")
     p.add_argument("--num-samples", type=int, default=512, help="probe batch size (samples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
@@ -237,9 +244,9 @@ def cmd_train(args) -> int:
 
 def cmd_probe(args) -> int:
     from pnnh.config import parse_model_arg
+    from pnnh.probes.common import check_model_flags
 
-    if not args.model and not args.checkpoint:
-        raise PnnhError("probe: give --model NAME (repeatable) or --checkpoint PATH", field="model")
+    check_model_flags(args)
     args.model_args = dict(parse_model_arg(t) for t in args.model_arg)
     _probe_module(args.probe).run_cli(args)
     return 0
@@ -290,9 +297,33 @@ COMMANDS = {
 }
 
 
+QUICK_ENV = "PNNH_QUICK"
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """``PNNH_QUICK=1``: every command finishes in seconds with the same code paths (the
+    docs-commands test runs README's and docs/'s commands this way). ``train``: 1 epoch of at
+    most 2 steps on at most 512 MNIST-1D/synthetic samples; ``probe``: at most 64 samples and
+    short Hessian/Jacobian iterations; ``demo``: ``--quick``. Depths and widths are kept."""
+    if os.environ.get(QUICK_ENV, "0") in ("", "0"):
+        return
+    if args.command == "train":
+        args.epochs, args.max_steps_per_epoch, args.progress = 1, 2, False
+        args.num_samples = min(args.num_samples or 512, 512)
+    elif args.command == "probe":
+        args.num_samples = min(args.num_samples, 64)
+        for name, cap in (("max_iter", 8), ("hutchinson_samples", 4), ("slq_runs", 1),
+                          ("slq_steps", 4), ("dense_limit", 300), ("power_iters", 10)):
+            if getattr(args, name, None) is not None:
+                setattr(args, name, min(getattr(args, name), cap))
+    elif args.command == "demo":
+        args.quick = True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    apply_quick(args)
     try:
         return COMMANDS[args.command](args) or 0
     except PnnhError as e:

@@ -73,19 +73,74 @@ def _parts(block: nn.Module):
                         "fc1/fc2", field="model")
     w1 = fold_bn(l1.weight, l1.bias, getattr(block, "bn1", nn.Identity()))
     w2 = fold_bn(l2.weight, l2.bias, getattr(block, "bn2", nn.Identity()))
-    sc = getattr(block, "shortcut", nn.Identity())
+    sc = getattr(block, "shortcut", None) or getattr(block, "downsample", None) or nn.Identity()
     if isinstance(sc, nn.Identity):
         return l1, w1, l2, w2, None
     conv, bn = sc[0], sc[1] if len(sc) > 1 else nn.Identity()
     ws, bs = fold_bn(conv.weight, conv.bias, bn)
-    if ws.shape[2:] != (1, 1) or l1.kernel_size != (3, 3) or l1.padding != (1, 1):
-        raise PnnhError("only 1x1 projection shortcuts beside 3x3 convs are supported",
-                        field="model")
+    if (ws.shape[2:] != (1, 1) or l1.kernel_size != (3, 3) or l1.padding != (1, 1)
+            or conv.stride != l1.stride):
+        raise PnnhError("only 1x1 projection shortcuts beside 3x3 convs of the same stride are "
+                        "supported", field="model")
     return l1, w1, l2, w2, (F.pad(ws, (1, 1, 1, 1)), bs)
 
 
 def _is_residual(block: nn.Module) -> bool:
-    return hasattr(block, "shortcut") or "Residual" in type(block).__name__
+    return (hasattr(block, "shortcut") or hasattr(block, "downsample")
+            or "Residual" in type(block).__name__ or "Basic" in type(block).__name__)
+
+
+# Sub-modules of a block the conversion understands (torchvision's BasicBlock, pnnh's blocks).
+_KNOWN_PARTS = {"conv1", "bn1", "conv2", "bn2", "fc1", "fc2", "relu", "act", "act1", "act2",
+                "shortcut", "downsample"}
+
+
+def _check_block(name: str, block: nn.Module) -> None:
+    """One clear error for the blocks the construction does not cover."""
+    kind = type(block).__name__
+    parts = {n for n, _ in block.named_children()}
+    if "conv3" in parts:
+        raise PnnhError(f"cannot convert block {name} ({kind}): a Bottleneck (conv1/conv2/conv3) "
+                        "is not supported, only post-activation BasicBlocks", field="model")
+    extra = sorted(parts - _KNOWN_PARTS)
+    if extra:
+        raise PnnhError(f"cannot convert block {name} ({kind}): unknown sub-module(s) "
+                        f"{', '.join(extra)} (squeeze-excitation or another addition); only "
+                        "relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x)) blocks convert",
+                        field="model")
+    for i in ("1", "2"):
+        layer, bn = getattr(block, "conv" + i, None), getattr(block, "bn" + i, None)
+        width = getattr(layer, "out_channels", None)
+        if bn is not None and width is not None and bn.num_features != width:
+            raise PnnhError(f"cannot convert block {name} ({kind}): bn{i} normalises the layer's "
+                            f"input, not its output (a pre-activation block); only "
+                            "post-activation blocks convert", field="model")
+
+
+@torch.no_grad()
+def _verify_block(name: str, block: nn.Module, layers: list[nn.Module], nonneg: bool) -> None:
+    """Run the block and its plain layers on a seeded probe; a block whose forward is not
+    ``relu(F(x) + S x)`` (whatever its sub-modules are called) fails here, by name."""
+    first = layers[0]
+    g = torch.Generator().manual_seed(0)
+    if isinstance(first, nn.Linear):
+        shape = (3, first.in_features)
+    else:
+        shape = (3, first.in_channels) + (8,) * (first.weight.dim() - 2)
+    x = torch.randn(*shape, generator=g).to(first.weight)
+    x = x.relu() if nonneg else x
+    was = block.training
+    block.eval()
+    try:
+        want = block(x)
+    finally:
+        block.train(was)
+    got = nn.Sequential(*layers)(x)
+    err = float((got - want).abs().max()) if got.shape == want.shape else float("inf")
+    if not err <= 1e-4 * (1 + float(want.abs().max())):
+        raise PnnhError(f"cannot convert block {name} ({type(block).__name__}): its forward is not "
+                        f"relu(F(x) + S x) (plain form off by {err:.3g}); pre-activation and "
+                        "gated blocks do not convert", field="model")
 
 
 @torch.no_grad()
@@ -118,25 +173,47 @@ def _stem_nonneg(stem: nn.Module) -> bool:
     return bool(mods) and isinstance(mods[-1], nn.ReLU)
 
 
+def _resnet_parts(model: nn.Module):
+    """``(stem modules, [(name, block)], head modules)`` of a pnnh ResNet (``stem``/``blocks``/
+    ``head``) or a torchvision-layout one (``conv1``/``bn1``/``relu``/``maxpool``,
+    ``layer1..N``, ``avgpool``/``fc``)."""
+    if all(hasattr(model, a) for a in ("stem", "blocks", "head")):
+        blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+        return [model.stem], blocks, [model.head]
+    tv_stem = ("conv1", "bn1", "relu", "maxpool")
+    if all(hasattr(model, a) for a in tv_stem + ("layer1", "avgpool", "fc")):
+        from pnnh.probes.common import find_blocks
+
+        stem = [getattr(model, a) for a in tv_stem]
+        return stem, find_blocks(model), [model.avgpool, nn.Flatten(1), model.fc]
+    raise PnnhError(f"cannot convert {type(model).__name__}: expected stem/blocks/head (pnnh) or "
+                    "conv1/bn1/relu/maxpool, layer1.., avgpool/fc (torchvision)", field="model")
+
+
 @torch.no_grad()
 def resnet_to_plain(model: nn.Module) -> nn.Sequential:
     """An ``nn.Sequential`` of plain layers computing the ResNet's eval-mode function exactly.
 
-    Works for models with ``stem``, ``blocks`` and ``head`` whose residual blocks are
-    post-activation (``relu(F(x) + S x)``): ``resnet_mlp``, ``resnet_cnn1d``, the CIFAR
-    ResNets and ``resnet18``. Blocks that are already plain pass through unchanged.
+    Works for post-activation ResNets (``relu(F(x) + S x)``): pnnh's (``stem``, ``blocks``,
+    ``head``: ``resnet_mlp``, ``resnet_cnn1d``, the CIFAR ResNets, ``resnet18``) and the
+    torchvision layout (BasicBlocks ``conv1/bn1/conv2/bn2`` with an optional ``downsample``
+    in ``layer1..4``, stem ``conv1/bn1/relu/maxpool``, head ``avgpool/fc``). Blocks that are
+    already plain pass through unchanged. A block it cannot convert (Bottleneck,
+    pre-activation, squeeze-excitation) is named in a :class:`PnnhError`; every converted block
+    is checked against the original on a seeded probe.
     """
-    if not all(hasattr(model, a) for a in ("stem", "blocks", "head")):
-        raise PnnhError(f"cannot convert {type(model).__name__}: expected stem/blocks/head",
-                        field="model")
-    nonneg = _stem_nonneg(model.stem)
-    layers = plain_layers([model.stem])
-    for block in model.blocks:
+    stem, blocks, head = _resnet_parts(model)
+    nonneg = _stem_nonneg(nn.Sequential(*stem) if len(stem) > 1 else stem[0])
+    layers = plain_layers(stem)
+    for name, block in blocks:
         if _is_residual(block):
-            layers += convert_block(block, nonneg)
+            _check_block(name, block)
+            converted = convert_block(block, nonneg)
+            _verify_block(name, block, converted, nonneg)
+            layers += converted
         else:
             layers += plain_layers([block])
-    layers += plain_layers([model.head])
+    layers += plain_layers(head)
     return nn.Sequential(*layers).eval()
 
 

@@ -144,12 +144,29 @@ def _plain_value(v):
 
 
 def save_plain(plain: nn.Sequential, path: str | Path, meta: dict | None = None) -> Path:
-    """Write an exported ``nn.Sequential`` as layer specs + weights (no pickled objects)."""
-    payload = {"format": PLAIN_FORMAT, "layers": [_spec(m) for m in plain],
-               "state_dict": plain.state_dict(), "meta": dict(meta or {})}
+    """Write an exported ``nn.Sequential`` as layer specs + weights (no pickled objects), with
+    the ``sha256`` content digest checkpoints carry (:func:`pnnh.checkpoint.content_digest`)."""
+    from pnnh.checkpoint import content_digest
+
+    body = {"layers": [_spec(m) for m in plain], "state_dict": plain.state_dict(),
+            "meta": dict(meta or {})}
+    payload = {"format": PLAIN_FORMAT, "sha256": content_digest(body), **body}
     buf = io.BytesIO()
     torch.save(payload, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _check_digest(path: Path, payload: dict) -> None:
+    from pnnh.checkpoint import content_digest
+
+    stored = payload.get("sha256")
+    if stored is None:
+        raise CheckpointError(f"{path} has no checksum (written by an older pnnh or by hand); "
+                              "export it again", field="checkpoint")
+    body = {k: v for k, v in payload.items() if k not in ("format", "sha256")}
+    if content_digest(body) != stored:
+        raise CheckpointError(f"{path} is corrupted: its content does not match its sha256 "
+                              "checksum", field="checkpoint")
 
 
 def load_plain(path: str | Path) -> nn.Sequential:
@@ -161,6 +178,7 @@ def load_plain(path: str | Path) -> nn.Sequential:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("format") != PLAIN_FORMAT:
             raise ValueError("wrong format tag")
+        _check_digest(path, payload)
         layers = []
         for spec in payload["layers"]:
             cls = getattr(nn, spec["type"])
@@ -172,6 +190,8 @@ def load_plain(path: str | Path) -> nn.Sequential:
             layers.append(cls(*args, **kwargs))
         model = nn.Sequential(*layers)
         model.load_state_dict(payload["state_dict"])
+    except CheckpointError:
+        raise
     except Exception as e:  # any malformed file is the user's file problem
         raise CheckpointError(f"cannot load plain model {path}: {str(e)[:200]}",
                               field="checkpoint") from None

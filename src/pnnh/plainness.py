@@ -1,43 +1,61 @@
-"""Proof of plainness: find skip connections in a model by tracing it with ``torch.fx``.
+"""Proof of plainness: find residual connections in a model by tracing it with ``torch.fx``.
 
-A network is *plain* when it is one straight chain of layers: nothing computed before a block
-is kept alive and combined with what comes after it. Formally, for every block ``B``:
+A network is *plain* when it is one straight chain of layers: every tensor that two branches
+combine has crossed the same number of weight layers on both since they forked. Formally,
+for each *merge* (an op with two or more inputs that carry data: ``add``, ``cat``, ``mul``,
+``q @ kᵀ``, ...) and each pair of its inputs ``a``, ``b``, let ``s`` be a tensor both depend on
+and ``D(s → a)`` the largest number of weight layers on a data-flow path from ``s`` to
+``a``.
+The merge is a **residual connection** from the fork ``s`` when
 
-    no tensor produced before ``B`` reaches a tensor after ``B`` along a path that avoids
-    ``B``'s own weight layers.
+    D(s → a) ≠ D(s → b)
 
-A *path* follows the data flow of the traced graph (``torch.fx``), one op at a time. It may
-pass through parameter-free ops of the block (``add``, ``cat``, ``relu``, reshapes, dropout,
-normalization) — that is exactly what an identity shortcut ``x + f(x)`` or a DenseNet-style
-``cat([x, f(x)])`` does — and it may go around the block altogether. It is stopped only by a
-**weight layer of the block**: a call of a parametrised mixing module (``Linear``, ``Conv*``,
+for some common ancestor ``s``; the one reported is the latest such ``s`` (the fork nearest
+the merge), so each residual connection is listed once, by ``(block, source, sink)``.
+
+Stages are counted in weight layers, and a difference is excused in one case only: when
+both branches cross the same number (one or more) of non-linearities, the extra layers are
+linear maps between the same non-linearities and compose into one wider layer (a PNNH
+transition's carried units ``pad(relu(P x)) - pad(relu(-P x))`` beside ``D relu(E x)``
+are the plain ``[I, -I, D] relu([P; -P; E] x)``). Non-linearities are the activation modules
+and functions, softmax and ``MultiheadAttention``; normalizations are not counted.
+
+A *weight layer* is a call of a parametrised mixing module (``Linear``, ``Conv*``,
 ``MultiheadAttention``, RNNs, ...) or a matmul-like function (``F.linear``, ``F.conv*``,
 ``matmul``, ``einsum``, ...) applied with a weight that does not depend on the input (a
 parameter, or a tensor computed from parameters only, such as the PNNH coder's ``[A; -A]``).
-Normalization modules (BatchNorm, LayerNorm, GroupNorm, ...) are per-channel affine maps and do
-*not* stop a path: ``x + BN(f(x))`` and ``LN(x) + f(x)`` are both skips.
+Normalization modules (BatchNorm, LayerNorm, GroupNorm, ...) are per-channel affine maps and
+are *not* weight layers: ``x + BN(f(x))`` and ``LN(x) + f(x)`` are both skips.
 
 Consequences, stated plainly:
 
-- attention (``softmax(q kᵀ) v``) merges branches of the same input, but every branch has gone
-  through the block's q/k/v projections, so attention is plain;
-- the PNNH coder (the block input crossing the non-linearity through the shared ``[A; -A]``
-  and ``[Aᵀ, -Aᵀ]`` layers) is plain: its path goes through the block's layers;
-- a *projection* shortcut (``conv1x1(x) + f(x)``) goes through a layer of the block and is not
-  reported; identity shortcuts, zero-padded (option-A) shortcuts and any parameter-free path are;
+- an identity shortcut ``x + f(x)`` (``kind="identity"``: no weight layer on the short side)
+  and a projection shortcut ``conv1x1(x) + f(x)`` (``kind="projection"``: one layer against
+  two) are both residual connections; so are DenseNet-style ``cat([x, f(x)])`` and gates
+  ``x * g(x)`` (squeeze-excitation);
+- attention (``softmax(q kᵀ) v``) merges q, k and v, each one projection away from the block
+  input: plain; so is a gated unit ``act(W₁x) * W₃x`` and the PNNH block in its plain form
+  ``[Aᵀ, -Aᵀ, D] relu([A; -A; E] x)`` (two layers on every path);
+- the PNNH training form ``AᵀA x + D relu(E x)`` (the exact reparametrization ``AᵀA = I`` of
+  the plain form) has a one-layer path beside a two-layer one and is reported: it is the
+  plain network's arithmetic, not a plain network;
 - only data flow counts: shapes (``x.shape[0]``), ``zeros_like(x)`` and the ``other`` of
   ``y.view_as(other)`` carry no values, and nodes whose value holds no tensor end a path.
 
-Blocks are the children of ``model.blocks`` (nested ``nn.Sequential``/``nn.ModuleList`` are
-flattened, so stages of blocks count block by block) and the model's other top-level children
-(``stem``, ``head``, ...); a model without ``blocks`` uses its top-level children.
+A sub-module that ``torch.fx`` cannot trace (Python control flow on its input) is kept as a
+single op and reported with ``kind="unverified"``: the checker could not see into it, so the
+model is not proven plain. ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` (whose
+fast-path checks do not trace) are traced through their reference (slow-path) computation,
+the same function. ``nn.MultiheadAttention`` is one weight layer.
+
+Each connection is attributed to the *block* (see :func:`pnnh.probes.common.find_blocks`) in
+which its merge happens; a merge outside every block names the blocks its long path crosses.
 """
 
 from __future__ import annotations
 
 import operator
 import warnings
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +68,13 @@ __all__ = ["Skip", "find_skips", "assert_plain", "block_names", "NotPlainError"]
 
 @dataclass(frozen=True)
 class Skip:
-    """A tensor from before ``block`` that reaches after it without crossing its weight layers.
+    """One residual connection: ``source`` reaches the merge ``sink`` along two paths that
+    cross different numbers of weight layers (``layers``: the counts, short side first).
 
-    ``source`` and ``sink`` are ``torch.fx`` node names; ``path`` lists the ops in between
-    (the ops of the skip: e.g. ``['add', 'relu']`` for ``relu(x + f(x))``).
+    ``source`` and ``sink`` are ``torch.fx`` node names; ``path`` lists the ops of the short
+    side (e.g. ``['downsample.0 (Conv2d)', 'downsample.1 (BatchNorm2d)']``); ``kind`` is
+    ``"identity"`` (no weight layer on the short side), ``"projection"`` (weight layers on
+    both sides) or ``"unverified"`` (``block`` could not be traced; ``source``/``sink`` empty).
     """
 
     block: str
@@ -61,11 +82,16 @@ class Skip:
     sink: str
     path: tuple[str, ...]
     shape: tuple[int, ...] | None = None
+    kind: str = "identity"
+    layers: tuple[int, int] | None = None
 
     def __str__(self) -> str:
+        if self.kind == "unverified":
+            return f"{self.block}: unverified (torch.fx cannot trace it)"
         via = " -> ".join(self.path) if self.path else "(directly)"
         shape = f" {list(self.shape)}" if self.shape is not None else ""
-        return f"{self.block}: {self.source}{shape} -> {via} -> {self.sink}"
+        counts = f", {self.layers[0]} vs {self.layers[1]} layers" if self.layers else ""
+        return f"{self.block}: {self.source}{shape} -> {via} -> {self.sink} ({self.kind}{counts})"
 
 
 class NotPlainError(AssertionError):
@@ -109,6 +135,43 @@ _VALUELESS_FUNCTIONS = {
     torch.randint_like,
 }
 _VALUELESS_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full", "size", "dim", "numel"}
+# Non-linearities: the stage boundaries of a chain (normalizations are not counted).
+_NONLINEAR_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+    nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Softplus, nn.Softsign, nn.Softmax, nn.LogSoftmax, nn.GLU, nn.MultiheadAttention,
+)
+_NONLINEAR_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardtanh, F.hardswish, F.hardsigmoid,
+    F.softplus, F.softsign, torch.softmax, F.softmax, F.log_softmax, F.glu, torch.clamp,
+    torch.clamp_min,
+}
+_NONLINEAR_METHODS = {"relu", "sigmoid", "tanh", "softmax", "log_softmax", "clamp", "clamp_min"}
+
+
+def _encoder_layer_forward(m: nn.TransformerEncoderLayer, src, src_mask=None,
+                           src_key_padding_mask=None, is_causal=False):
+    """``nn.TransformerEncoderLayer``'s reference computation (its forward's slow path)."""
+    x = src
+    if m.norm_first:
+        x = x + m._sa_block(m.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + m._ff_block(m.norm2(x))
+    x = m.norm1(x + m._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return m.norm2(x + m._ff_block(x))
+
+
+def _encoder_forward(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None,
+                     is_causal=None):
+    """``nn.TransformerEncoder``'s reference computation: its layers in turn, then ``norm``."""
+    out = src
+    for layer in m.layers:
+        out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask)
+    return m.norm(out) if m.norm is not None else out
+
+
+_TRACE_FORWARDS = {nn.TransformerEncoderLayer: _encoder_layer_forward,
+                   nn.TransformerEncoder: _encoder_forward}
 
 
 class _Tracer(fx.Tracer):
@@ -124,6 +187,10 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         self.calls.append(self.path_of_module(m))
+        reference = _TRACE_FORWARDS.get(type(m))
+        if reference is not None and self.calls[-1] not in self.opaque:
+            def forward(*a, _m=m, _f=reference, **k):
+                return _f(_m, *a, **k)
         out = super().call_module(m, forward, args, kwargs)
         self.calls.pop()
         return out
@@ -139,21 +206,18 @@ class _Tracer(fx.Tracer):
 
 
 def block_names(model: nn.Module) -> list[str]:
-    """Qualified names of the blocks :func:`find_skips` checks (see the module docstring)."""
-    names: list[str] = []
+    """Qualified names of the units skips are attributed to: the blocks
+    :func:`pnnh.probes.common.find_blocks` finds, then the model's top-level children that
+    hold none of them (``stem``, ``head``, ...); without blocks, the top-level children."""
+    from pnnh.probes.common import find_blocks
 
-    def flatten(prefix: str, module: nn.Module) -> None:
-        for name, child in module.named_children():
-            qual = f"{prefix}.{name}"
-            if isinstance(child, (nn.Sequential, nn.ModuleList)):
-                flatten(qual, child)
-            else:
-                names.append(qual)
-
-    for name, child in model.named_children():
-        if name == "blocks" and isinstance(child, (nn.Sequential, nn.ModuleList)):
-            flatten(name, child)
-        else:
+    try:
+        blocks = [name for name, _ in find_blocks(model)]
+    except Exception:
+        blocks = []
+    names = list(blocks)
+    for name, _ in model.named_children():
+        if not any(b == name or b.startswith(name + ".") for b in blocks):
             names.append(name)
     return names
 
@@ -191,9 +255,9 @@ def _op_label(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return node.name
 
 
-def _trace(model: nn.Module) -> tuple[fx.Graph, fx.GraphModule]:
+def _trace(model: nn.Module) -> tuple[fx.Graph, fx.GraphModule, set[str]]:
     """Trace ``model``; a sub-module that cannot be traced (Python control flow on its input)
-    becomes an opaque leaf — counted as a weight layer if it holds tensors — with a warning."""
+    becomes an opaque leaf, returned in the third item (and warned about)."""
     opaque: set[str] = set()
     while True:
         tracer = _Tracer(opaque)
@@ -209,24 +273,14 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, fx.GraphModule]:
             opaque.add(inner)
     if opaque:
         warnings.warn(
-            "plainness: not traceable, checked as opaque layers: " + ", ".join(sorted(opaque)),
+            "plainness: not traceable, reported as unverified: " + ", ".join(sorted(opaque)),
             stacklevel=3,
         )
-    return graph, fx.GraphModule(tracer.root, graph)
+    return graph, fx.GraphModule(tracer.root, graph), opaque
 
 
-def find_skips(model: nn.Module, example_input) -> list[Skip]:
-    """Trace ``model`` with ``torch.fx`` and return every skip, one per (block, source tensor).
-
-    ``example_input`` is a batch (a tensor, or a tuple of tensors for several inputs); the model
-    is run once on it, in eval mode and without gradients (its mode is restored), to tell tensor
-    values from shapes. An empty list means the model is plain.
-    """
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    graph, gm = _trace(model)
-    modules = dict(gm.named_modules())
-
-    # Run once to know which nodes hold tensors (shapes and ints do not carry data).
+def _record_values(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> dict:
+    """Run the traced graph once (eval mode, no grad; the mode is restored): node -> value."""
     values: dict[fx.Node, object] = {}
 
     class _Recorder(fx.Interpreter):
@@ -242,115 +296,172 @@ def find_skips(model: nn.Module, example_input) -> list[Skip]:
             _Recorder(gm).run(*inputs)
     finally:
         model.train(was_training)
-    tensor_nodes = {n for n, v in values.items() if _has_tensor(v)}
+    return values
 
-    nodes = list(graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    # Nodes that depend on the input; the others are constants (parameters and what is
-    # computed from them only, e.g. a coder's [A; -A]).
-    dependent: set[fx.Node] = set()
-    for n in nodes:
-        if n.op == "placeholder" or any(a in dependent for a in _carriers(n)):
-            dependent.add(n)
-    live = dependent & tensor_nodes
-    live |= {n for n in nodes if n.op == "output"}
-    users = {n: [u for u in n.users if u in live and n in _carriers(u)] for n in nodes}
 
-    def is_weight_layer(n: fx.Node) -> bool:
+class _Graph:
+    """The data-flow view of a traced model: live nodes, their carriers and weight layers."""
+
+    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], values: dict):
+        self.nodes = list(graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.modules = modules
+        self.values = values
+        tensor_nodes = {n for n, v in values.items() if _has_tensor(v)}
+        # Nodes that depend on the input; the others are constants (parameters and what is
+        # computed from them only, e.g. a coder's [A; -A]).
+        self.dependent: set[fx.Node] = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in self.dependent for a in _carriers(n)):
+                self.dependent.add(n)
+        self.live = self.dependent & tensor_nodes
+        self.inputs = {n: list(dict.fromkeys(a for a in _carriers(n) if a in self.live))
+                       for n in self.nodes}
+        self.layer = {n: int(self._is_weight_layer(n)) for n in self.nodes}
+        self.nonlinear = {n: int(self._is_nonlinear(n)) for n in self.nodes}
+
+    def _is_nonlinear(self, n: fx.Node) -> bool:
         if n.op == "call_module":
-            m = modules[n.target]
+            return isinstance(self.modules[n.target], _NONLINEAR_MODULES)
+        if n.op == "call_function":
+            return n.target in _NONLINEAR_FUNCTIONS
+        return n.op == "call_method" and n.target in _NONLINEAR_METHODS
+
+    def _is_weight_layer(self, n: fx.Node) -> bool:
+        if n.op == "call_module":
+            m = self.modules[n.target]
             has_state = any(True for _ in m.parameters()) or any(True for _ in m.buffers())
             return has_state and not isinstance(m, _NORMS)
-        args = n.all_input_nodes
-        has_const = any(a not in dependent for a in args)
+        has_const = any(a not in self.dependent for a in n.all_input_nodes)
         if n.op == "call_function" and n.target in _MIXING_FUNCTIONS:
             return has_const
         if n.op == "call_method" and n.target in _MIXING_METHODS:
             return has_const
         return False
 
-    def calls_of(unit: str) -> list[set[fx.Node]]:
-        """The block's nodes, one set per call (a module called twice is two blocks)."""
-        calls: dict[str, set[fx.Node]] = {}
-        for n in nodes:
-            stack = n.meta.get("nn_module_stack") or {}
-            # keys are "path" or "path@k" for the k-th call of a module; values (path, type)
-            keys = [k for k, v in stack.items() if v[0] == unit]
-            if not keys and n.op == "call_module" and (
-                n.target == unit or n.target.startswith(unit + ".")
-            ):
-                keys = [unit]
-            for k in keys[:1]:
-                calls.setdefault(k, set()).add(n)
-        return list(calls.values())
-
-    skips: list[Skip] = []
-    for unit, inside in ((u, c) for u in block_names(model) for c in calls_of(u)):
-        if not inside & live:
-            continue
-        # ancestors (sources) and descendants (sinks) of the block, outside it
-        ancestors: set[fx.Node] = set()
-        work = deque(n for n in inside)
+    def layer_counts(self, target: fx.Node, weight: dict | None = None) -> dict[fx.Node, frozenset[int]]:
+        """For every live ancestor ``s`` of ``target`` (and ``target`` itself): the weight-layer
+        counts (or, with ``weight=self.nonlinear``, the non-linearity counts) along the paths
+        ``s -> target``, ``s`` excluded and ``target`` included."""
+        weight = self.layer if weight is None else weight
+        ancestors, work = {target}, [target]
         while work:
-            n = work.popleft()
-            for a in _carriers(n):
-                if a in live and a not in inside and a not in ancestors:
+            for a in self.inputs[work.pop()]:
+                if a not in ancestors:
                     ancestors.add(a)
                     work.append(a)
-        descendants: set[fx.Node] = set()
-        work = deque(inside)
-        while work:
-            n = work.popleft()
-            for u in users[n]:
-                if u not in inside and u not in descendants:
-                    descendants.add(u)
-                    work.append(u)
-        stops = {n for n in inside if is_weight_layer(n)}
-        # nodes from which the block's weight layers are reached (the block's real inputs)
-        feeds_layers: set[fx.Node] = set()
-        work = deque(stops)
-        while work:
-            for a in _carriers(work.popleft()):
-                if a in live and a not in feeds_layers:
-                    feeds_layers.add(a)
-                    work.append(a)
-        for src in sorted(ancestors, key=order.__getitem__):
-            # Breadth-first from src over non-source nodes, stopped by the block's weight layers.
-            # Through the block's parameter-free ops only if src also feeds the block's layers:
-            # a block without layers on src's way (a LayerNorm, an activation) just computes its
-            # output. Around the block altogether is always a skip.
-            closed = src not in feeds_layers
-            parent: dict[fx.Node, fx.Node | None] = {src: None}
-            work = deque([src])
-            found = None
-            while work and found is None:
-                n = work.popleft()
-                for u in users[n]:
-                    if u in parent or u in ancestors or u in stops or (u in inside and closed):
-                        continue
-                    parent[u] = n
-                    if u in descendants:
-                        found = u
-                        break
-                    work.append(u)
-            if found is None:
+        counts: dict[fx.Node, frozenset[int]] = {target: frozenset([0])}
+        for n in sorted(ancestors - {target}, key=self.order.__getitem__, reverse=True):
+            acc: set[int] = set()
+            for u in n.users:
+                if u in counts and n in self.inputs[u]:
+                    acc.update(c + weight[u] for c in counts[u])
+            counts[n] = frozenset(acc)
+        return counts
+
+    def short_path(self, src: fx.Node, dst: fx.Node, short: int, weight: dict) -> list[fx.Node]:
+        """Ops strictly between ``src`` and ``dst`` on a path of ``short`` (by ``weight``)."""
+        counts = self.layer_counts(dst, weight)
+        path, n, left = [], src, short
+        while n is not dst:
+            n = next(u for u in sorted(n.users, key=self.order.__getitem__)
+                     if u in counts and n in self.inputs[u] and left - weight[u] in counts[u])
+            left -= weight[n]
+            if n is not dst:
+                path.append(n)
+        return path
+
+
+def _is_residual(layers: tuple[int, int], nonlinear: tuple[int, int]) -> bool:
+    """Two branches from one fork are a residual connection when they cross different numbers
+    of weight layers, unless they cross the same number (one or more) of non-linearities: then
+    the extra layers are linear maps between the same non-linearities and compose into one
+    wider layer (``pad(relu(P x)) + D relu(E x)`` is ``[I, D] relu([P; E] x)``)."""
+    if layers[0] == layers[1]:
+        return False
+    return not (nonlinear[0] == nonlinear[1] >= 1)
+
+
+def _fork(g: _Graph, a: fx.Node, b: fx.Node, ca: tuple[dict, dict], cb: tuple[dict, dict]):
+    """The latest common ancestor of merge inputs ``a`` and ``b`` whose longest paths to them
+    make a residual connection (:func:`_is_residual`); None if there is none. (Longest: inside
+    attention ``softmax(q kᵀ) v`` the paths through v and through the softmax differ, and
+    the block's depth is the longer one.)"""
+    (la, na), (lb, nb) = ca, cb
+    for s in sorted(set(la) & set(lb), key=g.order.__getitem__, reverse=True):
+        if _is_residual((max(la[s]), max(lb[s])), (max(na[s]), max(nb[s]))):
+            return s
+    return None
+
+
+def _unit_of(node: fx.Node, units: list[str]) -> str | None:
+    """The outermost unit (block, stem, head) whose call produced ``node``."""
+    stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+    if node.op == "call_module":
+        stack.append(node.target)
+    for path in stack:
+        if path in units:
+            return path
+    return None
+
+
+def _attribute(g: _Graph, merge: fx.Node, long_path: list[fx.Node], units: list[str]) -> str:
+    unit = _unit_of(merge, units)
+    if unit is not None:
+        return unit
+    crossed = list(dict.fromkeys(u for u in (_unit_of(n, units) for n in long_path) if u))
+    if len(crossed) > 1:
+        return f"{crossed[0]}..{crossed[-1]}"
+    return crossed[0] if crossed else "(model)"
+
+
+def _merge_skips(g: _Graph, merge: fx.Node, units: list[str]) -> list[Skip]:
+    """Every residual connection closing at ``merge`` (one per distinct fork)."""
+    ins = g.inputs[merge]
+    counts = {i: (g.layer_counts(i), g.layer_counts(i, g.nonlinear)) for i in ins}
+    found: dict[fx.Node, Skip] = {}
+    for j, a in enumerate(ins):
+        for b in ins[j + 1:]:
+            src = _fork(g, a, b, counts[a], counts[b])
+            if src is None or src in found:
                 continue
-            path_nodes = []
-            n = parent[found]
-            while n is not None and n is not src:
-                path_nodes.append(n)
-                n = parent[n]
-            path = [_op_label(n, modules) for n in path_nodes]
-            v = values.get(src)
-            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
-            skips.append(
-                Skip(unit, src.name, _op_label(found, modules), tuple(reversed(path)), shape)
+            (short_in, ls), (long_in, ll) = sorted(
+                [(a, max(counts[a][0][src])), (b, max(counts[b][0][src]))], key=lambda t: t[1])
+            path = [] if src is short_in else g.short_path(src, short_in, ls, g.layer) + [short_in]
+            long_path = g.short_path(src, long_in, ll, g.layer) + [long_in]
+            v = g.values.get(src)
+            found[src] = Skip(
+                _attribute(g, merge, long_path, units), src.name, _op_label(merge, g.modules),
+                tuple(_op_label(n, g.modules) for n in path),
+                tuple(v.shape) if isinstance(v, torch.Tensor) else None,
+                "identity" if ls == 0 else "projection", (ls, ll),
             )
+    return list(found.values())
+
+
+def find_skips(model: nn.Module, example_input) -> list[Skip]:
+    """Trace ``model`` with ``torch.fx`` and return every residual connection, one per
+    (merge, fork), in execution order, then every sub-module that could not be traced
+    (``kind="unverified"``). An empty list means the model is proven plain.
+
+    ``example_input`` is a batch (a tensor, or a tuple of tensors for several inputs); the model
+    is run once on it, in eval mode and without gradients (its mode is restored), to tell tensor
+    values from shapes.
+    """
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    graph, gm, opaque = _trace(model)
+    g = _Graph(graph, dict(gm.named_modules()), _record_values(gm, model, inputs))
+    units = block_names(model)
+    skips: list[Skip] = []
+    for n in g.nodes:
+        if n.op != "output" and n in g.live and len(g.inputs[n]) >= 2:
+            skips += _merge_skips(g, n, units)
+    skips += [Skip(name, "", "", (), kind="unverified") for name in sorted(opaque)]
     return skips
 
 
 def assert_plain(model: nn.Module, example_input) -> None:
-    """Raise :class:`NotPlainError` listing every skip if ``model`` is not plain."""
+    """Raise :class:`NotPlainError` listing every skip if ``model`` is not proven plain."""
     skips = find_skips(model, example_input)
     if skips:
         name = getattr(model, "pnnh_name", type(model).__name__)

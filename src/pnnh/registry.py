@@ -102,6 +102,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
     # TAT (leaky-ReLU kernel shaping, pnnh.tat) likewise applies to any plain model.
     tat = {k: merged.pop(k) for k in ("tat", "tat_eta")
            if k in merged and k not in sig.parameters and not accepts_any}
+    if "tat_eta" in tat and not tat.get("tat"):
+        raise ConfigError("tat_eta: only applies with tat=True (--tat); without it the model "
+                          "keeps its ReLUs and tat_eta would be ignored", field="tat_eta")
     if not accepts_any:
         unknown = sorted(set(merged) - set(sig.parameters))
         if unknown:

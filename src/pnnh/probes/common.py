@@ -1,18 +1,41 @@
-"""What every probe command needs: models (fresh or from a checkpoint) and a fixed batch."""
+"""What every probe needs: the blocks of a model, models (registered, from a checkpoint or from
+the user's own file) and a fixed batch (from a dataset or synthetic, of a given shape).
+
+Block discovery (:func:`find_blocks`) is shared by every probe and by the plainness checker.
+It tries these layouts in order and takes the first that matches:
+
+1. ``blocks`` (pnnh, timm ViT/MLP-Mixer): its children; a child that is an
+   ``nn.Sequential``/``nn.ModuleList`` of composite modules is a stage and is flattened, block
+   by block (an ``nn.Sequential`` of leaf layers is one block);
+2. ``stages.*.blocks`` (timm ConvNeXt, ByobNet, ...): the blocks of each stage, in order;
+3. ``layer1``, ``layer2``, ... (torchvision ResNet/ResNeXt): the children of each;
+4. ``encoder.layer`` (Hugging Face BERT/ViT), ``h`` (GPT-2), ``layers`` (Llama, ...):
+   searched at any depth, outermost first (``transformer.h``, ``model.layers`` match);
+5. ``nn.TransformerEncoder``/``nn.TransformerDecoder`` anywhere: its ``layers``;
+6. the longest ``nn.Sequential``/``nn.ModuleList`` of at least 4 modules (the model itself
+   when it is one): its children (VGG's ``features``).
+
+When nothing matches, :class:`~pnnh.errors.ConfigError` lists, in one line, the candidate
+module names a user can pass instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from pnnh.checkpoint import load_model
-from pnnh.data import get_dataset
-from pnnh.device import pick_device
 from pnnh.errors import ConfigError
-from pnnh.registry import create_model
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList)
+_NAMED_STACKS = ("encoder.layer", "h", "layers")
+MIN_SEQUENTIAL = 4
 
 
 @dataclass
@@ -23,11 +46,120 @@ class ProbeTarget:
     targets: torch.Tensor
 
 
-def probe_batch(dataset: str, data_dir: str | None, num_samples: int, seed: int = 0):
+# ----------------------------------------------------------------------------- blocks
+def _flatten(prefix: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, child in module.named_children():
+        qual = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, _CONTAINERS) and all(list(c.children()) for c in child.children()):
+            out += _flatten(qual, child)  # a stage of blocks
+        else:
+            out.append((qual, child))
+    return out
+
+
+def _stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Each layout's containers, in the documented order (the first non-empty one wins)."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    children = {n for n, m in named if isinstance(m, nn.Module) and list(m.children())}
+    blocks = [(n, m) for n, m in named if n == "blocks" and n in children]
+    if blocks:
+        return blocks
+    stages = [(n, m) for n, m in named if re.fullmatch(r"stages\.\d+\.blocks", n) and n in children]
+    if stages:
+        return stages
+    tv = sorted(((n, m) for n, m in named if re.fullmatch(r"layer\d+", n) and n in children),
+                key=lambda t: int(t[0][5:]))
+    if tv:
+        return tv
+    for suffix in _NAMED_STACKS:
+        hits = [(n, m) for n, m in named if (n == suffix or n.endswith("." + suffix))
+                and isinstance(m, _CONTAINERS) and len(m) > 0]
+        if hits:
+            return hits[:1]
+    for n, m in named:
+        if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
+            return [(f"{n}.layers", m.layers)]
+    seqs = [(n, m) for n, m in [("", model)] + named
+            if isinstance(m, _CONTAINERS) and len(m) >= MIN_SEQUENTIAL]
+    if seqs:
+        return [max(seqs, key=lambda t: len(t[1]))]
+    return []
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of the model's blocks, in order (see the module docstring
+    for the layouts tried). Raises :class:`ConfigError` naming candidate modules if none."""
+    from pnnh.probes.norms import unwrap
+
+    model = unwrap(model)
+    out: list[tuple[str, nn.Module]] = []
+    for name, container in _stacks(model):
+        out += _flatten(name, container)
+    if out:
+        return out
+    candidates = [n for n, m in model.named_modules() if n and list(m.children())]
+    candidates = candidates or [n for n, _ in model.named_children()]
+    shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
+    raise ConfigError(
+        f"no blocks found in {type(model).__name__} (looked for blocks, stages.*.blocks, "
+        f"layer1.., encoder.layer, h, layers, TransformerEncoder.layers, a Sequential of "
+        f">= {MIN_SEQUENTIAL} modules); name the modules to probe, e.g. from: {shown or '(none)'}",
+        field="blocks",
+    )
+
+
+# ----------------------------------------------------------------------------- models
+def load_model_file(spec: str) -> nn.Module:
+    """``FILE.py:FACTORY`` -> ``FACTORY()`` from that file (an ``nn.Module``)."""
+    path, sep, factory = spec.rpartition(":")
+    if not sep or not path or not factory.isidentifier():
+        raise ConfigError(f"--model-file: expected FILE.py:FACTORY, got {spec!r}",
+                          field="model_file")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--model-file: {file} does not exist", field="model_file")
+    name = f"pnnh_user_model_{abs(hash(str(file.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        raise ConfigError(f"--model-file: {file} has no callable {factory!r}", field="model_file")
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model-file: {factory}() in {file} returned "
+                          f"{type(model).__name__}, not an nn.Module", field="model_file")
+    return model
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``"3,32,32"`` -> ``(3, 32, 32)`` (``L``, ``C,L`` or ``C,H,W``; positive integers)."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+    except ValueError:
+        shape = ()
+    if not 1 <= len(shape) <= 3 or min(shape) < 1:
+        raise ConfigError(f"--input-shape: expected L, C,L or C,H,W (positive integers), "
+                          f"got {text!r}", field="input_shape")
+    return shape
+
+
+# ----------------------------------------------------------------------------- batches
+def probe_batch(dataset: str, data_dir: str | None, num_samples: int, seed: int = 0,
+                dataset_args: dict | None = None):
     """``num_samples`` validation samples drawn with a seeded generator: ``(inputs, targets, ds)``."""
+    from pnnh.data import get_dataset
+
     if num_samples < 2:
         raise ConfigError(f"num_samples: need at least 2, got {num_samples}", field="num_samples")
-    _, val = get_dataset(dataset, data_dir, seed=seed)
+    try:
+        _, val = get_dataset(dataset, data_dir, seed=seed, **(dataset_args or {}))
+    except TypeError as e:
+        raise ConfigError(f"--dataset-arg: {e}", field="dataset_args") from None
     idx = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))[:num_samples]
     if hasattr(val, "tensors"):
         x, y = val.tensors[0][idx], val.tensors[1][idx]
@@ -38,25 +170,125 @@ def probe_batch(dataset: str, data_dir: str | None, num_samples: int, seed: int 
     return x, y, val
 
 
+def synthetic_batch(shape: tuple[int, ...], num_samples: int, num_classes: int, seed: int = 0):
+    """A seeded standard-normal batch ``(num_samples, *shape)`` and uniform labels below
+    ``num_classes``: what a probe runs on when no dataset feeds the model."""
+    if num_samples < 2:
+        raise ConfigError(f"num_samples: need at least 2, got {num_samples}", field="num_samples")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, *shape, generator=g)
+    y = torch.randint(0, max(int(num_classes), 1), (num_samples,), generator=g)
+    return x, y
+
+
+def _default_in_shape(name: str) -> tuple[int, ...] | None:
+    import inspect
+
+    from pnnh.registry import model_info
+
+    info = model_info(name)
+    shape = info.defaults.get("in_shape")
+    if shape is None:
+        p = inspect.signature(info.factory).parameters.get("in_shape")
+        shape = p.default if p is not None and p.default is not inspect.Parameter.empty else None
+    return tuple(shape) if shape is not None else None
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """One model source (``--model``, ``--checkpoint`` or ``--model-file``), and one batch
+    source (``--input-shape`` or ``--dataset``/``--data-dir``): else a one-line error."""
+    given = [f for f, v in (("--model", args.model), ("--checkpoint", args.checkpoint),
+                            ("--model-file", getattr(args, "model_file", None))) if v]
+    if len(given) != 1:
+        raise ConfigError("probe: give exactly one of --model NAME (repeatable), --checkpoint "
+                          f"PATH, --model-file FILE.py:FACTORY (got {', '.join(given) or 'none'})",
+                          field="model")
+    if getattr(args, "input_shape", None) and (args.dataset or args.data_dir):
+        raise ConfigError("probe: --input-shape (a synthetic batch) and --dataset/--data-dir "
+                          "exclude each other", field="input_shape")
+
+
+def _batch_for(model: nn.Module, args: argparse.Namespace, shape, seed: int):
+    """The probe batch of a model that has no dataset of its own: synthetic of ``shape``, the
+    labels below the model's output width."""
+    x, _ = synthetic_batch(shape, args.num_samples, 1, seed)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except Exception as e:  # the user's model on the wrong shape: say which shape was tried
+        raise ConfigError(f"probe: the model does not accept a batch of shape "
+                          f"{tuple(x.shape[1:])} ({type(e).__name__}: {e}); give "
+                          "--input-shape", field="input_shape") from None
+    classes = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim >= 2 else 1
+    return synthetic_batch(shape, args.num_samples, classes, seed)
+
+
+def _dataset_args(args: argparse.Namespace) -> dict:
+    from pnnh.config import parse_model_arg
+
+    return dict(parse_model_arg(t, "--dataset-arg") for t in getattr(args, "dataset_arg", []) or [])
+
+
 def probe_targets(args: argparse.Namespace) -> list[ProbeTarget]:
-    """Resolve ``--checkpoint`` or ``--model`` (repeatable) plus the batch options into targets."""
+    """Resolve ``--model`` (repeatable), ``--checkpoint`` or ``--model-file`` plus the batch
+    options (``--dataset``/``--dataset-arg`` or ``--input-shape``) into targets."""
+    from pnnh.device import pick_device
+
+    check_model_flags(args)
     device = pick_device(getattr(args, "device", "cpu") or "cpu")
-    model_args = dict(getattr(args, "model_args", {}) or {})
     seed = getattr(args, "seed", 0) or 0
-    if getattr(args, "checkpoint", None):
-        model, ckpt = load_model(args.checkpoint, map_location="cpu")
-        dataset = args.dataset or ckpt.get("config", {}).get("dataset") or "mnist1d"
-        data_dir = args.data_dir or ckpt.get("config", {}).get("data_dir")
-        x, y, _ = probe_batch(dataset, data_dir, args.num_samples, seed)
-        label = f"{ckpt['model_name']} (epoch {ckpt.get('epoch')})"
-        return [ProbeTarget(label, model.to(device).eval(), x.to(device), y.to(device))]
-    x, y, val = probe_batch(args.dataset or "mnist1d", args.data_dir, args.num_samples, seed)
-    targets = []
-    names = args.model if isinstance(args.model, list) else [args.model]
-    for name in names:
+    shape = parse_input_shape(getattr(args, "input_shape", None))
+    if getattr(args, "model_file", None):
         torch.manual_seed(seed)
-        model = create_model(name, in_shape=tuple(val.input_shape), num_classes=val.num_classes,
-                             depth=args.depth, width=args.width, **model_args)
-        label = name if args.depth is None else f"{name}-{args.depth}"
-        targets.append(ProbeTarget(label, model.to(device).eval(), x.to(device), y.to(device)))
-    return targets
+        model = load_model_file(args.model_file)
+        label = Path(args.model_file.rpartition(":")[0]).stem + ":" + args.model_file.rpartition(":")[2]
+        if shape is not None:
+            x, y = _batch_for(model, args, shape, seed)
+        else:
+            x, y, _ = probe_batch(args.dataset or "mnist1d", args.data_dir, args.num_samples,
+                                  seed, _dataset_args(args))
+        return [ProbeTarget(label, model.to(device).eval(), x.to(device), y.to(device))]
+    if args.checkpoint:
+        return [_checkpoint_target(args, device, seed, shape)]
+    return [_registry_target(name, args, device, seed, shape) for name in
+            (args.model if isinstance(args.model, list) else [args.model])]
+
+
+def _checkpoint_target(args, device, seed: int, shape) -> ProbeTarget:
+    from pnnh.checkpoint import load_model
+
+    model, ckpt = load_model(args.checkpoint, map_location="cpu")
+    label = f"{ckpt['model_name']} (epoch {ckpt.get('epoch')})"
+    if shape is not None:
+        x, y = _batch_for(model, args, shape, seed)
+    else:
+        cfg = ckpt.get("config", {})
+        dataset = args.dataset or cfg.get("dataset") or "mnist1d"
+        data_dir = args.data_dir or cfg.get("data_dir")
+        dargs = _dataset_args(args) or (cfg.get("dataset_args") or {} if not args.dataset else {})
+        x, y, _ = probe_batch(dataset, data_dir, args.num_samples, seed, dargs)
+    return ProbeTarget(label, model.to(device).eval(), x.to(device), y.to(device))
+
+
+def _registry_target(name: str, args, device, seed: int, shape) -> ProbeTarget:
+    from pnnh.registry import create_model
+
+    model_args = dict(getattr(args, "model_args", {}) or {})
+    label = name if args.depth is None else f"{name}-{args.depth}"
+    own = _default_in_shape(name)
+    if shape is None and not args.dataset and own is not None and own != (1, 40):
+        shape = own  # the default dataset (mnist1d, (1, 40)) cannot feed this model
+        print(f"{label}: mnist1d's inputs (1, 40) do not fit its input shape {own}; probing "
+              f"a seeded synthetic batch of shape {own} (give --dataset to use data)")
+    if shape is not None:
+        x, y = synthetic_batch(shape, args.num_samples, model_args.get("num_classes", 10), seed)
+        in_shape, classes = shape, model_args.pop("num_classes", 10)
+    else:
+        x, y, val = probe_batch(args.dataset or "mnist1d", args.data_dir, args.num_samples, seed,
+                                _dataset_args(args))
+        in_shape, classes = tuple(val.input_shape), val.num_classes
+    torch.manual_seed(seed)
+    model = create_model(name, in_shape=in_shape, num_classes=classes, depth=args.depth,
+                         width=args.width, **model_args)
+    return ProbeTarget(label, model.to(device).eval(), x.to(device), y.to(device))

@@ -69,6 +69,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,18 +92,22 @@ _WEIGHT_LEAVES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 
 # ----------------------------------------------------------------------------- layers
 def default_layers(model: nn.Module) -> list[str]:
-    """The children of ``model.blocks`` if it has them, else every leaf activation /
-    Linear / Conv module (registration order; records come out in execution order)."""
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.Module) and len(list(blocks.children())) > 0:
-        return [f"blocks.{name}" for name, _ in blocks.named_children()]
+    """The blocks :func:`pnnh.probes.common.find_blocks` finds (``blocks.*``, ``layer1.*``,
+    ``encoder.layer.*``, ...) if any, else every leaf activation / Linear / Conv module
+    (registration order; records come out in execution order)."""
+    from pnnh.probes.common import find_blocks
+
+    try:
+        return [name for name, _ in find_blocks(model)]
+    except PnnhError:
+        pass
     names = [
         name for name, m in model.named_modules()
         if name and not list(m.children()) and isinstance(m, _ACTIVATIONS + _WEIGHT_LEAVES)
     ]
     if not names:
         raise PnnhError(
-            "dissipation: the model has no `blocks` and no activation/Linear/Conv leaf "
+            "dissipation: the model has no blocks and no activation/Linear/Conv leaf "
             "modules; pass layers=[...] (names from model.named_modules())", field="layers"
         )
     return names
@@ -427,6 +432,72 @@ def split_parts(n: int, seed: int = 0) -> torch.Tensor:
     return part
 
 
+def _check_arguments(inputs, batch_size: int, ridge) -> list[float]:
+    if not isinstance(inputs, torch.Tensor):
+        raise PnnhError("dissipation: inputs must be a tensor (N, ...)", field="inputs")
+    if inputs.shape[0] < 4:
+        raise PnnhError(f"dissipation: need at least 4 inputs, got {inputs.shape[0]}",
+                        field="inputs")
+    if batch_size < 1:
+        raise PnnhError(f"dissipation: batch_size must be >= 1, got {batch_size}",
+                        field="batch_size")
+    ridges = [float(r) for r in (ridge if isinstance(ridge, Sequence) else [ridge])]
+    if not ridges or not all(r > 0 for r in ridges):
+        raise PnnhError(f"dissipation: ridge penalties must be positive, got {ridge}",
+                        field="ridge")
+    return ridges
+
+
+class _Hooks:
+    """Forward hooks feeding one :class:`_LayerStats` per (layer, call): a module that runs
+    ``k`` times in one forward pass (a shared ``nn.ReLU``) gives records ``name``,
+    ``name@1``, ..., ``name@{k-1}``. Outputs that are not ``(batch, ...)`` tensors are an error
+    for named layers and skipped (``self.skipped``) for default ones."""
+
+    def __init__(self, model, names, named_by_user: bool, max_features, seed, tol):
+        self.stats: dict[str, _LayerStats] = {}
+        self.skipped: dict[str, str] = {}
+        self.named_by_user, self.max_features, self.seed, self.tol = (
+            named_by_user, max_features, seed, tol)
+        self.counted = _weight_layer_modules(model)
+        modules = dict(model.named_modules())
+        self.handles = [m.register_forward_hook(self._count) for m in self.counted]
+        self.handles += [modules[n].register_forward_hook(self._probe(n)) for n in names]
+
+    def start_batch(self, xb: torch.Tensor, part: torch.Tensor) -> None:
+        self.weight_layers, self.order, self.calls = 0, 0, {}
+        self.x, self.part = xb.reshape(xb.shape[0], -1), part
+
+    def _count(self, mod, _inp, _out):
+        self.weight_layers += self.counted[mod]
+
+    def _probe(self, name: str):
+        def hook(_mod, _inp, out):
+            call = self.calls.get(name, 0)
+            self.calls[name] = call + 1
+            label = name if call == 0 else f"{name}@{call}"
+            t = _first_tensor(out)
+            if t is None or t.ndim == 0 or t.shape[0] != self.x.shape[0]:
+                why = (f"does not output a (batch, ...) tensor (got {type(out).__name__}"
+                       f"{tuple(t.shape) if t is not None else ''})")
+                if self.named_by_user:
+                    raise PnnhError(f"dissipation: layer {label!r} {why}", field="layers")
+                self.skipped[label] = why
+                return
+            st = self.stats.get(label)
+            if st is None:
+                st = self.stats[label] = _LayerStats(label, self.max_features, self.seed)
+            if st.order is None:
+                st.order, st.depth = self.order, self.weight_layers
+            self.order += 1
+            st.add(t, self.x, self.part, self.tol)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def dissipation(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -444,83 +515,45 @@ def dissipation(
     (or globs) from ``model.named_modules()``; default :func:`default_layers`. The model runs
     in eval mode under ``torch.no_grad()`` in batches of ``batch_size``; its training flag is
     restored afterwards. Returns dicts with keys ``layer, depth, surviving_fraction, input_r2,
-    cosine_collapse, effective_rank``, in execution order.
+    cosine_collapse, effective_rank``, in execution order. A module that runs several times
+    per forward pass gives one record per call (``name``, ``name@1``, ...). A default layer
+    that never runs (``MultiheadAttention.out_proj``, whose weights attention uses directly)
+    or whose output is not ``(batch, ...)`` is skipped with a :class:`UserWarning`; a layer
+    the user named is an error.
     """
-    if not isinstance(inputs, torch.Tensor):
-        raise PnnhError("dissipation: inputs must be a tensor (N, ...)", field="inputs")
+    ridges = _check_arguments(inputs, batch_size, ridge)
     n = inputs.shape[0]
-    if n < 4:
-        raise PnnhError(f"dissipation: need at least 4 inputs, got {n}", field="inputs")
-    if batch_size < 1:
-        raise PnnhError(f"dissipation: batch_size must be >= 1, got {batch_size}",
-                        field="batch_size")
     names = resolve_layers(model, layers)
-    modules = dict(model.named_modules())
-    stats = {name: _LayerStats(name, max_features, seed) for name in names}
     parts = split_parts(n, seed)
-    ridges = [float(r) for r in (ridge if isinstance(ridge, Sequence) else [ridge])]
-    if not ridges or not all(r > 0 for r in ridges):
-        raise PnnhError(f"dissipation: ridge penalties must be positive, got {ridge}",
-                        field="ridge")
-
-    state = {"weight_layers": 0, "order": 0, "x": None, "part": None, "seen": set()}
-
-    def count_hook(mod, _inp, _out):
-        state["weight_layers"] += counted[mod]
-
-    def probe_hook(name):
-        def hook(_mod, _inp, out):
-            st = stats[name]
-            if name in state["seen"]:
-                raise PnnhError(
-                    f"dissipation: layer {name!r} ran twice in one forward pass (a shared "
-                    "module); probe a module that runs once", field="layers"
-                )
-            state["seen"].add(name)
-            t = _first_tensor(out)
-            if t is None or t.ndim == 0 or t.shape[0] != state["x"].shape[0]:
-                raise PnnhError(
-                    f"dissipation: layer {name!r} does not output a (batch, ...) tensor "
-                    f"(got {type(out).__name__}{tuple(t.shape) if t is not None else ''})",
-                    field="layers",
-                )
-            if st.order is None:
-                st.order = state["order"]
-                st.depth = state["weight_layers"]
-                state["order"] += 1
-            st.add(t, state["x"], state["part"], tol)
-        return hook
-
-    counted = _weight_layer_modules(model)
-    handles = []
+    hooks = _Hooks(model, names, layers is not None, max_features, seed, tol)
     was_training = model.training
     try:
-        for m in counted:
-            handles.append(m.register_forward_hook(count_hook))
-        for name in names:
-            handles.append(modules[name].register_forward_hook(probe_hook(name)))
         model.eval()
         device = next((p.device for p in model.parameters()), inputs.device)
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 xb = inputs[start:start + batch_size].to(device)
-                state.update(weight_layers=0, order=0, x=xb.reshape(xb.shape[0], -1),
-                             part=parts[start:start + batch_size].to(device), seen=set())
+                hooks.start_batch(xb, parts[start:start + batch_size].to(device))
                 model(xb)
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
         model.train(was_training)
-
-    missing = [name for name in names if stats[name].n == 0]
-    if missing:
+    missing = [name for name in names if name not in hooks.stats and name not in hooks.skipped]
+    if missing and layers is not None:
         raise PnnhError(
             f"dissipation: layer(s) {', '.join(missing)} never ran in the forward pass",
             field="layers",
         )
-    ordered = sorted(stats.values(), key=lambda s: s.order)
+    notes = [f"{m} never ran in the forward pass" for m in missing]
+    notes += [f"{m} {why}" for m, why in hooks.skipped.items()]
+    if notes:
+        warnings.warn("dissipation: skipped default layer(s): " + "; ".join(notes), stacklevel=2)
+    if not hooks.stats:
+        raise PnnhError("dissipation: no probed layer produced a (batch, ...) output; name "
+                        "the layers to probe (--layers)", field="layers")
+    ordered = sorted(hooks.stats.values(), key=lambda s: s.order)
     records = [s.finish(tol, ridges) for s in ordered]
-    if not counted:  # no weight layers to count: the layer's position
+    if not hooks.counted:  # no weight layers to count: the layer's position
         for i, r in enumerate(records, 1):
             r["depth"] = i
     return records
@@ -554,8 +587,12 @@ def run_cli(args: argparse.Namespace) -> list[dict]:
     several = len(targets) > 1
     records: list[dict] = []
     for t in targets:
-        recs = dissipation(t.model, t.inputs, args.layers, batch_size=args.batch_size,
-                           ridge=args.ridge, max_features=args.max_features, seed=args.seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recs = dissipation(t.model, t.inputs, args.layers, batch_size=args.batch_size,
+                               ridge=args.ridge, max_features=args.max_features, seed=args.seed)
+        for w in caught:
+            print(f"{t.label}: note: {w.message}")
         records += [{"model": t.label, **r} if several else r for r in recs]
     out = Path(args.out)
     columns = (("model",) if several else ()) + COLUMNS
@@ -563,7 +600,8 @@ def run_cli(args: argparse.Namespace) -> list[dict]:
     plot_metric_vs_layer(
         [{"model": r.get("model", targets[0].label), **r} for r in records], METRICS,
         out / "dissipation.png",
-        title=f"dissipation ({args.dataset or 'mnist1d'}, {args.num_samples} samples)",
+        title=f"dissipation ({args.dataset or ('synthetic' if args.input_shape else 'mnist1d')}, "
+              f"{len(targets[0].inputs)} samples)",
     )
     last = {}
     for r in records:

@@ -496,19 +496,40 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     a("--slq-steps", type=int, default=40)
 
 
+def _loss_targets(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                  loss: str) -> torch.Tensor:
+    """``--loss mse`` on class labels regresses the one-hot vectors ``e_y`` (the squared loss
+    of the linear-network analyses); float targets are used as they are."""
+    if loss != "mse" or targets.is_floating_point():
+        return targets
+    with torch.no_grad():
+        width = model(inputs[:1]).shape[-1]
+    if int(targets.max()) >= width:
+        raise ConfigError(f"--loss mse: labels go up to {int(targets.max())} but the model has "
+                          f"{width} outputs", field="loss")
+    return F.one_hot(targets.long(), width).to(inputs.dtype if inputs.is_floating_point()
+                                               else torch.float32)
+
+
 def run_cli(args: argparse.Namespace) -> None:
-    from pnnh.io import atomic_write_json, write_records
+    """Write ``hessian.json`` and ``hessian.csv`` (a list: one record per model, whatever the
+    number of models) and ``hessian_spectrum.png``."""
+    from pnnh.io import write_records
     from pnnh.probes.common import probe_targets
 
     model_args = dict(getattr(args, "model_args", {}) or {})
     for flag, key in (("shortcut", "shortcut"), ("init", "init"), ("init_scale", "scale")):
         if getattr(args, flag, None) is not None:
+            if not args.model:
+                raise ConfigError(f"--{flag.replace('_', '-')}: applies to a --model built "
+                                  "here, not to --checkpoint/--model-file", field=flag)
             model_args[key] = getattr(args, flag)
     args.model_args = model_args
     out = Path(args.out)
     records, spectra = [], {}
     for t in probe_targets(args):
-        op = HessianOperator(t.model, (t.inputs, t.targets), args.loss, args.params)
+        targets = _loss_targets(t.model, t.inputs, t.targets, args.loss)
+        op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params)
         summary, spec = hessian_summary(
             op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
             zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,
@@ -522,9 +543,6 @@ def run_cli(args: argparse.Namespace) -> None:
         print(f"{t.label}: lambda_max={rec['lambda_max']:.6g} lambda_min={rec['lambda_min']:.6g}"
               f" trace={rec['trace']:.6g} condition_number="
               f"{'n/a' if cn is None else f'{cn:.6g}'} ({rec['num_params']} params)")
-    if len(records) == 1:
-        atomic_write_json(out / "hessian.json", records[0])
-    else:
-        write_records(records, out, "hessian")
+    write_records(records, out, "hessian")
     plot_spectrum(spectra, out / "hessian_spectrum.png")
     print(f"hessian: {out / 'hessian.json'}")

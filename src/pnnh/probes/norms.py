@@ -58,19 +58,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 def resolve_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` pairs to measure.
 
-    ``None``: the children of ``model.blocks`` (named ``blocks.0``, ``blocks.1``, ...);
+    ``None``: the blocks :func:`pnnh.probes.common.find_blocks` finds (``blocks.0``, ...,
+    ``layer1.0``, ..., ``encoder.layer.0``, ...);
     a sequence of names: those submodules (``model.get_submodule(name)``);
     a mapping: its ``label -> module`` items.
     """
     if blocks is None:
-        seq = getattr(model, "blocks", None)
-        if not isinstance(seq, nn.Module) or len(list(seq.children())) == 0:
-            raise ConfigError(
-                f"norms: model {type(model).__name__} has no `blocks` container; "
-                "name the modules to measure (blocks=[...] / --blocks a,b,c)",
-                field="blocks",
-            )
-        return [(f"blocks.{name}", m) for name, m in seq.named_children()]
+        from pnnh.probes.common import find_blocks
+
+        return find_blocks(model)
     if isinstance(blocks, Mapping):
         return list(blocks.items())
     out = []
@@ -101,19 +97,21 @@ def norms(
     ``batch`` is ``(inputs, targets)``; ``loss_fn(outputs, targets)`` defaults to cross-entropy.
     The model is run in whatever mode it is in (eval for a probe, train inside training).
     Returns one record per block, in forward order: ``{index, block, grad_in_norm,
-    grad_out_norm, ratio}``. Nothing is accumulated into the parameters' ``.grad``.
+    grad_out_norm, ratio}``; a module that runs ``k`` times per forward pass (a shared
+    ``nn.ReLU``) gives ``k`` records, ``name``, ``name@1``, ... Nothing is accumulated into the
+    parameters' ``.grad``.
     """
     loss_fn = loss_fn or F.cross_entropy
     inputs, targets = batch
     model = unwrap(model)
     named = resolve_blocks(model, blocks)
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def make_hook(i: int):
         def hook(module, args, output):
             x_in, x_out = _first_tensor(args), _first_tensor(output)
             if x_in is not None and x_out is not None:
-                captured[i] = (x_in, x_out)
+                captured.setdefault(i, []).append((x_in, x_out))
 
         return hook
 
@@ -124,7 +122,7 @@ def norms(
             x = inputs.detach().requires_grad_(inputs.is_floating_point())
             loss = loss_fn(model(x), targets)
             order = sorted(captured)
-            tensors = [t for i in order for t in captured[i]]
+            tensors = [t for i in order for pair in captured[i] for t in pair]
             wanted = [t for t in tensors if t.requires_grad]
             grads = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else []
     finally:
@@ -138,14 +136,13 @@ def norms(
 
     records = []
     for i, (name, _) in enumerate(named):
-        if i not in captured:
+        for call, (x_in, x_out) in enumerate(captured.get(i, [(None, None)])):
             gi = go = float("nan")
-        else:
-            gi, go = norm(captured[i][0]), norm(captured[i][1])
-        ratio = gi / go if go > 0 else float("nan")
-        records.append(
-            {"index": i, "block": name, "grad_in_norm": gi, "grad_out_norm": go, "ratio": ratio}
-        )
+            if x_in is not None:
+                gi, go = norm(x_in), norm(x_out)
+            ratio = gi / go if go > 0 else float("nan")
+            records.append({"index": len(records), "block": name if call == 0 else f"{name}@{call}",
+                            "grad_in_norm": gi, "grad_out_norm": go, "ratio": ratio})
     return records
 
 
@@ -247,7 +244,8 @@ def plot(
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--blocks",
-        help="comma-separated submodule names to measure (default: the children of model.blocks)",
+        help="comma-separated submodule names to measure (default: the blocks found in "
+        "the common layouts, see docs/PROBES.md)",
     )
 
 

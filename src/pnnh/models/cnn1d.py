@@ -86,7 +86,7 @@ def plain_cnn1d(in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: 
 @register_model("resnet_cnn1d", family="cnn1d", kind="resnet")
 def resnet_cnn1d(
     in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 32,
-    zero_init_residual: bool = False,
+    zero_init_residual: bool = True,
 ) -> CNN1d:
     """Residual 1-D CNN: identity shortcut around each block of two convs."""
     n = blocks_for_depth(depth)
@@ -104,7 +104,7 @@ def pnnh_cnn1d(
     coder_ratio: float = 1.0,
     coder_kernel: int = 1,
     coder_init: str = "orthogonal",
-    coder_constraint: str = "newton_schulz",
+    coder_constraint: str = "fixed",
     project_every: int = 1,
     penalty_weight: float = 0.01,
     zero_init_decoder: bool = True,

@@ -7,7 +7,8 @@ head keeps positions rather than average-pooling them away). No normalization, a
 MLP study.
 
 - plain block:    ``y = relu(conv2(relu(conv1(x))))``
-- residual block: ``y = relu(x + conv2(relu(conv1(x))))``
+- residual block: ``y = relu(x + conv2(relu(conv1(x))))`` (``conv2`` starts at zero by default,
+  ``zero_init_residual=True``; ``False`` gives the He-init ResNet)
 - PNNH block:     ``y = relu(AᵀA x + conv_D(relu(conv_E(x))) + b)`` — a pointwise weight-shared
   coder beside a 3-tap learner; as plain layers, one 3-tap conv ``[A; -A; E]`` and one
   ``[Aᵀ, -Aᵀ, D]`` (see :mod:`pnnh.coder`).

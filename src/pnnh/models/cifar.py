@@ -11,7 +11,10 @@ strided conv as ``conv1`` (and, for the ResNet, the projection shortcut as ``sho
 - ResNet block: ``relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))`` — identity, or a 1x1
   stride-2 conv + BN at transitions (option B);
 - PNNH block:   :class:`pnnh.coder.PNNHBlock` with BatchNorm on the learner units only; at
-  transitions the coder is the Haar-initialised orthogonal downsampling coder.
+  transitions the coder is the orthogonal downsampling coder ``P`` (by default fixed: the
+  non-negative pair sums of :func:`pnnh.coder.pair_rows`; Haar-initialised when trainable).
+  At ``r = 1`` the PNNH net computes what a ResNet with the learner as branch computes
+  (``docs/PNNH.md``, "The equivalence"; :func:`pnnh.convert.pnnh_to_resnet`).
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ def _pnnh(
     coder_ratio: float = 1.0,
     coder_kernel: int = 1,
     coder_init: str = "orthogonal",
-    coder_constraint: str = "newton_schulz",
+    coder_constraint: str = "fixed",
     project_every: int = 1,
     penalty_weight: float = 0.01,
     zero_init_decoder: bool = True,

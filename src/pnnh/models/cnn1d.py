@@ -7,7 +7,8 @@ head keeps positions rather than average-pooling them away). No normalization, a
 MLP study.
 
 - plain block:    ``y = relu(conv2(relu(conv1(x))))``
-- residual block: ``y = relu(x + conv2(relu(conv1(x))))``
+- residual block: ``y = relu(x + conv2(relu(conv1(x))))`` (``conv2`` starts at zero by default,
+  ``zero_init_residual=True``; ``False`` gives the He-init ResNet)
 - PNNH block:     ``y = relu(AᵀA x + conv_D(relu(conv_E(x))) + b)`` — a pointwise weight-shared
   coder beside a 3-tap learner; as plain layers, one 3-tap conv ``[A; -A; E]`` and one
   ``[Aᵀ, -Aᵀ, D]`` (see :mod:`pnnh.coder`).
@@ -86,7 +87,7 @@ def plain_cnn1d(in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: 
 @register_model("resnet_cnn1d", family="cnn1d", kind="resnet")
 def resnet_cnn1d(
     in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 32,
-    zero_init_residual: bool = False,
+    zero_init_residual: bool = True,
 ) -> CNN1d:
     """Residual 1-D CNN: identity shortcut around each block of two convs."""
     n = blocks_for_depth(depth)
@@ -104,7 +105,7 @@ def pnnh_cnn1d(
     coder_ratio: float = 1.0,
     coder_kernel: int = 1,
     coder_init: str = "orthogonal",
-    coder_constraint: str = "newton_schulz",
+    coder_constraint: str = "fixed",
     project_every: int = 1,
     penalty_weight: float = 0.01,
     zero_init_decoder: bool = True,

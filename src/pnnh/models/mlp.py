@@ -7,9 +7,13 @@ classes)``. So ``depth=8`` has 3 blocks and ``depth=102`` has 50.
 - plain block:    ``y = relu(W2 relu(W1 x + b1) + b2)``
 - residual block: ``y = relu(x + W2 relu(W1 x + b1) + b2)``  (He et al., post-activation)
 - PNNH block:     ``y = relu([Aᵀ, -Aᵀ, D] relu([A; -A; E] x + b1) + b2)`` — two plain layers,
-  a weight-shared coder ``A`` carrying ``AᵀA x`` across the ReLU (see :mod:`pnnh.coder`).
+  a weight-shared coder ``A`` carrying ``AᵀA x`` across the ReLU (see :mod:`pnnh.coder`). With
+  ``AᵀA = I`` that is ``x``: the residual block with the learner as branch (the default fixed
+  coder trains in that form, at the ResNet's parameters and operations).
 
-All weights use He (Kaiming) normal initialisation, the fair default for ReLU nets.
+All weights use He (Kaiming) normal initialisation, the fair default for ReLU nets; the ResNet's
+second branch layer starts at zero by default (``zero_init_residual=True``: with He init on both
+branch layers and no normalisation it diverges past ~30 layers), as PNNH's learner decoder does.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def resnet_mlp(
     num_classes: int = 10,
     depth: int = 8,
     width: int = 128,
-    zero_init_residual: bool = False,
+    zero_init_residual: bool = True,
 ) -> MLP:
     """Residual MLP: identity shortcut around each block of two layers."""
     n = blocks_for_depth(depth)
@@ -122,7 +126,7 @@ def pnnh_mlp(
     learner_width: int | None = None,
     coder_ratio: float = 1.0,
     coder_init: str = "orthogonal",
-    coder_constraint: str = "newton_schulz",
+    coder_constraint: str = "fixed",
     project_every: int = 1,
     penalty_weight: float = 0.01,
     zero_init_decoder: bool = True,

@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = args.runs or Path(tmp)
-        for fam in args.families:
-            for kind in KINDS:
-                for scale in args.scales:
+        for fam in args.families:  # knob-major: an interrupted run leaves paired points
+            for scale in args.scales:
+                for kind in KINDS:
                     rows.append(run_cell(args, runs, fam, kind, scale, max_steps))
                     r = rows[-1]
                     print(f"  {fam} {kind:<6} {scale:g}x (knob {r['knob']}): {r['params']:,} "

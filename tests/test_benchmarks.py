@@ -59,8 +59,8 @@ def test_param_efficiency_quick(tmp_path):
     data = _check_common(tmp_path / "param_efficiency_quick.json", "param_efficiency")
     rows = data["results"]
     cells = [(r["family"], r["kind"], r["scale"]) for r in rows]
-    assert cells == [(f, k, s) for f in ("mlp", "cnn1d") for k in ("resnet", "pnnh")
-                     for s in (0.5, 1.0)]
+    assert cells == [(f, k, s) for f in ("mlp", "cnn1d") for s in (0.5, 1.0)
+                     for k in ("resnet", "pnnh")]
     for r in rows:
         assert 0 <= r["mean"] <= 100 and len(r["val_acc"]) == data["config"]["seeds"]
         knob = "branch_width" if r["kind"] == "resnet" else "learner_width"

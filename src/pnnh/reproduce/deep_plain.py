@@ -11,10 +11,11 @@ samples, 8,000 train / 2,000 test), PNNH MLPs of width ``CPU["width"]`` at depth
 trained alike: AdamW (lr 1e-3, cosine schedule after one epoch of linear warm-up, gradient
 norm clipped at 1), batch 128, 15 epochs. Without the warm-up the 1000-layer net's first Adam
 steps (every decoder weight moves by about lr at once, in all 500 blocks) blow the activations
-up (a trial at 20 steps per epoch: train loss 18.6 in the first epoch, then chance). The target: the 1000-layer net within 1 point of the 100-layer one. The trained
-1000-layer net (last epoch) is then exported with :func:`pnnh.to_plain`; the export must give
-the model's outputs on the test set (``allclose``, atol = rtol = 1e-5; the largest difference
-is recorded) and :func:`pnnh.plainness.find_skips` must find no skip in it.
+up (a trial at 20 steps per epoch: train loss 18.6 in the first epoch, then chance). The
+target: the 1000-layer net within 1 point of the 100-layer one. The trained 1000-layer net
+(last epoch) is then exported with :func:`pnnh.to_plain`; the export must give the model's
+outputs on the test set (``allclose``, atol = rtol = 1e-5; the largest difference is
+recorded) and :func:`pnnh.plainness.find_skips` must find no skip in it.
 
 Writes ``results.csv/json`` (one row per depth: parameters, final and best test accuracy,
 time), ``curves.csv/json`` (per epoch: train loss, test accuracy), ``export.json`` (layer

@@ -89,12 +89,16 @@ def run_cell(args, runs: Path, family: str, kind: str, scale: float, max_steps) 
                "max_steps_per_epoch": max_steps}
         s = train_once(runs / f"{name}_d{fam['depth']}_k{knob}_s{seed}", cfg)
         accs.append(100.0 * s["final_val_acc"])
-    model = create_model(name, depth=fam["depth"], width=fam["width"], **kw)
-    return {"family": family, "kind": kind, "model": name, "depth": fam["depth"],
-            "width": fam["width"], "scale": scale, "knob": knob, "model_args": kw,
-            "params": count_parameters(model), "val_acc": accs, "mean": statistics.mean(accs),
-            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    size = {"depth": fam["depth"], "width": fam["width"], **kw}
+    row = {"family": family, "kind": kind, "model": name, "depth": fam["depth"],
+           "width": fam["width"], "scale": scale, "knob": knob, "model_args": kw,
+           "params": count_parameters(create_model(name, **size)), "val_acc": accs,
+           "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    if kind == "pnnh":  # what the coder costs when A is trained (n² per block) instead of fixed
+        trained = create_model(name, **size, coder_constraint="newton_schulz")
+        row["params_coder_trained"] = count_parameters(trained)
+    return row
 
 
 def match(rows: list[dict], tolerance: float) -> None:
@@ -113,8 +117,9 @@ def match(rows: list[dict], tolerance: float) -> None:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one line per (family, knob scale), both kinds side by side."""
-    lines = ["| family | knob | ResNet (zero-init) params | ResNet acc % | PNNH params | "
-             "PNNH acc % | ResNet/PNNH params at matched acc |", "|---|---|---|---|---|---|---|"]
+    lines = ["| family | knob | ResNet (zero-init) params | ResNet acc % | PNNH params "
+             "(A trained) | PNNH acc % | ResNet/PNNH params at matched acc |",
+             "|---|---|---|---|---|---|---|"]
     for fam in FAMILIES:
         for scale in sorted({r["scale"] for r in rows if r["family"] == fam}):
             by = {r["kind"]: r for r in rows if r["family"] == fam and r["scale"] == scale}
@@ -125,7 +130,8 @@ def table(rows: list[dict]) -> str:
                      if pn["param_ratio"] else "no ResNet point matches")
             lines.append(f"| {fam}-{res['depth']} | {scale:g}x = {res['knob']} | "
                          f"{res['params']:,} | {res['mean']:.2f} ± {res['std']:.2f} | "
-                         f"{pn['params']:,} | {pn['mean']:.2f} ± {pn['std']:.2f} | {ratio} |")
+                         f"{pn['params']:,} ({pn['params_coder_trained']:,}) | "
+                         f"{pn['mean']:.2f} ± {pn['std']:.2f} | {ratio} |")
     return "\n".join(lines)
 
 

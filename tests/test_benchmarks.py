@@ -66,6 +66,8 @@ def test_param_efficiency_quick(tmp_path):
         knob = "branch_width" if r["kind"] == "resnet" else "learner_width"
         assert r["model_args"][knob] == r["knob"] == round(r["scale"] * r["width"])
         assert r["model"] == f"{r['kind']}_{r['family']}"
+        if r["kind"] == "pnnh":  # a trained coder adds its n x n matrix per block, or nothing
+            assert r["params_coder_trained"] >= r["params"]
     for fam in ("mlp", "cnn1d"):  # each family's own knob changes its parameter count
         for kind in ("resnet", "pnnh"):
             p = [r["params"] for r in rows if (r["family"], r["kind"]) == (fam, kind)]

@@ -14,8 +14,10 @@ from pnnh.coder import (
     DownsampleCoder,
     PNNHBlock,
     attach_constraint,
+    freeze_coder_,
     haar_rows,
     ns_project,
+    pair_rows,
 )
 from pnnh.errors import ConfigError
 from pnnh.orthogonal import procrustes
@@ -120,6 +122,75 @@ def test_fused_and_plain_forms_agree_in_outputs_and_gradients(dims):
     yb.sin().sum().backward()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-10), n
+
+
+def _fixed_block(dims, fused=True, **kw):
+    block = PNNHBlock(12, 5, dims=dims, zero_init_decoder=False, fused=fused, **kw).double()
+    freeze_coder_(block.coder)
+    return block
+
+
+@pytest.mark.parametrize("dims", [0, 1, 2])
+def test_fixed_coder_fused_and_plain_forms_agree_in_outputs_and_gradients(dims):
+    """Default coder: the fused form skips ``AᵀA x`` (= x); ``fused=False`` materializes
+    ``Aᵀ relu(Ax) - Aᵀ relu(-Ax)``. Same outputs and learner gradients, on signed inputs too."""
+    torch.manual_seed(0)
+    a = _fixed_block(dims)
+    with torch.no_grad():
+        a.bias.normal_()
+    b = _fixed_block(dims, fused=False)
+    b.load_state_dict(a.state_dict())
+    assert a.coder.passes_input and not list(a.coder.parameters())
+    x = torch.randn(SHAPES[dims], dtype=torch.float64)
+    ya, yb = a(x), b(x)
+    assert torch.allclose(ya, yb, atol=1e-12)
+    ya.sin().sum().backward()
+    yb.sin().sum().backward()
+    names = [n for n, _ in a.named_parameters()]
+    assert names == ["bias", "enc.weight", "enc.bias", "dec.weight"]
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10), n
+
+
+def test_fixed_coder_is_a_buffer_with_the_old_key_and_checks_what_it_loads():
+    torch.manual_seed(0)
+    old = PNNHBlock(12, 5)  # a trainable (orthogonal) coder, as in old checkpoints
+    x = torch.rand(4, 12)
+    with torch.no_grad():
+        old.dec.weight.normal_()
+    new = PNNHBlock(12, 5)
+    freeze_coder_(new.coder)
+    assert "coder.weight" in new.state_dict() and torch.equal(new.coder.weight, torch.eye(12))
+    new.load_state_dict(old.state_dict())  # any orthogonal A: the same function
+    assert torch.allclose(new(x), old(x), atol=1e-5)
+    bad = old.state_dict()
+    bad["coder.weight"] = 2 * bad["coder.weight"]
+    with pytest.raises(ConfigError, match="coder_constraint"):
+        new.load_state_dict(bad)
+
+
+def test_fixed_constraint_attaches_no_hook_and_freezes_every_coder():
+    model = nn.Sequential(PNNHBlock(6, 3), PNNHBlock(3, 2, dims=2, out_dim=6, stride=2))
+    attach_constraint(model, "fixed")
+    assert not hasattr(model, "coder_constraint")
+    assert [n for n, _ in model.named_parameters() if "coder" in n] == []
+    p = model[1].coder.matrix
+    assert torch.equal(p, pair_rows(3))
+    assert torch.allclose(p @ p.t(), torch.eye(6), atol=1e-6) and bool((p >= 0).all())
+    # ratio < 1: a fixed, non-square coder is a projection AᵀA != I and is computed, not skipped
+    half = PNNHBlock(8, 3, coder_ratio=0.5)
+    freeze_coder_(half.coder)
+    assert not half.coder.passes_input
+
+
+def test_transition_coder_pairs_and_even_sizes_need_no_pad():
+    c = DownsampleCoder(4, 8, init="pairs")
+    x = torch.rand(2, 4, 6, 6)
+    top = (x[:, :, 0::2, 0::2] + x[:, :, 0::2, 1::2]) / 2 ** 0.5
+    bottom = (x[:, :, 1::2, 0::2] + x[:, :, 1::2, 1::2]) / 2 ** 0.5
+    assert torch.allclose(c.carry(x), torch.cat([top, bottom], 1), atol=1e-6)
+    odd = torch.rand(2, 4, 7, 7)  # odd sizes: the last output reads the zero pad
+    assert c.carry(odd).shape[-2:] == (4, 4)
 
 
 def test_transition_coder_is_haar_coisometry():

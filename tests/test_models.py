@@ -70,17 +70,40 @@ def test_parameter_counts():
     assert count_parameters(create_model("resnet18")) == 11_689_512  # torchvision's resnet18
     # CIFAR ResNet-20 with 1x1 projection shortcuts (He et al. report 0.27M)
     assert 0.26e6 < count_parameters(create_model("resnet20")) < 0.28e6
-    # pnnh_mlp per block: A (n·n) + E (l·n + l) + D (n·l) + b2 (n); stem/head as the MLP's
+    # pnnh_mlp per block: E (l·n + l) + D (n·l) + b2 (n); the default fixed coder A is a buffer
     n, lw, blocks = 128, 64, 49
     pnnh = count_parameters(create_model("pnnh_mlp", depth=100, width=n, learner_width=lw))
     res = count_parameters(create_model("resnet_mlp", depth=100, width=n))
     stem_head = 40 * n + n + n * 10 + 10
-    assert pnnh == stem_head + blocks * (n * n + lw * n + lw + n * lw + n)
+    assert pnnh == stem_head + blocks * (lw * n + lw + n * lw + n)
     assert res == stem_head + blocks * 2 * (n * n + n)
-    # coder ratio 0.5 halves A
+    # a trainable coder adds A (n·n); coder ratio 0.5 halves it
+    ns = count_parameters(create_model("pnnh_mlp", depth=100, width=n, learner_width=lw,
+                                       coder_constraint="newton_schulz"))
+    assert ns - pnnh == blocks * n * n
     half = count_parameters(create_model("pnnh_mlp", depth=100, width=n, learner_width=lw,
-                                         coder_ratio=0.5))
-    assert pnnh - half == blocks * n * n // 2
+                                         coder_ratio=0.5, coder_constraint="newton_schulz"))
+    assert ns - half == blocks * n * n // 2
+
+
+@pytest.mark.parametrize("pnnh,resnet,kw", [
+    ("pnnh_mlp", "resnet_mlp", {"depth": 100}),
+    ("pnnh_cnn1d", "resnet_cnn1d", {"depth": 100}),
+    ("pnnh20", "resnet20", {}),
+    ("pnnh56", "resnet56", {}),
+    ("pnnh110", "resnet110", {}),
+    ("pnnh18", "resnet18", {"in_shape": (3, 32, 32), "num_classes": 10}),
+])
+def test_pnnh_defaults_have_no_more_parameters_than_the_resnet(pnnh, resnet, kw):
+    """Default PNNH: fixed coders (buffers), learner width = width: the ResNet's blocks exactly,
+    minus the projection shortcuts (a fixed ``P`` replaces them)."""
+    p, r = create_model(pnnh, **kw), create_model(resnet, **kw)
+    assert count_parameters(p) <= count_parameters(r)
+    if "mlp" in pnnh or "cnn1d" in pnnh:
+        assert count_parameters(p) == count_parameters(r)
+    coders = [m for name, m in p.named_modules() if name.endswith("coder")]
+    assert coders and all(not any(True for _ in c.parameters()) for c in coders)
+    assert not hasattr(p, "coder_constraint")  # no per-step hook or extra loss
 
 
 @pytest.mark.parametrize("name,in_shape,kw", [
@@ -145,12 +168,13 @@ def test_pnnh_accuracy_experiment_smoke(tmp_path, monkeypatch):
                      "num_samples": 200},
            "extra_seeds": {"depth": 8, "seeds": (1,)},
            "ablation": {"model": "pnnh_mlp", "depth": 8, "width": 8,
-                        "variants": {"newton_schulz (default)": {}, "none":
+                        "variants": {"fixed (default)": {}, "none":
                                      {"coder_constraint": "none"}}}}
     monkeypatch.setattr(exp, "CPU", cpu)
     summary = exp.run(tmp_path, "cpu", "cpu", 0)
     assert [r["kind"] for r in summary["rows"]] == ["plain", "resnet", "pnnh"]
-    assert summary["rows"][2]["params"] > summary["rows"][1]["params"]
+    # default PNNH (fixed coder, learner width = width) has the zero-init ResNet's parameters
+    assert summary["rows"][2]["params"] == summary["rows"][1]["params"]
     assert "| mlp | 8 |" in summary["table"]
     assert len(summary["ablation"]) == 2
     assert [len(r["final_test_acc"]) for r in summary["seeds"]] == [2, 2, 2]

@@ -20,15 +20,26 @@ Training uses the fused form (half the coder's hidden width); :meth:`PNNHBlock.t
 materializes the ``[A; -A]`` form. Outputs and gradients agree (``tests/test_coder.py``).
 With ``r = 1``, ``A`` orthogonal and ``D = 0`` the block is the identity on ``x >= 0``.
 
-**Keeping AᵀA near I.** :class:`CoderConstraint` (one per model, so the projections can be
-batched over coders of equal shape) applies ``coder_constraint``:
+**The coder is inert at r = 1.** ``AᵀA = I`` makes the coder path ``x`` for *every*
+orthogonal ``A``: the block computes ``relu(x + D relu(E x + b1) + b2)`` whatever ``A`` is, so
+training ``A`` cannot change the network's function (``docs/PNNH.md``, "The equivalence").
+The default ``coder_constraint="fixed"`` therefore keeps ``A`` as a non-trainable buffer
+(identity unless ``coder_init`` says otherwise) and the fused form uses ``AᵀA x = x`` without
+computing it: a block then costs what a post-activation ResNet block with branch width =
+learner width costs. The plain form (``fused=False``, export) still materializes ``[A; -A]``.
 
-- ``"none"``;
+**Trainable coders** (function-invariant at ``r = 1``, but they cost ``n²`` parameters and the
+Gram / projection work per step) or function-changing ones: :class:`CoderConstraint` (one per
+model, so the projections can be batched over coders of equal shape) applies
+``coder_constraint``:
+
+- ``"none"``: ``A`` trains freely and ``AᵀA`` drifts from ``I`` (changes the function);
 - ``"procrustes"``: ``A <- U Vᵀ`` (SVD, float64) after every ``project_every`` optimizer steps;
 - ``"newton_schulz"``: the same projection by Newton–Schulz iterations (matmuls only,
-  batched), the default;
+  batched; the default before ``"fixed"``);
 - ``"penalty"``: adds ``penalty_weight · Σ ‖AᵀA - I‖²`` (Gram of the smaller side when
-  ``r != 1``; for a ``k x k`` conv coder the Gram of the *operator*, all kernel shifts);
+  ``r != 1``; for a ``k x k`` conv coder the Gram of the *operator*, all kernel shifts;
+  ``AᵀA`` is only near ``I``, so the function changes);
 - ``"orthogonal"``: ``torch.nn.utils.parametrizations.orthogonal`` (always exact).
 
 **Normalization.** The coder channels are never normalized: where a model has BatchNorm it
@@ -38,7 +49,10 @@ acts on the learner's units only (after ``E`` and after ``D``), so the coder pat
 **Transitions** (stride 2, ``C -> C'``): :class:`DownsampleCoder` encodes with a 2x2 stride-2
 kernel ``P`` whose ``C' x 4C`` matrix has orthonormal rows (``P Pᵀ = I``: a co-isometry,
 initialised from Haar wavelet bands) and decodes with ``[I, -I]``; the coder path is
-``P x``, whose input gradient ``Pᵀ g`` keeps ``‖g‖`` exactly. See ``docs/PNNH.md``.
+``P x``, whose input gradient ``Pᵀ g`` keeps ``‖g‖`` exactly. ``P`` is *not* inert: it is a
+projection shortcut. With ``"fixed"`` it is a buffer holding :func:`pair_rows` (norm-preserving
+sums of pixel pairs, non-negative: like ResNet option A, but ``P Pᵀ = I``). See
+``docs/PNNH.md``.
 """
 
 from __future__ import annotations
@@ -53,7 +67,8 @@ from torch.nn.utils import parametrize
 from pnnh.errors import ConfigError
 from pnnh.orthogonal import newton_schulz
 
-CONSTRAINTS = ("none", "procrustes", "newton_schulz", "penalty", "orthogonal")
+CONSTRAINTS = ("fixed", "none", "procrustes", "newton_schulz", "penalty", "orthogonal")
+DEFAULT_CONSTRAINT = "fixed"
 INITS = ("orthogonal", "identity")
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
@@ -90,6 +105,9 @@ class Coder(nn.Module):
     condition the projections enforce exactly); the weight of a 1x1 coder is stored as a
     matrix ``(m, n)`` so that projections and parametrizations see the matrix.
     """
+
+    fixed = False  #: ``A`` is a buffer (``coder_constraint="fixed"``), see :func:`freeze_coder_`
+    passes_input = False  #: fixed, square and pointwise: the fused path is ``AᵀA x = x``
 
     def __init__(
         self, dim: int, ratio: float = 1.0, dims: int = 0, kernel_size: int = 1,
@@ -146,6 +164,8 @@ class Coder(nn.Module):
         once (``n²m`` multiply-adds) and then ``G x`` (``Rn²``) when that is cheaper than
         ``Aᵀ(Ax)`` (``2Rnm``) — always for convolutions, where ``R`` counts every position.
         """
+        if fused and self.passes_input:
+            return x
         if fused and self.kernel_size == 1:
             n, m = self.dim, self.width
             rows = x.numel() // n
@@ -212,6 +232,9 @@ class DownsampleCoder(nn.Module):
     of a 3x3, stride-2, padding-1 conv, which is how the plain form embeds it.
     """
 
+    fixed = False
+    passes_input = False
+
     def __init__(self, in_channels: int, out_channels: int, ratio: float = 1.0,
                  init: str = "haar"):
         super().__init__()
@@ -220,7 +243,9 @@ class DownsampleCoder(nn.Module):
         self.in_dim, self.out_dim = in_channels, out_channels
         self.width = min(coder_width(out_channels, ratio), out_channels, 4 * in_channels)
         w = torch.empty(self.width, 4 * in_channels)
-        if init == "haar":
+        if init == "pairs" and self.width <= 2 * in_channels:
+            w.copy_(pair_rows(in_channels)[: self.width])
+        elif init in ("haar", "pairs"):
             w.copy_(haar_rows(in_channels)[: self.width])
         else:
             semi_orthogonal_(w)
@@ -234,7 +259,9 @@ class DownsampleCoder(nn.Module):
         return self.weight.reshape(self.width, self.in_channels, 2, 2)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.kernel(), stride=2)
+        if x.shape[-1] % 2 or x.shape[-2] % 2:  # the pad is read only at odd sizes
+            x = F.pad(x, (0, 1, 0, 1))
+        return F.conv2d(x, self.kernel(), stride=2)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.width < self.out_channels:
@@ -292,6 +319,53 @@ def haar_rows(channels: int) -> torch.Tensor:
         for c in range(channels):
             rows[b * channels + c, c] = bands[b]
     return rows.reshape(4 * channels, 4 * channels)
+
+
+def pair_rows(channels: int) -> torch.Tensor:
+    """``2C`` orthonormal, non-negative rows over 2x2 patches of ``C`` channels, row-pair-major.
+
+    Row ``c`` sums the top pixel pair of channel ``c`` (taps (0,0), (0,1)), row ``C + c`` its
+    bottom pair (taps (1,0), (1,1)), each divided by ``√2``: disjoint supports, so ``P Pᵀ = I``,
+    and non-negative inputs give non-negative ``P x`` (the plain form's ``-P`` half is dead).
+    """
+    rows = torch.zeros(2, channels, channels, 4)
+    s = 1 / math.sqrt(2)
+    for c in range(channels):
+        rows[0, c, c, :2] = s
+        rows[1, c, c, 2:] = s
+    return rows.reshape(2 * channels, 4 * channels)
+
+
+def freeze_coder_(coder: nn.Module) -> nn.Module:
+    """Make ``coder.weight`` a buffer (same state-dict key): ``coder_constraint="fixed"``.
+
+    A square pointwise coder is then set to ``A = I`` (any orthogonal ``A`` computes the same
+    function, ``AᵀA x = x``; the identity makes the plain form lean) and its fused path skips
+    the arithmetic. A transition coder gets the non-negative :func:`pair_rows` ``P`` when its
+    shape allows, else keeps its Haar ``P``. Loading a state dict checks ``AᵀA = I`` /
+    ``P Pᵀ = I`` (atol 1e-3) for fixed coders, whose fused path relies on it.
+    """
+    w = coder.weight.detach().clone()
+    if isinstance(coder, DownsampleCoder) and coder.width <= 2 * coder.in_channels:
+        w = pair_rows(coder.in_channels)[: coder.width].to(w)
+    square = isinstance(coder, Coder) and coder.kernel_size == 1 and coder.width == coder.dim
+    if square:
+        w = torch.eye(coder.dim, dtype=w.dtype, device=w.device)
+    del coder.weight
+    coder.register_buffer("weight", w)
+    coder.fixed, coder.passes_input = True, square
+    coder.register_load_state_dict_post_hook(_check_fixed_coder)
+    return coder
+
+
+def _check_fixed_coder(module: nn.Module, incompatible_keys) -> None:
+    if not module.fixed or module.weight.dim() != 2:
+        return
+    err = float(module.gram_penalty().sqrt())
+    if not err < 1e-3 * max(1, module.weight.shape[0]) ** 0.5:
+        raise ConfigError(f"coder_constraint='fixed': loaded coder weight is not orthogonal "
+                          f"(‖AᵀA - I‖ = {err:.3g}); load it with a trainable coder_constraint",
+                          field="coder_constraint")
 
 
 def _embed(w: torch.Tensor, kernel_size: int, dims: int) -> torch.Tensor:
@@ -385,10 +459,15 @@ class PNNHBlock(nn.Module):
         return y + self.bias.reshape((-1,) + (1,) * self.dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.coder.carry(x, self.fused)
-        if self.learner_width > 0:
-            y = y + self.bn2(self.dec(torch.relu(self.bn1(self.enc(x)))))
-        return torch.relu(self._bias(y))
+        y = x if self.fused and self.coder.passes_input else self.coder.carry(x, self.fused)
+        if self.learner_width == 0:
+            return torch.relu(self._bias(y))
+        h = torch.relu(self.bn1(self.enc(x)))
+        if self.bias is not None:  # no BatchNorm: b2 rides in the decoder's own bias add
+            if self.dims == 0:
+                return torch.relu(y + F.linear(h, self.dec.weight, self.bias))
+            return torch.relu(y + self.dec._conv_forward(h, self.dec.weight, self.bias))
+        return torch.relu(y + self.bn2(self.dec(h)))
 
     # -- the plain form -------------------------------------------------------------
 
@@ -543,16 +622,22 @@ class CoderConstraint(nn.Module):
         return f"mode={self.mode}, project_every={self.project_every}, coders={len(self._coders)}"
 
 
-def attach_constraint(model: nn.Module, coder_constraint: str = "newton_schulz",
+def attach_constraint(model: nn.Module, coder_constraint: str = DEFAULT_CONSTRAINT,
                       project_every: int = 1, penalty_weight: float = 0.01,
                       procrustes: bool = False) -> nn.Module:
     """Give ``model`` a :class:`CoderConstraint` over all of its coders (``model.coder_constraint``).
 
-    ``procrustes=True`` (the ``--procrustes`` training flag) selects the exact SVD projection.
+    ``"fixed"`` instead turns every coder weight into a buffer (:func:`freeze_coder_`) and
+    attaches nothing: no per-step hook, no extra loss. ``procrustes=True`` (the
+    ``--procrustes`` training flag) selects the exact SVD projection.
     """
     if procrustes:
         coder_constraint = "procrustes"
     coders = [m for m in model.modules() if isinstance(m, (Coder, DownsampleCoder))]
+    if coder_constraint == "fixed":
+        for c in coders:
+            freeze_coder_(c)
+        return model
     model.coder_constraint = CoderConstraint(coders, coder_constraint, project_every,
                                              penalty_weight)
     return model

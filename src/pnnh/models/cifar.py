@@ -164,7 +164,7 @@ def _pnnh(
     coder_ratio: float = 1.0,
     coder_kernel: int = 1,
     coder_init: str = "orthogonal",
-    coder_constraint: str = "newton_schulz",
+    coder_constraint: str = "fixed",
     project_every: int = 1,
     penalty_weight: float = 0.01,
     zero_init_decoder: bool = True,

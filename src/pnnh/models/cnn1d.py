@@ -89,7 +89,7 @@ def plain_cnn1d(in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: 
 @register_model("resnet_cnn1d", family="cnn1d", kind="resnet")
 def resnet_cnn1d(
     in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 32,
-    zero_init_residual: bool = False, branch_width: int | None = None,
+    zero_init_residual: bool = True, branch_width: int | None = None,
 ) -> CNN1d:
     """Residual 1-D CNN: identity shortcut around each block of two convs; ``branch_width``
     hidden channels in each residual branch (default ``width``)."""
@@ -109,7 +109,7 @@ def pnnh_cnn1d(
     coder_ratio: float = 1.0,
     coder_kernel: int = 1,
     coder_init: str = "orthogonal",
-    coder_constraint: str = "newton_schulz",
+    coder_constraint: str = "fixed",
     project_every: int = 1,
     penalty_weight: float = 0.01,
     zero_init_decoder: bool = True,

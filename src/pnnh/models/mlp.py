@@ -111,7 +111,7 @@ def resnet_mlp(
     num_classes: int = 10,
     depth: int = 8,
     width: int = 128,
-    zero_init_residual: bool = False,
+    zero_init_residual: bool = True,
     branch_width: int | None = None,
 ) -> MLP:
     """Residual MLP: identity shortcut around each block of two layers; ``branch_width`` hidden
@@ -130,7 +130,7 @@ def pnnh_mlp(
     learner_width: int | None = None,
     coder_ratio: float = 1.0,
     coder_init: str = "orthogonal",
-    coder_constraint: str = "newton_schulz",
+    coder_constraint: str = "fixed",
     project_every: int = 1,
     penalty_weight: float = 0.01,
     zero_init_decoder: bool = True,

@@ -47,7 +47,8 @@ CPU = {
     "ablation": {
         "model": "pnnh_mlp", "depth": 100, "width": 128,
         "variants": {
-            "newton_schulz (default)": {},
+            "fixed (default)": {},
+            "newton_schulz": {"coder_constraint": "newton_schulz"},
             "none": {"coder_constraint": "none"},
             "procrustes (SVD)": {"coder_constraint": "procrustes"},
             "penalty": {"coder_constraint": "penalty"},

@@ -22,6 +22,8 @@ def test_deep_plain_quick(tmp_path, monkeypatch):
     assert export["plain"] and export["skips"] == []
     assert export["outputs_equal"] and export["max_abs_diff"] <= 1e-5
     assert export["weight_layers"] == deep  # stem + 2 per block + head
+    # the fused training form adds x literally (A = I fixed): one skip per block, reported
+    assert export["training_form_skips"] == (deep - 2) // 2
     assert export["module_types"] == ["Flatten", "Linear", "ReLU"]
     for f in ("results.csv", "results.json", "curves.csv", "export.json", "training_curves.png"):
         assert (tmp_path / f).stat().st_size > 0, f

@@ -50,7 +50,11 @@ QUICK = {
 
 def check_export(model: torch.nn.Module, x: torch.Tensor, atol: float) -> dict:
     """Export ``model`` with :func:`pnnh.to_plain` and check it: outputs on ``x`` equal the
-    model's (allclose at ``atol``, absolute and relative), and no skip is found in it."""
+    model's (allclose at ``atol``, absolute and relative), and no skip is found in it.
+
+    Also counts the skips :func:`find_skips` reports in the *training* form: with a fixed
+    ``A = I`` its fused path computes ``relu(x + D relu(E x + b1) + b2)`` literally, an exact
+    reparametrization of the plain net that the checker rightly calls residual."""
     from pnnh.export import to_plain
     from pnnh.plainness import find_skips
 
@@ -59,11 +63,13 @@ def check_export(model: torch.nn.Module, x: torch.Tensor, atol: float) -> dict:
     with torch.no_grad():
         ref, out = model(x), plain(x)
     skips = find_skips(plain, x[:8])
+    training_form_skips = len(find_skips(model, x[:8]))
     weight_layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)) for m in plain)
     return {"modules": len(plain), "weight_layers": weight_layers,
             "max_abs_diff": float((ref - out).abs().max()),
             "outputs_equal": bool(torch.allclose(ref, out, atol=atol, rtol=atol)),
             "atol": atol, "skips": [str(s) for s in skips], "plain": not skips,
+            "training_form_skips": training_form_skips,
             "module_types": sorted({type(m).__name__ for m in plain})}
 
 
@@ -129,5 +135,6 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
               f"{r['params']:,} params, {r['time_s']:.0f} s")
     print(f"gap {gap:+.2f} points (target >= -1); export: {export['weight_layers']} weight "
           f"layers, max |diff| {export['max_abs_diff']:.2e}, equal {export['outputs_equal']}, "
-          f"skips found {len(export['skips'])}")
+          f"skips found {len(export['skips'])} (training form: "
+          f"{export['training_form_skips']}, the fused reparametrization)")
     return summary

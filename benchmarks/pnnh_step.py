@@ -1,4 +1,7 @@
-"""Training-step time of PNNH vs ResNet at equal depth, and what the coder projection costs.
+"""Training-step time of PNNH vs ResNet at equal depth, and what trainable coders cost.
+
+The parity measurement at the defaults (CIFAR, MLP, CNN1d; 1 and 2 threads) is
+``benchmarks/parity.py``; this script compares the coder options on one MLP or CNN1d.
 
     OMP_NUM_THREADS=1 python benchmarks/pnnh_step.py [--depth 100] [--width 128] [--family mlp]
 
@@ -24,12 +27,16 @@ from pnnh import count_parameters, create_model  # noqa: E402
 
 VARIANTS = {
     "resnet (zero-init residual)": ("resnet", {"zero_init_residual": True}),
+    "pnnh, fixed coder (default)": ("pnnh", {}),
     "pnnh, no constraint": ("pnnh", {"coder_constraint": "none"}),
-    "pnnh, newton_schulz (default)": ("pnnh", {}),
-    "pnnh, newton_schulz every 4": ("pnnh", {"project_every": 4}),
+    "pnnh, newton_schulz": ("pnnh", {"coder_constraint": "newton_schulz"}),
+    "pnnh, newton_schulz every 4": ("pnnh", {"coder_constraint": "newton_schulz",
+                                             "project_every": 4}),
     "pnnh, procrustes (SVD)": ("pnnh", {"coder_constraint": "procrustes"}),
-    "pnnh, learner_width=width/2": ("pnnh", {"learner_width": None}),
-    "pnnh, learner_width=width/2, r=0.5": ("pnnh", {"learner_width": None, "coder_ratio": 0.5}),
+    "pnnh, newton_schulz, learner_width=width/2": ("pnnh", {"coder_constraint": "newton_schulz",
+                                                            "learner_width": None}),
+    "pnnh, newton_schulz, lw=width/2, r=0.5": ("pnnh", {"coder_constraint": "newton_schulz",
+                                                        "learner_width": None, "coder_ratio": 0.5}),
 }
 
 
@@ -56,10 +63,10 @@ def main() -> None:
     base = statistics.median(next(iter(times.values())))
     print(f"{args.family}, depth {args.depth}, width {args.width}, batch {args.batch}, "
           f"threads {torch.get_num_threads()}")
-    print(f"{'variant':<38} {'params':>10} {'ms/step':>8} {'x resnet':>8}")
+    print(f"{'variant':<44} {'params':>10} {'ms/step':>8} {'x resnet':>8}")
     for label, model in models.items():
         med = statistics.median(times[label])
-        print(f"{label:<38} {count_parameters(model):>10,} {1000 * med:>8.1f} {med / base:>8.2f}")
+        print(f"{label:<44} {count_parameters(model):>10,} {1000 * med:>8.1f} {med / base:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/throughput.py [--depths 20 56 110] [--quick]
 
-Models: the registry's ``resnet{d}``, ``plain{d}`` and ``pnnh{d}`` (width 16, 3 stages,
-BatchNorm; PNNH with its default Newton–Schulz coder projection after each step), input
+Models: the registry's ``resnet{d}`` (He init: ``zero_init_residual=False``, the registry
+default of the CIFAR ResNets), ``plain{d}`` and ``pnnh{d}`` (width 16, 3 stages, BatchNorm;
+PNNH at its defaults: fixed coder, no per-step hook), input
 ``(3, 32, 32)``, batch 128, ``torch.set_num_threads(2)``.
 
 - train: images/s of one step = forward + cross-entropy + backward + SGD(momentum) step +
   the model's ``after_optimizer_step`` hooks (the PNNH coder projection);
 - infer: images/s of an eval-mode, ``no_grad`` forward, for the three models and for PNNH and
-  plain exported by :func:`pnnh.export.to_plain` (one ``nn.Sequential``, BatchNorm folded).
+  plain exported by :func:`pnnh.export.to_plain` (one ``nn.Sequential``, BatchNorm folded,
+  lean). The PNNH-vs-zero-init-ResNet parity measurement is ``benchmarks/parity.py``.
 
 Every contender is timed once per repeat, interleaved (order rotated each repeat); the table
 shows medians and the ratio to the ResNet of the same depth. JSON: benchmarks/results/.

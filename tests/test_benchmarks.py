@@ -90,3 +90,31 @@ def test_tat_peer_quick(tmp_path):
     assert rows["plain + TAT"]["model_args"] == {"tat": True, "tat_eta": 0.7}  # depth 8: shallow
     assert rows["plain + TAT"]["params"] == rows["plain"]["params"]
     assert all(r["images_per_s"] > 0 and 0 <= r["mean"] <= 100 for r in rows.values())
+
+
+def test_parity_quick(tmp_path):
+    data = _load("parity").main(["--quick", "--out", str(tmp_path)])
+    assert data == json.loads((tmp_path / "parity_quick.json").read_text())
+    _check_common(tmp_path / "parity_quick.json", "parity")
+    got = {(r["config"], r["mode"], r["model"]) for r in data["results"]}
+    assert got == {("cifar20", "train", "resnet"), ("cifar20", "train", "pnnh"),
+                   ("mlp8", "train", "resnet"), ("mlp8", "train", "pnnh"),
+                   ("cifar20", "infer", "resnet"), ("cifar20", "infer", "pnnh"),
+                   ("cifar20", "infer", "pnnh export (lean)"),
+                   ("cifar20", "infer", "pnnh export (full)")}
+    rows = {(r["config"], r["mode"], r["model"]): r for r in data["results"]}
+    for r in data["results"]:
+        assert r["images_per_s"] > 0 and len(r["seconds"]) == data["config"]["repeats"]
+    # parameters are exact counts: default PNNH <= the ResNet; the lean export < the full one
+    assert rows[("mlp8", "train", "pnnh")]["param_ratio"] == 1.0
+    assert rows[("cifar20", "train", "pnnh")]["param_ratio"] <= 1.0
+    assert (rows[("cifar20", "infer", "pnnh export (lean)")]["params"]
+            < rows[("cifar20", "infer", "pnnh export (full)")]["params"])
+    assert rows[("cifar20", "train", "resnet")]["speed_vs_resnet"] == 1.0
+
+
+def test_profile_step_quick():
+    out = _load("profile_step").main(["--model", "quick", "--steps", "1", "--warmup", "0",
+                                      "--top", "5"])
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert len(rows) == 5 and "**all operators**" in out

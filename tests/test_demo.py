@@ -15,6 +15,10 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
         for depth in (4, 12):
             summary = json.loads((out / "train" / f"{name}-{depth}" / "summary.json").read_text())
             assert summary["epochs"] == 1
+    for depth in (4, 12):  # PNNH at its defaults has exactly the ResNet's parameters
+        params = [json.loads((out / "train" / f"{n}-{depth}" / "summary.json").read_text())["params"]
+                  for n in ("plain_mlp", "resnet_mlp", "pnnh_mlp")]
+        assert params[0] == params[1] == params[2]
     html = (out / "report.html").read_text()
     for fig in ("dissipation_init.png", "dissipation_trained.png", "norms_ratio.png"):
         assert (out / "probes" / fig).exists()

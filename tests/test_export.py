@@ -53,7 +53,7 @@ def test_to_plain_equals_model(name, in_shape, kw):
 
 def test_pnnh_plain_form_has_coder_rows_and_no_batchnorm():
     model = trained_like(create_model("pnnh20", width=4, learner_ratio=0.5))
-    plain = to_plain(model)
+    plain = to_plain(model, lean=False)  # the full [A; -A; E] form (lean drops -A: A = I)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in plain)
     block = model.blocks[0]
     l1 = plain[2]  # stem conv (BatchNorm folded), ReLU, then the block's first layer

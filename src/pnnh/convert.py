@@ -26,6 +26,8 @@ that does not end in a ReLU), identity shortcuts use the ``[I; -I]`` pair too.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -154,3 +156,178 @@ def conversion_report(model: nn.Module, plain: nn.Sequential | None = None,
     p0, p1 = count_parameters(model), count_parameters(plain)
     return {"params_resnet": p0, "params_plain": p1, "param_ratio": p1 / p0,
             "max_abs_diff": err}
+
+
+# =========================================================================== PNNH <-> ResNet
+#
+# The equivalence (docs/PNNH.md, "The equivalence"). With r = 1 and AᵀA = I the coder path of a
+# PNNH block is Aᵀ relu(Ax) - Aᵀ relu(-Ax) = AᵀA x = x, so
+#
+#     PNNH block   relu( AᵀA x + bn2(D relu(bn1(E x + b1))) + b2 )
+#   = ResNet block relu( x     + bn2(D relu(bn1(E x + b1))) + b2 )   (post-activation, branch E, D)
+#
+# for every orthogonal A. A transition's coder path P x (2x2 stride-2 kernel, P Pᵀ = I) is a
+# projection shortcut: it is not inert, and maps to a shortcut conv computing P x.
+
+
+def _coder_is_identity(coder: nn.Module, atol: float = 1e-4) -> bool:
+    """``AᵀA = I`` (square pointwise coder, within ``atol``): the coder path is ``x``."""
+    from pnnh.coder import Coder
+
+    if not isinstance(coder, Coder) or coder.kernel_size != 1 or coder.width != coder.dim:
+        return False
+    a = coder.matrix.detach().double()
+    return float((a.t() @ a - torch.eye(coder.dim, dtype=a.dtype)).abs().max()) <= atol
+
+
+def _copy_layer(src: nn.Module, dst_like: nn.Module, bias: torch.Tensor | None) -> nn.Module:
+    """A new layer of ``dst_like``'s type/geometry with ``src``'s weight and the given bias."""
+    cin, cout = src.weight.shape[1], src.weight.shape[0]
+    if isinstance(dst_like, nn.Linear):
+        out = nn.Linear(cin, cout, bias=bias is not None)
+    else:
+        out = type(dst_like)(cin, cout, dst_like.kernel_size, dst_like.stride, dst_like.padding,
+                             bias=bias is not None)
+    out = out.to(src.weight)
+    with torch.no_grad():
+        out.weight.copy_(src.weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    out.weight.requires_grad_(src.weight.requires_grad)
+    return out
+
+
+class FixedProjection(nn.Module):
+    """The shortcut ``P x`` of a PNNH transition: zero-pad (0, 1, 0, 1), 2x2 stride-2 conv.
+
+    ``P`` (``C' x C x 2 x 2``) is copied from the coder; it trains only if the coder's did.
+    """
+
+    def __init__(self, weight: torch.Tensor, trainable: bool = False):
+        super().__init__()
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.conv = nn.Conv2d(weight.shape[1], weight.shape[0], 2, stride=2, bias=False)
+        self.conv = self.conv.to(weight)
+        with torch.no_grad():
+            self.conv.weight.copy_(weight)
+        self.conv.weight.requires_grad_(trainable)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pad(x))
+
+
+def _transition_weight(coder: nn.Module) -> torch.Tensor:
+    """``P`` as a ``(C', C, 2, 2)`` kernel, zero rows where the coder is narrower than ``C'``."""
+    p = coder.kernel().detach()
+    if coder.width < coder.out_channels:
+        p = torch.cat([p, p.new_zeros(coder.out_channels - coder.width, *p.shape[1:])])
+    return p
+
+
+@torch.no_grad()
+def pnnh_block_to_residual(block: nn.Module) -> nn.Module:
+    """The post-activation residual block computing ``block``'s function (train and eval).
+
+    Learner ``E, D`` (and BatchNorm) become the branch, ``b2`` the second layer's bias, the
+    coder the shortcut: identity (``AᵀA = I``) or, at a transition, :class:`FixedProjection`.
+    """
+    from pnnh.models.cifar import BasicBlock
+    from pnnh.models.cnn1d import ResidualBlock1d
+    from pnnh.models.mlp import ResidualMLPBlock
+
+    if block.learner_width == 0:
+        raise PnnhError("cannot convert a PNNH block without a learner", field="model")
+    n_in, n_out = block.coder.in_dim, block.coder.out_dim
+    if block.dims == 2:
+        res = BasicBlock(n_in, n_out, block.stride)
+    elif block.dims == 1:
+        res = ResidualBlock1d(n_in, block.kernel_size)
+    else:
+        res = ResidualMLPBlock(n_in)
+    if block.transition:
+        res.shortcut = FixedProjection(_transition_weight(block.coder),
+                                       trainable=not block.coder.fixed)
+    elif not _coder_is_identity(block.coder):
+        raise PnnhError("cannot convert a PNNH block whose coder is not orthogonal and square "
+                        "(AᵀA != I: coder_ratio < 1, a k x k coder or a drifted coder change "
+                        "the function)", field="model")
+    l1, l2 = (res.conv1, res.conv2) if block.dims else (res.fc1, res.fc2)
+    l1 = _copy_layer(block.enc, l1, None if block.enc.bias is None else block.enc.bias)
+    l2 = _copy_layer(block.dec, l2, None if block.bias is None else block.bias.detach())
+    if block.dims:
+        res.conv1, res.conv2 = l1, l2
+    else:
+        res.fc1, res.fc2 = l1, l2
+    if block.dims == 2:
+        res.bn1.load_state_dict(block.bn1.state_dict())
+        res.bn2.load_state_dict(block.bn2.state_dict())
+    return res.train(block.training)
+
+
+@torch.no_grad()
+def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
+    """The PNNH block computing a post-activation residual ``block``'s function.
+
+    Identity shortcut: a fixed identity coder (exact in train and eval mode). Projection
+    shortcut ``bn_s(S x)`` (1x1 stride-2 conv + BN): a transition coder with
+    ``P = scale · S`` at tap (0, 0) of its 2x2 kernel (the same input pixel ``2i``) and the
+    BN shift added to ``bn2``'s bias — exact in eval mode only (in train mode the shortcut's
+    BN normalizes by batch statistics, which no fixed ``P`` reproduces). ``P`` then is a
+    learned projection (``P Pᵀ != I`` in general) and stays a trainable parameter.
+    """
+    from pnnh.coder import PNNHBlock, freeze_coder_
+
+    l1, (w1, b1), l2, (w2, b2), sc = _parts(block)
+    dims = 0 if isinstance(l1, nn.Linear) else l1.weight.dim() - 2
+    n_in, hidden, n_out = w1.shape[1], w1.shape[0], w2.shape[0]
+    bn = isinstance(getattr(block, "bn1", None), nn.modules.batchnorm._BatchNorm)
+    stride = 1 if dims == 0 else l1.stride[0]
+    out = PNNHBlock(n_in, hidden, dims=dims, out_dim=n_out, stride=stride,
+                    kernel_size=3 if dims == 0 else l1.kernel_size[0], batchnorm=bn,
+                    zero_init_decoder=False).to(w1)
+    out.enc.weight.copy_(l1.weight)
+    if out.enc.bias is not None:
+        out.enc.bias.copy_(l1.bias)
+    out.dec.weight.copy_(l2.weight)
+    if bn:
+        out.bn1.load_state_dict(block.bn1.state_dict())
+        out.bn2.load_state_dict(block.bn2.state_dict())
+    else:
+        out.bias.copy_(l2.bias if l2.bias is not None else torch.zeros_like(out.bias))
+    if sc is None:
+        freeze_coder_(out.coder)
+    else:
+        ws, bs = sc  # folded, embedded at the centre of a 3x3 kernel: tap (1, 1)
+        p = out.coder.weight.new_zeros(n_out, n_in, 2, 2)
+        p[:, :, 0, 0] = ws[:, :, 1, 1]
+        out.coder.width = n_out
+        out.coder.weight = nn.Parameter(p.reshape(n_out, 4 * n_in))
+        out.bn2.bias.add_(bs)
+    return out.train(block.training)
+
+
+def _swap_blocks(model: nn.Module, convert) -> nn.Module:
+    if not all(hasattr(model, a) for a in ("stem", "blocks", "head")):
+        raise PnnhError(f"cannot convert {type(model).__name__}: expected stem/blocks/head",
+                        field="model")
+    out = copy.deepcopy(model)
+    out.blocks = nn.Sequential(*[convert(b) for b in model.blocks])
+    if "coder_constraint" in out._modules:
+        del out._modules["coder_constraint"]
+    return out.train(model.training)
+
+
+def pnnh_to_resnet(model: nn.Module) -> nn.Module:
+    """The ResNet computing a PNNH model's function: same stem, head and learner weights.
+
+    Each block goes through :func:`pnnh_block_to_residual`; the result has the registry
+    ResNet's modules (``resnet_mlp``, ``resnet_cnn1d``, ``resnet20/56/110``, ``resnet18``)
+    except that a transition's shortcut is the PNNH's ``P`` (:class:`FixedProjection`).
+    """
+    return _swap_blocks(model, pnnh_block_to_residual)
+
+
+def resnet_to_pnnh(model: nn.Module) -> nn.Module:
+    """The PNNH model computing a post-activation ResNet's function (see
+    :func:`residual_block_to_pnnh`: exact in train mode without projection shortcuts)."""
+    return _swap_blocks(model, residual_block_to_pnnh)

@@ -25,13 +25,12 @@ from pnnh.registry import create_model
 from pnnh.report import build_report
 from pnnh.train import train
 
-# (registry name, options). The ResNet starts its residual branches at zero (Goyal et al.),
-# the counterpart of PNNH's zero-init learner decoder: with He init on both branch layers
-# and no normalisation, a 100-layer post-activation residual MLP diverges (docs/PNNH.md §5).
-# PNNH's learner is half the width, so that coder (width²) + learner (2·width²/2) weights
-# per block equal the ResNet's two width² layers: the three nets have equal parameter counts.
-MODELS = (("plain_mlp", {}), ("resnet_mlp", {"zero_init_residual": True}),
-          ("pnnh_mlp", {"learner_width": "half"}))
+# (registry name, options). The ResNet starts its residual branches at zero (Goyal et al.; the
+# registry default), the counterpart of PNNH's zero-init learner decoder: with He init on both
+# branch layers and no normalisation, a 100-layer post-activation residual MLP diverges
+# (docs/PNNH.md §5). PNNH at its defaults (fixed coder, learner width = width) has exactly the
+# ResNet's parameters, so the three nets have equal parameter counts.
+MODELS = (("plain_mlp", {}), ("resnet_mlp", {"zero_init_residual": True}), ("pnnh_mlp", {}))
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,6 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
     jobs = [(m, opts, d) for d in plan.depths for m, opts in MODELS]
     rows, dis_all, nrm_all = [], [], []
     for i, (name, opts, depth) in enumerate(jobs, 1):
-        opts = {k: (plan.width // 2 if v == "half" else v) for k, v in opts.items()}
         label = f"{name}-{depth}"
         run_dir = out / "train" / label
         _say(f"[{i}/{len(jobs)}] {label}: training {plan.epochs} epochs "
@@ -131,10 +129,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
             f"{', '.join(map(str, plan.depths))} (weight layers), each trained for {plan.epochs} "
             "epochs on MNIST-1D with AdamW (lr 1e-3, cosine schedule, batch 128), one seed. "
             "The ResNet's residual branches start at zero (zero_init_residual), as PNNH's "
-            "learner decoder does; PNNH's learner is half the width, so all three nets have the "
-            "same number of parameters. "
-            "PNNH blocks carry their input across each ReLU through a weight-shared coder "
-            "([A; -A] / [Aᵀ, -Aᵀ]) beside a learner; no block adds its input to its output.\n\n"
+            "learner decoder does; PNNH at its defaults (fixed coder, learner width = width) "
+            "has the ResNet's parameters, so all three nets have the same number of parameters. "
+            "In its plain form a PNNH block carries its input across each ReLU through a "
+            "weight-shared coder ([A; -A] / [Aᵀ, -Aᵀ]) beside a learner; since AᵀA = I this "
+            "computes x, so a PNNH net is, function for function, the zero-init ResNet laid out "
+            "as plain layers (docs/PNNH.md, 'The equivalence').\n\n"
             "Probes use a fixed batch of validation inputs, at initialisation and after training: "
             "input R² is a ridge regression from a layer's features back to the input, fitted "
             "on half the batch and scored on the other half; the surviving fraction is the share "

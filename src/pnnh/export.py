@@ -78,12 +78,107 @@ def plain_layers(modules) -> list[nn.Module]:
     return out
 
 
+_NONNEG_KEEP = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
+
+
+def _drop_units(first: nn.Module, second: nn.Module, keep: torch.Tensor,
+                merge: dict[int, list[int]]) -> tuple[nn.Module, nn.Module]:
+    """``first`` without the output units not in ``keep``; ``second`` reading only those, with
+    the columns of each merged duplicate ``k`` added to its kept twin ``j`` (``merge[j]``)."""
+    w2 = second.weight.detach().clone()
+    for j, dups in merge.items():
+        for k in dups:
+            w2[:, j] += w2[:, k]
+    w1, b1 = first.weight.detach()[keep], first.bias.detach()[keep]
+    n = int(keep.numel())
+    new1 = _resized(first, first.weight.shape[1], n, w1, b1)
+    new2 = _resized(second, n, second.weight.shape[0], w2[:, keep], second.bias.detach())
+    return new1, new2
+
+
+def _resized(layer: nn.Module, cin: int, cout: int, w: torch.Tensor, b: torch.Tensor):
+    if isinstance(layer, nn.Linear):
+        out = nn.Linear(cin, cout)
+    else:
+        out = type(layer)(cin, cout, layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, bias=True)
+    out = out.to(w)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        out.bias.copy_(b)
+    return out
+
+
+def _prunable_units(layer: nn.Module, nonneg_input: bool) -> tuple[torch.Tensor, dict]:
+    """Units of ``layer`` to keep, and the duplicates each kept unit absorbs.
+
+    A unit is *dead* when its bias is ``<= 0`` and its incoming weights are all ``<= 0`` on a
+    non-negative input (all ``0`` on a signed one): its pre-activation is ``<= 0`` for every
+    input, so ``relu`` makes it 0. Two units
+    with identical incoming weights and bias are *duplicates*: equal after ``relu`` too.
+    """
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    b = layer.bias.detach()
+    nonpos = (w <= 0).all(dim=1) if nonneg_input else (w == 0).all(dim=1)
+    alive = ~(nonpos & (b <= 0))
+    rows = torch.cat([w, b[:, None]], dim=1)
+    merge: dict[int, list[int]] = {}
+    seen: dict[bytes, int] = {}
+    for j in torch.nonzero(alive).flatten().tolist():
+        key = rows[j].cpu().numpy().tobytes()
+        if key in seen:
+            merge.setdefault(seen[key], []).append(j)
+            alive[j] = False
+        else:
+            seen[key] = j
+    return torch.nonzero(alive).flatten(), merge
+
+
+def _pairable(m: nn.Module, act: nn.Module, nxt: nn.Module) -> bool:
+    """``m, ReLU, nxt`` where ``nxt`` reads ``m``'s units as its inputs (no grouping)."""
+    if not isinstance(act, nn.ReLU):
+        return False
+    if isinstance(m, nn.Linear):
+        return isinstance(nxt, nn.Linear) and nxt.in_features == m.out_features
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return (type(nxt) is type(m) and m.groups == 1 and nxt.groups == 1
+                and nxt.in_channels == m.out_channels)
+    return False
+
+
 @torch.no_grad()
-def to_plain(model: nn.Module) -> nn.Sequential:
+def prune_plain(layers: list[nn.Module]) -> list[nn.Module]:
+    """Drop provably dead units and merge exactly duplicated ones; the function is unchanged.
+
+    Looks at every ``layer, ReLU, layer`` triple of Linear or same-dimension Conv layers (the
+    second reads the first's units as its input channels) and tracks which tensors are
+    non-negative (a ReLU's output, and pooling / flattening of one). For a PNNH block with
+    ``A = I`` on a ReLU output this removes the ``-A`` half of the coder: ``relu(-x) = 0``.
+    """
+    out = list(layers)
+    nonneg = False  # the network input may be signed
+    for i in range(len(out)):
+        m = out[i]
+        if i + 2 < len(out) and _pairable(m, out[i + 1], out[i + 2]):
+            keep, merge = _prunable_units(m, nonneg)
+            if 0 < keep.numel() < m.weight.shape[0]:
+                out[i], out[i + 2] = _drop_units(m, out[i + 2], keep, merge)
+        if isinstance(m, nn.ReLU):
+            nonneg = True
+        elif not isinstance(m, _NONNEG_KEEP):
+            nonneg = False
+    return out
+
+
+@torch.no_grad()
+def to_plain(model: nn.Module, lean: bool = True) -> nn.Sequential:
     """The model's eval-mode function as an ``nn.Sequential`` of plain layers (weights copied).
 
-    ViTs (PNNH-ViT and the plain ViT) go through :func:`pnnh.models.vit.vit_to_plain`, whose
-    sequence also holds attention and LayerNorm modules.
+    ``lean`` (default) removes units that are provably dead or duplicated
+    (:func:`prune_plain`). ViTs (PNNH-ViT and the plain ViT) go through
+    :func:`pnnh.models.vit.vit_to_plain`, whose sequence also holds attention and LayerNorm
+    modules.
     """
     from pnnh.models.vit import ViT, vit_to_plain
 
@@ -99,7 +194,8 @@ def to_plain(model: nn.Module) -> nn.Sequential:
     else:
         raise PnnhError(f"cannot export {type(model).__name__}: expected stem/blocks/head or an "
                         "nn.Sequential", field="model")
-    return nn.Sequential(*plain_layers(parts)).eval()
+    layers = plain_layers(parts)
+    return nn.Sequential(*(prune_plain(layers) if lean else layers)).eval()
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor) -> Path:

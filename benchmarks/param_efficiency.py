@@ -171,6 +171,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     p.add_argument("--scales", nargs="+", type=float, default=list(SCALES))
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                   help="train only these (processes sharing --runs can split the work)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--num-samples", type=int, default=10000)
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = args.runs or Path(tmp)
         for fam in args.families:  # knob-major: an interrupted run leaves paired points
             for scale in args.scales:
-                for kind in KINDS:
+                for kind in args.kinds:
                     rows.append(run_cell(args, runs, fam, kind, scale, max_steps))
                     r = rows[-1]
                     print(f"  {fam} {kind:<6} {scale:g}x (knob {r['knob']}): {r['params']:,} "

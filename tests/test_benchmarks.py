@@ -73,11 +73,20 @@ def test_param_efficiency_quick(tmp_path):
         for kind in ("resnet", "pnnh"):
             p = [r["params"] for r in rows if (r["family"], r["kind"]) == (fam, kind)]
             assert p[0] < p[1]
-    for r in rows:  # a PNNH point's ratio is to the smallest ResNet within the tolerance
-        if r["kind"] == "pnnh" and r["param_ratio"] is not None:
-            res = [q for q in rows if q["family"] == r["family"] and q["kind"] == "resnet"
-                   and q["mean"] >= r["mean"] - data["config"]["tolerance"]]
-            assert r["param_ratio"] == pytest.approx(min(q["params"] for q in res) / r["params"])
+    tol = data["config"]["tolerance"]
+
+    def fewest(fam, kind, acc):
+        ok = [q["params"] for q in rows if (q["family"], q["kind"]) == (fam, kind)
+              and q["mean"] >= acc]
+        return min(ok) if ok else None
+
+    for r in rows:  # per PNNH point: P_resnet(a - tol) / P_pnnh(a - tol), a = its mean
+        if r["kind"] != "pnnh":
+            continue
+        res, pn = fewest(r["family"], "resnet", r["mean"] - tol), fewest(r["family"], "pnnh",
+                                                                        r["mean"] - tol)
+        assert pn is not None and pn <= r["params"]
+        assert r["param_ratio"] == (None if res is None else pytest.approx(res / pn))
     assert "| mlp-6 | 0.5x = 8 |" in data["table"]
     assert (tmp_path / "param_efficiency_quick.png").stat().st_size > 0
 

@@ -21,6 +21,7 @@ def test_deep_plain_quick(tmp_path, monkeypatch):
     deep = exp.QUICK["depths"][-1]
     assert export["plain"] and export["skips"] == []
     assert export["outputs_equal"] and export["max_abs_diff"] <= 1e-5
+    assert export["max_abs_diff_float32"] <= 1e-4 and export["float32_predictions_agree"] == 1.0
     assert export["weight_layers"] == deep  # stem + 2 per block + head
     # the fused training form adds x literally (A = I fixed): one skip per block, reported
     assert export["training_form_skips"] == (deep - 2) // 2

@@ -343,7 +343,8 @@ def freeze_coder_(coder: nn.Module) -> nn.Module:
     function, ``AᵀA x = x``; the identity makes the plain form lean) and its fused path skips
     the arithmetic. A transition coder gets the non-negative :func:`pair_rows` ``P`` when its
     shape allows, else keeps its Haar ``P``. Loading a state dict checks ``AᵀA = I`` /
-    ``P Pᵀ = I`` (atol 1e-3) for fixed coders, whose fused path relies on it.
+    ``P Pᵀ = I`` for fixed coders (``‖G - I‖_F < 1e-3 √m`` for the ``m x m`` Gram ``G``), whose
+    fused path relies on it.
     """
     w = coder.weight.detach().clone()
     if isinstance(coder, DownsampleCoder) and coder.width <= 2 * coder.in_channels:

@@ -59,15 +59,36 @@ def test_param_efficiency_quick(tmp_path):
     _load("param_efficiency").main(["--quick", "--out", str(tmp_path)])
     data = _check_common(tmp_path / "param_efficiency_quick.json", "param_efficiency")
     rows = data["results"]
-    assert [r["model"] for r in rows] == ["resnet_mlp", "resnet_mlp", "pnnh_mlp"]
-    base = [r for r in rows if r["baseline"]]
-    assert len(base) == 1 and base[0]["mean"] == max(r["mean"] for r in rows[:2])
-    assert base[0]["param_ratio"] == 1.0 and base[0]["label"] == data["baseline"]
-    assert not any(r["matches"] for r in rows[:2])
+    cells = [(r["family"], r["kind"], r["scale"]) for r in rows]
+    assert cells == [(f, k, s) for f in ("mlp", "cnn1d") for s in (0.5, 1.0)
+                     for k in ("resnet", "pnnh")]
     for r in rows:
         assert 0 <= r["mean"] <= 100 and len(r["val_acc"]) == data["config"]["seeds"]
-        assert r["param_ratio"] == pytest.approx(base[0]["params"] / r["params"])
-    assert data["smallest_match"] in {None, *(r["label"] for r in rows if r["matches"])}
+        knob = "branch_width" if r["kind"] == "resnet" else "learner_width"
+        assert r["model_args"][knob] == r["knob"] == round(r["scale"] * r["width"])
+        assert r["model"] == f"{r['kind']}_{r['family']}"
+        if r["kind"] == "pnnh":  # a trained coder adds its n x n matrix per block, or nothing
+            assert r["params_coder_trained"] >= r["params"]
+    for fam in ("mlp", "cnn1d"):  # each family's own knob changes its parameter count
+        for kind in ("resnet", "pnnh"):
+            p = [r["params"] for r in rows if (r["family"], r["kind"]) == (fam, kind)]
+            assert p[0] < p[1]
+    tol = data["config"]["tolerance"]
+
+    def fewest(fam, kind, acc):
+        ok = [q["params"] for q in rows if (q["family"], q["kind"]) == (fam, kind)
+              and q["mean"] >= acc]
+        return min(ok) if ok else None
+
+    for r in rows:  # per PNNH point: P_resnet(a - tol) / P_pnnh(a - tol), a = its mean
+        if r["kind"] != "pnnh":
+            continue
+        res, pn = fewest(r["family"], "resnet", r["mean"] - tol), fewest(r["family"], "pnnh",
+                                                                        r["mean"] - tol)
+        assert pn is not None and pn <= r["params"]
+        assert r["param_ratio"] == (None if res is None else pytest.approx(res / pn))
+    assert "| mlp-6 | 0.5x = 8 |" in data["table"]
+    assert (tmp_path / "param_efficiency_quick.png").stat().st_size > 0
 
 
 def test_tat_peer_quick(tmp_path):

@@ -42,12 +42,15 @@ class PlainBlock1d(nn.Module):
 
 
 class ResidualBlock1d(nn.Module):
-    """``relu(x + conv2(relu(conv1(x))))`` (identity shortcut, post-activation)."""
+    """``relu(x + conv2(relu(conv1(x))))`` (identity shortcut, post-activation); the branch has
+    ``branch_width`` hidden channels (default ``width``)."""
 
-    def __init__(self, width: int, kernel_size: int = 3, zero_init_residual: bool = False):
+    def __init__(self, width: int, kernel_size: int = 3, zero_init_residual: bool = False,
+                 branch_width: int | None = None):
         super().__init__()
-        self.conv1 = nn.Conv1d(width, width, kernel_size, padding=kernel_size // 2)
-        self.conv2 = nn.Conv1d(width, width, kernel_size, padding=kernel_size // 2)
+        hidden = width if branch_width is None else int(branch_width)
+        self.conv1 = nn.Conv1d(width, hidden, kernel_size, padding=kernel_size // 2)
+        self.conv2 = nn.Conv1d(hidden, width, kernel_size, padding=kernel_size // 2)
         he_init_(self.conv1)
         he_init_(self.conv2)
         if zero_init_residual:
@@ -87,11 +90,13 @@ def plain_cnn1d(in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: 
 @register_model("resnet_cnn1d", family="cnn1d", kind="resnet")
 def resnet_cnn1d(
     in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 32,
-    zero_init_residual: bool = True,
+    zero_init_residual: bool = True, branch_width: int | None = None,
 ) -> CNN1d:
-    """Residual 1-D CNN: identity shortcut around each block of two convs."""
+    """Residual 1-D CNN: identity shortcut around each block of two convs; ``branch_width``
+    hidden channels in each residual branch (default ``width``)."""
     n = blocks_for_depth(depth)
-    blocks = [ResidualBlock1d(width, zero_init_residual=zero_init_residual) for _ in range(n)]
+    blocks = [ResidualBlock1d(width, zero_init_residual=zero_init_residual,
+                              branch_width=branch_width) for _ in range(n)]
     return CNN1d(in_shape, num_classes, width, blocks)
 
 

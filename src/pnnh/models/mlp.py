@@ -66,12 +66,18 @@ class PlainMLPBlock(nn.Module):
 
 
 class ResidualMLPBlock(nn.Module):
-    """Residual block with an identity shortcut: ``relu(x + W2 relu(W1 x + b1) + b2)``."""
+    """Residual block with an identity shortcut: ``relu(x + W2 relu(W1 x + b1) + b2)``.
 
-    def __init__(self, width: int, zero_init_residual: bool = False):
+    ``branch_width`` is the hidden width of the branch (``W1: width -> branch_width``,
+    ``W2: branch_width -> width``), default ``width``.
+    """
+
+    def __init__(self, width: int, zero_init_residual: bool = False,
+                 branch_width: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(width, width)
-        self.fc2 = nn.Linear(width, width)
+        hidden = width if branch_width is None else int(branch_width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
         he_init_(self.fc1)
         he_init_(self.fc2)
         if zero_init_residual:
@@ -110,10 +116,12 @@ def resnet_mlp(
     depth: int = 8,
     width: int = 128,
     zero_init_residual: bool = True,
+    branch_width: int | None = None,
 ) -> MLP:
-    """Residual MLP: identity shortcut around each block of two layers."""
+    """Residual MLP: identity shortcut around each block of two layers; ``branch_width`` hidden
+    units in each residual branch (default ``width``)."""
     n = blocks_for_depth(depth)
-    blocks = [ResidualMLPBlock(width, zero_init_residual) for _ in range(n)]
+    blocks = [ResidualMLPBlock(width, zero_init_residual, branch_width) for _ in range(n)]
     return MLP(in_shape, num_classes, width, blocks)
 
 

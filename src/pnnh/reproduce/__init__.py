@@ -21,6 +21,7 @@ EXPERIMENTS = {
     "norm-preservation": "pnnh.reproduce.norm_preservation",
     "shortcut-depth": "pnnh.reproduce.shortcut_depth",
     "pnnh-accuracy": "pnnh.reproduce.pnnh_accuracy",
+    "deep-plain": "pnnh.reproduce.deep_plain",
 }
 
 

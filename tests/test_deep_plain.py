@@ -1,0 +1,65 @@
+"""The ``deep-plain`` experiment in its quick form: both depths train, the deepest net's
+export is a plain ``nn.Sequential`` that computes the model's function, with no skip."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pnnh.reproduce import deep_plain as exp
+
+
+def test_deep_plain_quick(tmp_path, monkeypatch):
+    monkeypatch.setattr(exp, "CPU", exp.QUICK)
+    summary = exp.run(tmp_path, "cpu", "cpu", 0)
+    assert [r["depth"] for r in summary["rows"]] == list(exp.QUICK["depths"])
+    assert all(0 <= r["final_test_acc"] <= 1 for r in summary["rows"])
+    assert summary["gap_points"] == 100 * (summary["rows"][1]["final_test_acc"]
+                                           - summary["rows"][0]["final_test_acc"])
+    export = summary["export"]
+    deep = exp.QUICK["depths"][-1]
+    assert export["plain"] and export["skips"] == []
+    assert export["outputs_equal"] and export["max_abs_diff"] <= 1e-5
+    assert export["max_abs_diff_float32"] <= 1e-4 and export["float32_predictions_agree"] == 1.0
+    assert export["weight_layers"] == deep  # stem + 2 per block + head
+    # the fused training form adds x literally (A = I fixed): one skip per block, reported
+    assert export["training_form_skips"] == (deep - 2) // 2
+    assert export["module_types"] == ["Flatten", "Linear", "ReLU"]
+    for f in ("results.csv", "results.json", "curves.csv", "export.json", "training_curves.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    assert json.loads((tmp_path / "export.json").read_text())["depth"] == deep
+    # a second run reuses the finished runs (same numbers, no training)
+    again = exp.run(tmp_path, "cpu", "cpu", 0)
+    assert [r["final_test_acc"] for r in again["rows"]] == [r["final_test_acc"]
+                                                           for r in summary["rows"]]
+
+
+def test_check_export_can_fail(monkeypatch):
+    """The check is not vacuous: an export that differs from the model, or that keeps a
+    residual block, is reported as such."""
+    import pnnh.export
+    from pnnh.registry import create_model
+
+    model = create_model("pnnh_mlp", depth=6, width=8)
+    x = torch.randn(16, 1, 40)
+    good = exp.check_export(model, x, 1e-5)
+    assert good["outputs_equal"] and good["plain"] and good["weight_layers"] == 6
+
+    real = pnnh.export.to_plain
+
+    def off_by_bias(m):
+        plain = real(m)
+        with torch.no_grad():
+            plain[-1].bias += 1e-3
+        return plain
+
+    monkeypatch.setattr(pnnh.export, "to_plain", off_by_bias)
+    bad = exp.check_export(model, x, 1e-5)
+    assert not bad["outputs_equal"] and bad["max_abs_diff"] == pytest.approx(1e-3, rel=1e-2)
+
+    resnet = create_model("resnet_mlp", depth=6, width=8)
+    monkeypatch.setattr(pnnh.export, "to_plain",
+                        lambda m: nn.Sequential(m.stem, *m.blocks, m.head).eval())
+    skipped = exp.check_export(resnet, x, 1e-5)
+    assert skipped["outputs_equal"] and not skipped["plain"] and len(skipped["skips"]) == 2

@@ -261,12 +261,13 @@ def test_pnnh_plain_form_and_export_have_no_skips(name):
 def test_pnnh_default_training_form_is_reported_as_residual(name):
     """The fused form with a fixed coder computes ``x + learner(x)`` literally (``AᵀA x = x``
     is not computed): the checker must see an identity skip in every non-transition block —
-    this *is* the equivalence of docs/PNNH.md, written as code."""
+    this *is* the equivalence of docs/PNNH.md, written as code. A transition's ``P x`` is a
+    projection shortcut and is reported as one."""
     model, x = _small_pnnh(name)
-    blocks = {b for b in block_names(model) if b.startswith("blocks.")}
-    identity = {f"blocks.{i}" for i, b in enumerate(model.blocks) if not b.transition}
-    reported = {s.block for s in find_skips(model, x)}
-    assert identity <= reported <= blocks
+    kinds = {s.block: s.kind for s in find_skips(model, x)}
+    expected = {f"blocks.{i}": "projection" if b.transition else "identity"
+                for i, b in enumerate(model.blocks)}
+    assert kinds == expected
 
 
 @pytest.mark.filterwarnings("ignore:plainness")

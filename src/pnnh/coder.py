@@ -259,9 +259,7 @@ class DownsampleCoder(nn.Module):
         return self.weight.reshape(self.width, self.in_channels, 2, 2)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % 2 or x.shape[-2] % 2:  # the pad is read only at odd sizes
-            x = F.pad(x, (0, 1, 0, 1))
-        return F.conv2d(x, self.kernel(), stride=2)
+        return F.conv2d(pad_odd(x), self.kernel(), stride=2)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.width < self.out_channels:
@@ -299,6 +297,16 @@ class DownsampleCoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels} -> {self.width} (stride 2, x2 shared) -> {self.out_channels}"
+
+
+@torch.fx.wrap
+def pad_odd(x: torch.Tensor) -> torch.Tensor:
+    """Pad the bottom row and right column of an image whose size is odd (a 2x2 stride-2 coder
+    reads the pad only there); even sizes pass untouched. A leaf for ``torch.fx``, so the
+    data-dependent test on the shape does not stop a trace."""
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        return F.pad(x, (0, 1, 0, 1))
+    return x
 
 
 def haar_rows(channels: int) -> torch.Tensor:

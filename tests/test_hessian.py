@@ -198,3 +198,81 @@ def test_rev_rev_mode_matches_forward_over_reverse():
     top = rr.extreme_eigenvalues(tol=1e-8, max_iter=fr.dim, which="max")
     lam = torch.linalg.eigvalsh(fr.dense())
     assert top["converged"] and abs(top["lambda_max"] - lam[-1]) <= 1e-4 * abs(lam[-1])
+
+
+class TransformerClassifier(nn.Module):
+    """A small batch-first ``nn.TransformerEncoder`` classifier (2 layers, d_model 16)."""
+
+    def __init__(self, d_in: int = 4, d_model: int = 16, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead=2, dim_feedforward=32, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def transformer_problem():
+    torch.manual_seed(0)
+    model = TransformerClassifier().double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 4, generator=g, dtype=torch.float64)
+    return model, x, torch.randint(0, 3, (6,), generator=g)
+
+
+def fd_hessian(op: HessianOperator, h: float = 1e-5) -> torch.Tensor:
+    """Central differences of the gradient, column by column: ``(∇L(θ+h e_j) − ∇L(θ−h e_j))/2h``.
+    Needs neither forward-mode AD nor double backward."""
+    theta = op.theta.clone()
+    cols = []
+    for j in range(op.dim):
+        e = torch.zeros_like(theta)
+        e[j] = h
+        op.theta = theta + e
+        gp = op.loss_and_grad()[1]
+        op.theta = theta - e
+        gm = op.loss_and_grad()[1]
+        cols.append((gp - gm) / (2 * h))
+    op.theta = theta
+    hess = torch.stack(cols, 1)
+    return 0.5 * (hess + hess.T)
+
+
+@pytest.mark.parametrize("mode", ["fwd-rev", "auto"])
+def test_transformer_hvp_falls_back_and_matches_finite_differences(mode):
+    """Forward-mode AD of CPU scaled-dot-product attention is missing (and the fused kernel has
+    no double backward): the HVP falls back, says so, and still gives the exact Hessian (here
+    over the first attention layer's input-projection bias, whose curvature passes through the
+    attention's backward)."""
+    model, x, y = transformer_problem()
+    op = HessianOperator(model, (x, y), "ce", params="encoder.layers.0.self_attn.in_proj_bias",
+                         hvp_mode=mode)
+    dense = op.dense()
+    assert op.hvp_kind in ("rev-rev", "fwd-rev") and op.math_attention
+    if mode == "fwd-rev":
+        assert op.hvp_kind == "rev-rev" and "fwd-rev failed: NotImplementedError" in op.hvp_method
+    ref = fd_hessian(HessianOperator(model, (x, y), "ce",
+                                     params="encoder.layers.0.self_attn.in_proj_bias"))
+    torch.testing.assert_close(dense, ref, rtol=1e-6, atol=1e-8)
+    ext = op.extreme_eigenvalues(tol=1e-8, max_iter=op.dim)
+    lam = torch.linalg.eigvalsh(ref)
+    assert "math SDPA" in ext["method"] and ext["hvp"] == op.hvp_kind
+    assert abs(ext["lambda_max"] - lam[-1]) <= 1e-6 * lam.abs().max()
+    assert abs(ext["lambda_min"] - lam[0]) <= 1e-6 * lam.abs().max()
+
+
+def test_transformer_hvp_kinds_agree_on_all_parameters():
+    """Both HVP kinds (both with math attention) give the same H v on the whole model."""
+    model, x, y = transformer_problem()
+    fr = HessianOperator(model, (x, y), "ce", hvp_mode="fwd-rev")
+    rr = HessianOperator(model, (x, y), "ce", hvp_mode="rev-rev")
+    v = torch.randn(fr.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    hr = rr.hvp(v)
+    fr.hvp_kind, fr.math_attention = "fwd-rev", True  # force the forward-mode path
+    torch.testing.assert_close(fr.hvp(v), hr, rtol=1e-9, atol=1e-11)
+    summary, _ = hessian_summary(rr, dense="never", hutchinson_samples=4, slq_runs=1, slq_steps=4,
+                                 max_iter=30, tol=1e-4)
+    assert "math SDPA" in summary.method and summary.extra["hvp"] == "rev-rev"

@@ -34,6 +34,7 @@ mean loss over ``N`` samples is ``Σ_b (n_b/N) H_b v`` for batch means ``L_b``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,20 @@ from pnnh.io import save_figure
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+HVP_MODES = ("auto", "fwd-rev", "rev-rev")
+HVP_KINDS = {
+    "fwd-rev": "fwd-rev (torch.func forward-over-reverse, jvp of grad: no graph kept)",
+    "rev-rev": "rev-rev (double backward over a gradient graph built once per batch)",
+}
+
+
+def _math_attention():
+    """Scaled-dot-product attention on the math backend: plain differentiable ops, so both
+    forward-mode AD and double backward go through (the fused CPU kernel has neither)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -92,11 +107,15 @@ class HessianOperator:
         data: Batch | Iterable[Batch],
         loss_fn: LossFn | str = "ce",
         params: str | Sequence[str] | None = None,
-        hvp_mode: str = "fwd-rev",
+        hvp_mode: str = "auto",
     ):
-        if hvp_mode not in ("fwd-rev", "rev-rev"):
-            raise ConfigError(f"hvp_mode: fwd-rev or rev-rev, got {hvp_mode!r}", field="hvp_mode")
+        if hvp_mode not in HVP_MODES:
+            raise ConfigError(f"hvp_mode: one of {', '.join(HVP_MODES)}, got {hvp_mode!r}",
+                              field="hvp_mode")
         self.hvp_mode = hvp_mode
+        self.hvp_kind: str | None = None  # resolved on the first HVP (see hvp_method)
+        self.math_attention = False
+        self.hvp_fallbacks: list[str] = []
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
         self.model = model
         self.loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
@@ -126,6 +145,19 @@ class HessianOperator:
         self._theta = value
         self._graph = None
 
+    @property
+    def hvp_method(self) -> str:
+        """Which HVP ran, and why: the kind, any fallback and the attention backend."""
+        if self.hvp_kind is None:
+            return f"{self.hvp_mode} (not run yet)"
+        text = HVP_KINDS[self.hvp_kind]
+        if self.hvp_fallbacks:
+            text += "; fallback after " + "; ".join(self.hvp_fallbacks)
+        if self.math_attention:
+            text += ("; attention on the math SDPA backend (the fused CPU kernel has no "
+                     "forward-mode or double-backward derivative)")
+        return text
+
     # -- plumbing -----------------------------------------------------------------------
     def _iter(self):
         dev = self.theta.device
@@ -140,22 +172,73 @@ class HessianOperator:
         out = functional_call(self.model, {**self._fixed, **self._unflatten(flat)}, (x,))
         return self.loss_fn(out, y)
 
+    def _attention(self):
+        return _math_attention() if self.math_attention else contextlib.nullcontext()
+
     def _hvp_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward-over-reverse ``jvp(grad L, θ, v)``: one forward and one backward pass."""
         g = grad(lambda t: self._loss(t, x, y))
         return jvp(g, (self.theta,), (v,))[1]
 
+    def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor):
+        """``(θ leaf, ∇L(θ) with its graph)``; kept across HVPs when there is one batch."""
+        if self._graph is not None:
+            return self._graph
+        leaf = self.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            g = torch.autograd.grad(self._loss(leaf, x, y), leaf, create_graph=True)[0]
+        if isinstance(self._batches, list) and len(self._batches) == 1:
+            self._graph = (leaf, g)
+        return leaf, g
+
     def _hvp_rev_rev(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Double backward ``∂(∇L·v)/∂θ``; with one batch the gradient graph is built once and
-        kept, so each HVP is a single backward pass (PyHessian's scheme)."""
-        if self._graph is not None and self._graph[0] is not None:
-            leaf, g = self._graph
-        else:
-            leaf = self.theta.detach().requires_grad_(True)
-            with torch.enable_grad():
-                g = torch.autograd.grad(self._loss(leaf, x, y), leaf, create_graph=True)[0]
-            if isinstance(self._batches, list) and len(self._batches) == 1:
-                self._graph = (leaf, g)
-        return torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=True)[0].detach()
+        kept, so each HVP is a single backward pass (PyHessian's scheme). ``v`` may be a
+        ``(k, dim)`` block: then the k HVPs share one batched backward pass."""
+        leaf, g = self._gradient_graph(x, y)
+        batched = v.dim() == 2
+        return torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=True,
+                                   is_grads_batched=batched)[0].detach()
+
+    def _hvp_kind_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._attention():
+            if self.hvp_kind == "rev-rev":
+                return self._hvp_rev_rev(v, x, y)
+            if v.dim() == 2:
+                return vmap(self._hvp_batch, in_dims=(0, None, None))(v, x, y)
+            return self._hvp_batch(v, x, y)
+
+    def _resolve(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pick the HVP kind on the first HVP: the requested one (``auto``: double backward
+        over a kept graph, the fastest where it works), else double backward (``fwd-rev`` needs
+        forward-mode AD, which some ops lack), then with attention on the math backend, then
+        forward-over-reverse. Every failure is recorded in :attr:`hvp_method`."""
+        order = [("rev-rev", False), ("rev-rev", True), ("fwd-rev", False), ("fwd-rev", True)]
+        if self.hvp_mode == "fwd-rev":
+            order = [("fwd-rev", False), ("rev-rev", False), ("rev-rev", True), ("fwd-rev", True)]
+        errors: list[BaseException] = []
+        for kind, math_attn in order:
+            self.hvp_kind, self.math_attention, self._graph = kind, math_attn, None
+            try:
+                out = self._hvp_kind_batch(v, x, y)
+            except (NotImplementedError, RuntimeError) as e:  # a missing derivative, or OOM
+                errors.append(e)
+                why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                self.hvp_fallbacks.append(f"{kind}{' (math attention)' if math_attn else ''}"
+                                          f" failed: {type(e).__name__}: {why}")
+                continue
+            return out
+        self.hvp_kind = None
+        raise errors[0]
+
+    def _hvp_data(self, v: torch.Tensor) -> torch.Tensor:
+        """``Σ_b (n_b/N) H_b v`` over the batches, one batch's graph alive at a time."""
+        out = torch.zeros_like(v)
+        for x, y in self._iter():
+            w = x.shape[0] / self.num_samples
+            hb = self._resolve(v, x, y) if self.hvp_kind is None else self._hvp_kind_batch(v, x, y)
+            out += w * hb
+        return out
 
     # -- public API -----------------------------------------------------------------------
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
@@ -170,27 +253,29 @@ class HessianOperator:
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` (averaged exactly over all batches)."""
-        v = v.to(self.theta)
         self.hvp_calls += 1
-        out = torch.zeros_like(self.theta)
-        f = self._hvp_batch if self.hvp_mode == "fwd-rev" else self._hvp_rev_rev
-        for x, y in self._iter():
-            out += (x.shape[0] / self.num_samples) * f(v, x, y)
-        return out
+        return self._hvp_data(v.to(self.theta))
 
     def hvp_many(self, vs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        """``H v`` for every row ``v`` of ``vs`` (HVPs vectorised with ``vmap``)."""
+        """``H v`` for every row ``v`` of ``vs``: the rows go through in blocks of
+        ``chunk_size`` (all at once by default) as one batched pass (``vmap`` for fwd-rev,
+        ``is_grads_batched`` for rev-rev); one at a time where an op has no batching rule."""
         vs = vs.to(self.theta)
-        out = torch.zeros_like(vs)
-        for x, y in self._iter():
-            w = x.shape[0] / self.num_samples
+        step = chunk_size or max(1, vs.shape[0])
+        outs = []
+        for i in range(0, vs.shape[0], step):
+            block = vs[i:i + step]
+            if self.hvp_kind is None:  # resolve the HVP kind on a single vector first
+                outs.append(self._hvp_data(block[0])[None])
+                block = block[1:]
+                if block.shape[0] == 0:
+                    continue
             try:
-                hb = vmap(self._hvp_batch, in_dims=(0, None, None), chunk_size=chunk_size)(vs, x, y)
+                outs.append(self._hvp_data(block))
             except RuntimeError:  # an op without a batching rule: one HVP at a time
-                hb = torch.stack([self._hvp_batch(v, x, y) for v in vs])
-            out += w * hb
+                outs.append(torch.stack([self._hvp_data(v) for v in block]))
         self.hvp_calls += vs.shape[0]
-        return out
+        return torch.cat(outs) if outs else torch.zeros_like(vs)
 
     def dense(self, chunk_size: int = 256) -> torch.Tensor:
         """The exact ``dim × dim`` Hessian: ``H e_j`` for every basis vector (vmapped HVPs)."""
@@ -222,6 +307,8 @@ class HessianOperator:
             "converged": bool(resid[-1] <= tol * scale
                               and (which == "max" or resid[0] <= tol * scale)),
             "ritz_values": theta.tolist(),
+            "hvp": self.hvp_kind,
+            "method": self.hvp_method,
         }
 
     def trace(
@@ -412,10 +499,10 @@ def hessian_summary(
             lambda_max=float(lam[-1]), lambda_min=float(lam[0]), trace=float(lam.sum()),
             trace_stderr=0.0, condition_number=cn["condition_number"],
             condition_number_positive=cn["condition_number_positive"],
-            method=(f"exact dense Hessian ({op.dim} params, torch.func forward-over-reverse HVPs,"
-                    f" eigvalsh); zero threshold |λ| <= {zero_tol:g}·max|λ|"),
+            method=(f"exact dense Hessian ({op.dim} params, eigvalsh); HVPs: {op.hvp_method}; "
+                    f"zero threshold |λ| <= {zero_tol:g}·max|λ|"),
             num_params=op.dim,
-            extra={"zero_tol": zero_tol, "num_zero": cn["num_zero"],
+            extra={"hvp": op.hvp_kind, "zero_tol": zero_tol, "num_zero": cn["num_zero"],
                    "num_negative": cn["num_negative"], "num_positive": cn["num_positive"],
                    "num_samples": op.num_samples},
         )
@@ -436,9 +523,10 @@ def hessian_summary(
                 f"{ext['iterations']} steps, converged={ext['converged']}); Hutchinson trace "
                 f"({tr['samples']} Rademacher samples); SLQ density ({slq_runs}x{slq_steps}); "
                 f"condition numbers only when λmin > {zero_tol:g}·max|λ| (else null: the "
-                "smallest |λ| is interior to the spectrum)"),
+                f"smallest |λ| is interior to the spectrum); HVPs: {op.hvp_method}"),
         num_params=op.dim,
-        extra={"zero_tol": zero_tol, "lanczos_tol": tol, "lanczos_iterations": ext["iterations"],
+        extra={"hvp": op.hvp_kind, "zero_tol": zero_tol, "lanczos_tol": tol,
+               "lanczos_iterations": ext["iterations"],
                "lanczos_converged": ext["converged"], "hutchinson_samples": tr["samples"],
                "num_samples": op.num_samples},
     )

@@ -313,27 +313,25 @@ class HessianOperator:
 
     def trace(
         self, num_samples: int = 100, seed: int = 0, rel_tol: float | None = None,
-        chunk: int = 16,
+        chunk: int = 16, method: str = "xtrace", z: float = 2.0,
     ) -> dict:
-        """Hutchinson: ``tr H ≈ (1/n) Σ vᵀHv`` with Rademacher ``v``; ``stderr = std/√n``.
+        """Stochastic trace ``tr H`` with at most ``num_samples`` HVPs (see :func:`estimate_trace`).
 
-        Probes are evaluated ``chunk`` at a time (vmapped HVPs). With ``rel_tol``, stops early
-        (after at least 10 samples) once ``stderr <= rel_tol·|mean|``.
+        ``method``: ``"xtrace"`` (default; exact on the part of the spectrum its sketch
+        captures, exchangeable leave-one-out error estimate), ``"hutch++"`` (low-rank part plus
+        Hutchinson on the deflated rest) or ``"hutchinson"`` (``(1/n) Σ vᵀHv``, Rademacher
+        ``v``). ``trace_stderr`` is the estimator's standard error; with ``rel_tol`` the run
+        stops once ``z·stderr <= rel_tol·|trace|`` (an error bound at about 95% confidence for
+        ``z = 2``, not the change between steps). HVPs go ``chunk`` at a time, batched.
         """
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        vals: list[float] = []
-        while len(vals) < num_samples:
-            n = min(chunk, num_samples - len(vals))
-            v = torch.randint(0, 2, (n, self.dim), generator=gen).to(self.theta) * 2 - 1
-            vals += (v * self.hvp_many(v)).sum(1).tolist()
-            if rel_tol is not None and len(vals) >= 10:
-                t = torch.tensor(vals, dtype=torch.float64)
-                if t.std() / math.sqrt(len(vals)) <= rel_tol * t.mean().abs():
-                    break
-        t = torch.tensor(vals, dtype=torch.float64)
-        n = len(vals)
-        stderr = float(t.std() / math.sqrt(n)) if n > 1 else float("inf")
-        return {"trace": float(t.mean()), "trace_stderr": stderr, "samples": n}
+        if method not in TRACE_METHODS:
+            raise ConfigError(f"trace method: one of {', '.join(TRACE_METHODS)}, got {method!r}",
+                              field="trace_method")
+        calls0 = self.hvp_calls
+        out = estimate_trace(self.hvp_many, self.dim, num_samples, method=method, seed=seed,
+                             rel_tol=rel_tol, z=z, chunk=chunk, device=self.theta.device)
+        out.update(hvps=self.hvp_calls - calls0, hvp=self.hvp_kind, method=self.hvp_method)
+        return out
 
     def spectral_density(self, num_runs: int = 5, num_steps: int = 40, seed: int = 0) -> dict:
         """Stochastic Lanczos quadrature: Ritz nodes and weights per run (weights sum to 1).
@@ -410,6 +408,138 @@ def lanczos(
     return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas)}
 
 
+TRACE_METHODS = ("xtrace", "hutch++", "hutchinson")
+
+
+def _rademacher(k: int, dim: int, gen: torch.Generator, device) -> torch.Tensor:
+    return (torch.randint(0, 2, (k, dim), generator=gen, dtype=torch.float64) * 2 - 1).to(device)
+
+
+def _sphere(k: int, dim: int, gen: torch.Generator, device) -> torch.Tensor:
+    """``k`` rows uniform on the sphere of radius ``√dim`` (XTrace's "improved" test vectors)."""
+    g = torch.randn(k, dim, generator=gen, dtype=torch.float64)
+    return (g * (math.sqrt(dim) / g.norm(dim=1, keepdim=True))).to(device)
+
+
+def _mean_stderr(vals: torch.Tensor) -> tuple[float, float]:
+    n = vals.numel()
+    return float(vals.mean()), (float(vals.std() / math.sqrt(n)) if n > 1 else float("inf"))
+
+
+def _stop(t: float, err: float, rel_tol: float | None, z: float) -> bool:
+    return rel_tol is not None and z * err <= rel_tol * abs(t)
+
+
+def _apply(matmat, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``A`` applied to every row of ``rows`` (``chunk`` rows per batched call), in float64."""
+    return torch.cat([matmat(rows[i:i + chunk]).double() for i in range(0, rows.shape[0], chunk)])
+
+
+def xtrace_estimates(om: torch.Tensor, y: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+                     z: torch.Tensor) -> torch.Tensor:
+    """The ``m`` leave-one-out estimates of XTrace (Epperly, Tropp & Webber 2024, "improved").
+
+    Columns: test vectors ``Ω`` (``n×m``, on the sphere of radius ``√n``), ``Y = AΩ = QR``
+    and ``Z = AQ``. Estimate ``j`` is ``tr(Q₋ⱼᵀAQ₋ⱼ) + ωⱼᵀ(I−Q₋ⱼQ₋ⱼᵀ)A(I−Q₋ⱼQ₋ⱼᵀ)ωⱼ``
+    (rescaled), with ``Q₋ⱼ`` an orthonormal basis of ``Y`` without column ``j``, evaluated in
+    closed form from ``S = normalised columns of R⁻ᵀ`` (no extra products with ``A``); their
+    mean is the XTrace estimate and their spread gives its standard error.
+    """
+    n, m = om.shape
+    dp = lambda a, b: (a * b).sum(0)  # noqa: E731  diag(aᵀb)
+    w = q.T @ om
+    s = torch.linalg.inv(r).T
+    s = s / s.norm(dim=0, keepdim=True)
+    scale = (n - m + 1) / (n - w.norm(dim=0) ** 2 + (dp(s, w).abs() * s.norm(dim=0)) ** 2)
+    h = q.T @ z
+    hw = h @ w
+    t = z.T @ om
+    dsw, dshs = dp(s, w), dp(s, h @ s)
+    core = (-dp(t, w) + dp(w, hw) + dsw * dp(s, r - hw) + dsw**2 * dshs
+            + dp(t - h.T @ w, s) * dsw)
+    return torch.trace(h) - dshs + core * scale
+
+
+def _xtrace(matmat, dim: int, budget: int, gen, rel_tol, z: float, chunk: int, device) -> dict:
+    """Adaptive XTrace: ``m`` test vectors cost ``2m`` products; ``m`` doubles until the
+    stopping rule holds or the budget is spent. The sketch is extended, not redrawn: with
+    ``[Y, Y'] = Q'R'`` the old ``Z = AQ`` is reused as ``Z U`` (``U = QᵀQ'_{:, :m}``, the
+    rotation between two bases of one subspace), so only the new basis columns cost products."""
+    m_max = max(2, min(budget // 2, dim - 1))
+    om = y = q = zq = None
+    m = min(8, m_max)
+    while True:
+        new = _sphere(m - (0 if om is None else om.shape[1]), dim, gen, device).T
+        ynew = _apply(matmat, new.T, chunk).T
+        om = new if om is None else torch.cat([om, new], 1)
+        y = ynew if y is None else torch.cat([y, ynew], 1)
+        qn, rn = torch.linalg.qr(y)
+        k = 0 if q is None else q.shape[1]
+        zold = zq @ (q.T @ qn[:, :k]) if k else torch.empty(dim, 0, dtype=y.dtype, device=device)
+        zq = torch.cat([zold, _apply(matmat, qn[:, k:].T, chunk).T], 1)
+        q = qn
+        ests = xtrace_estimates(om, y, q, rn, zq)
+        t, err = _mean_stderr(ests)
+        if _stop(t, err, rel_tol, z) or m >= m_max:
+            return {"trace": t, "trace_stderr": err, "samples": 2 * m,
+                    "converged": _stop(t, err, rel_tol, z)}
+        m = min(2 * m, m_max)
+
+
+def _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device, basis=None) -> dict:
+    """``(1/n) Σ vᵀ P A P v`` over Rademacher ``v`` with ``P = I − QQᵀ`` (``P = I`` without a
+    basis), ``chunk`` probes per batched call, stopping when ``z·stderr <= rel_tol·|total|``."""
+    base = 0.0 if basis is None else basis[1]
+    vals: list[float] = []
+    t, err = base, float("inf")
+    while len(vals) < budget:
+        v = _rademacher(min(chunk, budget - len(vals)), dim, gen, device)
+        if basis is not None:
+            v = v - (v @ basis[0]) @ basis[0].T
+        vals += (v * matmat(v).double()).sum(1).tolist()
+        t, err = _mean_stderr(torch.tensor(vals, dtype=torch.float64))
+        t += base
+        if len(vals) >= 8 and _stop(t, err, rel_tol, z):
+            break
+    return {"trace": t, "trace_stderr": err, "samples": len(vals),
+            "converged": _stop(t, err, rel_tol, z)}
+
+
+def estimate_trace(
+    matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, budget: int,
+    method: str = "xtrace", seed: int = 0, rel_tol: float | None = None, z: float = 2.0,
+    chunk: int = 16, device: torch.device | str = "cpu",
+) -> dict:
+    """Trace of a symmetric ``A`` given by ``matmat(rows) = rows @ A`` with at most ``budget``
+    products.
+
+    - ``hutchinson``: ``E[vᵀAv] = tr A``; variance ``2‖A‖_F²``-ish, error ``O(1/√n)``.
+    - ``hutch++`` (Meyer, Musco, Musco & Woodruff 2021): ``Q = orth(A S)`` from ``budget/3``
+      products, ``tr A = tr(QᵀAQ) + tr(PAP)`` with ``P = I − QQᵀ``; the first term is exact,
+      the second is Hutchinson's on the deflated matrix (error ``O(1/n)`` for PSD ``A``).
+    - ``xtrace`` (Epperly, Tropp & Webber 2024): every test vector serves both the low-rank
+      sketch and the residual estimate, by leave-one-out (:func:`xtrace_estimates`).
+
+    Returns ``trace``, ``trace_stderr`` (standard error of the random part), ``samples`` (the
+    products used) and ``converged`` (``z·stderr <= rel_tol·|trace|``).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    budget = max(2, int(budget))
+    if method == "xtrace":
+        out = _xtrace(matmat, dim, budget, gen, rel_tol, z, chunk, device)
+    elif method == "hutch++":
+        k = max(1, min(budget // 3, dim - 1))
+        q = torch.linalg.qr(_apply(matmat, _rademacher(k, dim, gen, device), chunk).T)[0]
+        top = float(torch.trace(q.T @ _apply(matmat, q.T, chunk).T))
+        out = _hutchinson(matmat, dim, max(2, budget - 2 * k), gen, rel_tol, z, chunk, device,
+                          basis=(q, top))
+        out["samples"] += 2 * k
+    else:
+        out = _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device)
+    out.update(trace_method=method, error_bound=z * out["trace_stderr"], z=z)
+    return out
+
+
 def slq_density(
     nodes: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], grid: torch.Tensor,
     sigma: float | None = None,
@@ -480,6 +610,7 @@ def hessian_summary(
     tol: float = 1e-6,
     zero_tol: float = 1e-8,
     hutchinson_samples: int = 100,
+    trace_method: str = "xtrace",
     slq_runs: int = 5,
     slq_steps: int = 40,
     max_iter: int = 200,
@@ -508,7 +639,7 @@ def hessian_summary(
         )
         return summary, {"eigenvalues": lam}
     ext = op.extreme_eigenvalues(tol=tol, max_iter=max_iter, seed=seed)
-    tr = op.trace(hutchinson_samples, seed=seed)
+    tr = op.trace(hutchinson_samples, seed=seed, method=trace_method)
     lmax, lmin = ext["lambda_max"], ext["lambda_min"]
     amax = max(abs(lmax), abs(lmin))
     # From the extremes alone: the positive-spectrum ratio when the Hessian is positive
@@ -520,14 +651,15 @@ def hessian_summary(
         condition_number=lmax / lmin if pd else None,
         condition_number_positive=lmax / lmin if pd else None,
         method=(f"Lanczos (full re-orthogonalisation, tol {tol:g} relative Ritz residual, "
-                f"{ext['iterations']} steps, converged={ext['converged']}); Hutchinson trace "
-                f"({tr['samples']} Rademacher samples); SLQ density ({slq_runs}x{slq_steps}); "
+                f"{ext['iterations']} steps, converged={ext['converged']}); {trace_method} trace "
+                f"({tr['samples']} HVPs); SLQ density ({slq_runs}x{slq_steps}); "
                 f"condition numbers only when λmin > {zero_tol:g}·max|λ| (else null: the "
                 f"smallest |λ| is interior to the spectrum); HVPs: {op.hvp_method}"),
         num_params=op.dim,
         extra={"hvp": op.hvp_kind, "zero_tol": zero_tol, "lanczos_tol": tol,
                "lanczos_iterations": ext["iterations"],
                "lanczos_converged": ext["converged"], "hutchinson_samples": tr["samples"],
+               "trace_method": trace_method,
                "num_samples": op.num_samples},
     )
     return summary, spec

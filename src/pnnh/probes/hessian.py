@@ -135,6 +135,7 @@ class HessianOperator:
         if self.num_samples == 0:
             raise ConfigError("hessian: the data has no samples", field="data")
         self.hvp_calls = 0
+        self.batched: bool | None = None  # hvp_many: batched passes (None: on accelerators)
 
     @property
     def theta(self) -> torch.Tensor:
@@ -218,10 +219,13 @@ class HessianOperator:
             order = [("fwd-rev", False), ("rev-rev", False), ("rev-rev", True), ("fwd-rev", True)]
         errors: list[BaseException] = []
         for kind, math_attn in order:
-            self.hvp_kind, self.math_attention, self._graph = kind, math_attn, None
+            if (kind, math_attn) != (self.hvp_kind, self.math_attention):
+                self._graph = None  # a graph built for another kind (e.g. by gradient())
+            self.hvp_kind, self.math_attention = kind, math_attn
             try:
                 out = self._hvp_kind_batch(v, x, y)
             except (NotImplementedError, RuntimeError) as e:  # a missing derivative, or OOM
+                self._graph = None
                 errors.append(e)
                 why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
                 self.hvp_fallbacks.append(f"{kind}{' (math attention)' if math_attn else ''}"
@@ -251,6 +255,36 @@ class HessianOperator:
             g += w * gb
         return total, g
 
+    def gradient(self) -> torch.Tensor:
+        """``∇L(θ)``: taken from the kept gradient graph where double backward will run (so the
+        graph serves the HVPs that follow), else by :meth:`loss_and_grad`."""
+        one = isinstance(self._batches, list) and len(self._batches) == 1
+        if one and self.hvp_mode != "fwd-rev" and self.hvp_kind in (None, "rev-rev"):
+            if self.hvp_kind is None:
+                self.hvp_kind = "rev-rev"  # _resolve keeps this graph if rev-rev works
+            try:
+                with self._attention():
+                    return self._gradient_graph(*next(self._iter()))[1].detach()
+            except (NotImplementedError, RuntimeError):
+                self._graph = None
+        return self.loss_and_grad()[1]
+
+    def start_vector(self, start: str, seed: int) -> torch.Tensor | None:
+        """Lanczos start: ``random`` (None: Gaussian), ``gradient`` (``∇L``, which lies mostly in
+        the top eigenspace of the loss Hessian, free where the gradient graph is kept) or
+        ``mixed`` (``g/‖g‖ + r/‖r‖``, overlapping both ends of the spectrum)."""
+        if start == "random":
+            return None
+        g = self.gradient().double()
+        if not torch.isfinite(g).all() or float(g.norm()) == 0.0:
+            return None
+        g = g / g.norm()
+        if start == "gradient":
+            return g
+        r = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64).to(g.device)
+        return g + r / r.norm()
+
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` (averaged exactly over all batches)."""
         self.hvp_calls += 1
@@ -259,8 +293,14 @@ class HessianOperator:
     def hvp_many(self, vs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """``H v`` for every row ``v`` of ``vs``: the rows go through in blocks of
         ``chunk_size`` (all at once by default) as one batched pass (``vmap`` for fwd-rev,
-        ``is_grads_batched`` for rev-rev); one at a time where an op has no batching rule."""
+        ``is_grads_batched`` for rev-rev); one at a time where an op has no batching rule, and
+        on CPU unless :attr:`batched` is set (on a CPU the batched backward of ResNet-20 cost
+        1.6x the time per vector of single HVPs: docs/BENCHMARKS.md)."""
         vs = vs.to(self.theta)
+        batched = self.batched if self.batched is not None else self.theta.device.type != "cpu"
+        if not batched:
+            self.hvp_calls += vs.shape[0]
+            return torch.stack([self._hvp_data(v) for v in vs]) if len(vs) else vs.clone()
         step = chunk_size or max(1, vs.shape[0])
         outs = []
         for i in range(0, vs.shape[0], step):
@@ -284,28 +324,47 @@ class HessianOperator:
         return 0.5 * (h + h.T)
 
     def extreme_eigenvalues(
-        self, tol: float = 1e-6, max_iter: int = 200, seed: int = 0, which: str = "both"
+        self, tol: float = 1e-6, max_iter: int = 200, seed: int = 0, which: str = "both",
+        bound: str = "residual", start: str = "auto",
     ) -> dict:
         """Largest and smallest (algebraic) eigenvalues by Lanczos with full re-orthogonalisation.
 
-        Stops when both extreme Ritz pairs have residual ``|β_m s_{m,i}| <= tol·max|θ|`` (the
-        residual norm ``||H u - θ u||`` of the Ritz vector ``u``), or after ``max_iter``
-        steps (``converged`` says which). ``which="max"`` waits for the largest one only
-        (``lambda_min`` is then the current, possibly unconverged, smallest Ritz value).
+        Stops when the error bound of both extreme Ritz values is ``<= tol·max|θ|``, or after
+        ``max_iter`` steps (``converged`` says which). ``bound="residual"``: the Ritz residual
+        ``r = ||Hu − θu|| = |β_m s_{m,i}|``, a guaranteed bound (some eigenvalue lies within
+        ``r`` of ``θ``); ``bound="gap"``: ``min(r, r²/gap)`` with the gap to the next Ritz
+        value, the usual (Kato–Temple) error estimate, much tighter once the end is resolved
+        but not guaranteed. ``which="max"`` waits for the largest one only (``lambda_min`` is
+        then the current, possibly unconverged, smallest Ritz value). ``start``: see
+        :meth:`start_vector`; ``auto`` is ``gradient`` for ``which="max"``, else ``mixed``.
         """
-        res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed,
+        if bound not in ("residual", "gap"):
+            raise ConfigError(f"bound: residual or gap, got {bound!r}", field="bound")
+        if start not in ("auto", "random", "gradient", "mixed"):
+            raise ConfigError(f"start: auto, random, gradient or mixed, got {start!r}",
+                              field="start")
+        if start == "auto":
+            start = "gradient" if which == "max" else "mixed"
+        calls0 = self.hvp_calls
+        v0 = self.start_vector(start, seed)
+        res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, bound=bound, v0=v0,
                       device=self.theta.device, stop="max" if which == "max" else "extremes")
-        theta, s, beta_last = res["ritz"], res["ritz_vectors"], res["beta_last"]
+        theta = res["ritz"]
         scale = max(float(theta.abs().max()), 1e-300)
-        resid = (beta_last * s[-1, :]).abs()
+        err = ritz_error_bounds(theta, res["ritz_vectors"], res["beta_last"], bound)
         return {
             "lambda_max": float(theta[-1]),
             "lambda_min": float(theta[0]),
-            "residual_max": float(resid[-1]),
-            "residual_min": float(resid[0]),
+            "residual_max": err["residual_max"],
+            "residual_min": err["residual_min"],
+            "error_bound_max": err["max"],
+            "error_bound_min": err["min"],
+            "bound": bound,
+            "start": start,
             "iterations": res["steps"],
-            "converged": bool(resid[-1] <= tol * scale
-                              and (which == "max" or resid[0] <= tol * scale)),
+            "hvps": self.hvp_calls - calls0,
+            "converged": bool(err["max"] <= tol * scale
+                              and (which == "max" or err["min"] <= tol * scale)),
             "ritz_values": theta.tolist(),
             "hvp": self.hvp_kind,
             "method": self.hvp_method,
@@ -348,6 +407,26 @@ class HessianOperator:
         return {"nodes": nodes, "weights": weights}
 
 
+def ritz_error_bounds(ritz: torch.Tensor, s: torch.Tensor, beta: float,
+                      bound: str = "residual") -> dict:
+    """Error bounds of the extreme Ritz values ``θ_1 <= ... <= θ_m`` of a Lanczos run.
+
+    The residual of Ritz pair ``i`` is ``r_i = |β_m s_{m,i}|``; some eigenvalue of ``H`` lies
+    within ``r_i`` of ``θ_i`` (Weyl), a guaranteed bound. With ``bound="gap"`` the estimate
+    ``min(r, r²/δ)`` is used, ``δ`` the distance to the neighbouring Ritz value (Kato–Temple
+    with the Ritz gap standing in for the unknown eigenvalue gap)."""
+    r = (beta * s[-1, :]).abs()
+    out = {"residual_max": float(r[-1]), "residual_min": float(r[0]),
+           "max": float(r[-1]), "min": float(r[0])}
+    if bound == "gap" and ritz.numel() > 1:
+        gmax, gmin = float(ritz[-1] - ritz[-2]), float(ritz[1] - ritz[0])
+        if gmax > 0:
+            out["max"] = min(out["max"], float(r[-1]) ** 2 / gmax)
+        if gmin > 0:
+            out["min"] = min(out["min"], float(r[0]) ** 2 / gmin)
+    return out
+
+
 def lanczos(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     dim: int,
@@ -357,14 +436,16 @@ def lanczos(
     device: torch.device | str = "cpu",
     stop: str = "extremes",
     v0: torch.Tensor | None = None,
+    bound: str = "residual",
 ) -> dict:
     """Lanczos tridiagonalisation with full re-orthogonalisation (in float64).
 
     ``q_{j+1} β_j = H q_j - α_j q_j - β_{j-1} q_{j-1}``, then ``q_{j+1}`` is orthogonalised
     against every earlier ``q`` twice (classical Gram-Schmidt, "twice is enough"). Returns the
     Ritz values (ascending), the eigenvectors ``s`` of ``T`` (columns), ``beta_last`` and the
-    number of steps. ``stop="extremes"`` stops when the extreme Ritz residuals are below
-    ``tol·max|θ|`` (``stop="max"``: the largest only); ``stop="none"`` runs ``max_steps``
+    number of steps. ``stop="extremes"`` stops when the extreme Ritz values' error bounds
+    (:func:`ritz_error_bounds`) are below ``tol·max|θ|`` (``stop="max"``: the largest only);
+    ``stop="none"`` runs ``max_steps``
     (SLQ). An invariant subspace (``β ≈ 0``) ends the iteration: the Ritz values are then
     exact eigenvalues.
     """
@@ -395,8 +476,8 @@ def lanczos(
         if beta <= 1e-12 * scale:
             break
         if stop in ("extremes", "max") and j >= 1:
-            r = (beta * s[-1, :]).abs()
-            if r[-1] <= tol * scale and (stop == "max" or r[0] <= tol * scale):
+            e = ritz_error_bounds(ritz, s, beta, bound)
+            if e["max"] <= tol * scale and (stop == "max" or e["min"] <= tol * scale):
                 break
         betas.append(beta)
         if j + 1 >= Q.shape[0]:
@@ -406,6 +487,50 @@ def lanczos(
             Q = grown
         Q[j + 1] = w / beta
     return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas)}
+
+
+def parse_blocks(spec: str | Sequence[str] | dict[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Blocks of parameters: ``{"stage1": ["blocks.0", "blocks.1"], ...}``, a list of prefixes
+    (one block each), or the CLI text ``"stage1=blocks.0,blocks.1;head"`` (``;`` between
+    blocks, ``,`` between the name prefixes of one block, an optional ``name=``)."""
+    if isinstance(spec, dict):
+        return {str(k): list(v) for k, v in spec.items()}
+    if not isinstance(spec, str):
+        return {p: [p] for p in spec}
+    out: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, body = part.rpartition("=")
+        prefixes = [p.strip() for p in body.split(",") if p.strip()]
+        if not prefixes:
+            raise ConfigError(f"blocks: empty block in {spec!r}", field="blocks")
+        out[name.strip() or body.strip()] = prefixes
+    if not out:
+        raise ConfigError(f"blocks: no block in {spec!r}", field="blocks")
+    return out
+
+
+def block_curvature(
+    model: nn.Module, data: Batch | Iterable[Batch],
+    blocks: str | Sequence[str] | dict[str, Sequence[str]], loss_fn: LossFn | str = "ce",
+    hvp_mode: str = "auto", tol: float = 1e-3, max_iter: int = 100, trace_samples: int = 64,
+    trace_method: str = "xtrace", trace_rel_tol: float | None = None, seed: int = 0,
+) -> list[dict]:
+    """Per-block curvature: for each block ``B`` of parameters, the diagonal block ``H_BB``
+    of the Hessian (the Hessian of the loss in ``θ_B`` with the other parameters fixed) —
+    its extreme eigenvalues (Lanczos) and its trace (``tr H = Σ_B tr H_BB``, so stage-wise
+    traces add up to the whole trace). One record per block."""
+    records = []
+    for name, prefixes in parse_blocks(blocks).items():
+        op = HessianOperator(model, data, loss_fn, params=prefixes, hvp_mode=hvp_mode)
+        ext = op.extreme_eigenvalues(tol=tol, max_iter=max_iter, seed=seed, bound="gap")
+        tr = op.trace(trace_samples, seed=seed, rel_tol=trace_rel_tol, method=trace_method)
+        records.append({
+            "block": name, "params": ",".join(prefixes), "num_params": op.dim,
+            "lambda_max": ext["lambda_max"], "lambda_min": ext["lambda_min"],
+            "lanczos_converged": ext["converged"], "trace": tr["trace"],
+            "trace_stderr": tr["trace_stderr"], "hvps": op.hvp_calls, "hvp": op.hvp_kind,
+        })
+    return records
 
 
 TRACE_METHODS = ("xtrace", "hutch++", "hutchinson")
@@ -520,11 +645,18 @@ def estimate_trace(
     - ``xtrace`` (Epperly, Tropp & Webber 2024): every test vector serves both the low-rank
       sketch and the residual estimate, by leave-one-out (:func:`xtrace_estimates`).
 
+    With ``budget >= dim`` the trace is exact from the basis vectors (``dim`` products).
     Returns ``trace``, ``trace_stderr`` (standard error of the random part), ``samples`` (the
     products used) and ``converged`` (``z·stderr <= rel_tol·|trace|``).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     budget = max(2, int(budget))
+    if budget >= dim:  # cheaper to be exact: Σ_j e_jᵀ A e_j
+        eye = torch.eye(dim, dtype=torch.float64, device=device)
+        t = float(sum(float(torch.diagonal(_apply(matmat, eye[i:i + chunk], chunk)[:, i:i + chunk]
+                                           ).sum()) for i in range(0, dim, chunk)))
+        return {"trace": t, "trace_stderr": 0.0, "samples": dim, "converged": True,
+                "trace_method": "exact (basis vectors)", "error_bound": 0.0, "z": z}
     if method == "xtrace":
         out = _xtrace(matmat, dim, budget, gen, rel_tol, z, chunk, device)
     elif method == "hutch++":

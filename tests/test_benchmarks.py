@@ -77,3 +77,17 @@ def test_tat_peer_quick(tmp_path):
     assert rows["plain + TAT"]["model_args"] == {"tat": True, "tat_eta": 0.7}  # depth 8: shallow
     assert rows["plain + TAT"]["params"] == rows["plain"]["params"]
     assert all(r["images_per_s"] > 0 and 0 <= r["mean"] <= 100 for r in rows.values())
+
+
+def test_hessian_vs_pyhessian_quick(tmp_path):
+    pytest.importorskip("pyhessian")
+    data = _load("hessian_vs_pyhessian").main(["--quick", "--threads", "2", "--out",
+                                               str(tmp_path)])
+    saved = _check_common(tmp_path / "hessian_vs_pyhessian_quick.json", "hessian_vs_pyhessian")
+    assert saved["extremes"]["reference"]["converged"]
+    for q in (data["small"]["trace"], data["small"]["density"], data["extremes"]["lambda_max"],
+              data["extremes"]["lambda_min"]):
+        assert {r["tool"] for r in q["rows"]} == {"pyhessian", "pnnh"}
+        assert all(math.isfinite(r["error"]) and r["best"] > 0 for r in q["rows"])
+        assert len(q["equal_error"]) == sum(r["tool"] == "pyhessian" for r in q["rows"])
+    assert (tmp_path / "hessian_quick.png").stat().st_size > 1000

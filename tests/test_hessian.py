@@ -189,6 +189,24 @@ def test_cli_writes_hessian_json(tmp_path):
     assert (out / "hessian_spectrum.png").stat().st_size > 1000
 
 
+def test_cli_blocks_and_hvp_flags(tmp_path):
+    pytest.importorskip("pnnh.probes.common")
+    from pnnh.cli import main
+
+    out = tmp_path / "h"
+    rc = main(["probe", "hessian", "--model", "shortcut_linear", "--depth", "4", "--width", "6",
+               "--shortcut", "2", "--init", "small", "--num-samples", "64", "--loss", "ce",
+               "--dense", "never", "--hvp", "fwd-rev", "--trace-method", "hutch++",
+               "--hutchinson-samples", "12", "--slq-runs", "1", "--slq-steps", "5",
+               "--blocks", "first=stem;head", "--out", str(out)])
+    assert rc == 0
+    d = json.loads((out / "hessian.json").read_text())
+    assert d["hvp"] == "fwd-rev" and d["trace_method"] == "hutch++" and "fwd-rev" in d["method"]
+    blocks = json.loads((out / "hessian_blocks.json").read_text())
+    assert [b["block"] for b in blocks] == ["first", "head"]
+    assert all(b["lambda_max"] >= b["lambda_min"] and b["num_params"] > 0 for b in blocks)
+
+
 def test_rev_rev_mode_matches_forward_over_reverse():
     model, (x, y) = small_net(), batch()
     fr = HessianOperator(model, (x, y), "ce")

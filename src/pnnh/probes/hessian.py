@@ -843,7 +843,16 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     a("--zero-tol", type=float, default=1e-8,
       help="eigenvalues with |λ| <= zero_tol·max|λ| count as zero in condition numbers")
     a("--max-iter", type=int, default=200, help="Lanczos steps at most")
-    a("--hutchinson-samples", type=int, default=100)
+    a("--hutchinson-samples", type=int, default=100,
+      help="HVPs for the trace estimate (any --trace-method)")
+    a("--trace-method", choices=list(TRACE_METHODS), default="xtrace",
+      help="stochastic trace estimator (xtrace: exact on the sketched spectrum, stated error)")
+    a("--hvp", choices=list(HVP_MODES), default="auto",
+      help="HVP kind: auto = double backward over a kept graph, falling back where a "
+           "derivative is missing; fwd-rev keeps no graph between HVPs (less memory)")
+    a("--blocks", default=None,
+      help="per-block curvature, e.g. 'stage1=blocks.0,blocks.1,blocks.2;head': λmax, λmin, "
+           "trace of each diagonal Hessian block, in hessian_blocks.csv/json")
     a("--slq-runs", type=int, default=5)
     a("--slq-steps", type=int, default=40)
 
@@ -858,15 +867,23 @@ def run_cli(args: argparse.Namespace) -> None:
             model_args[key] = getattr(args, flag)
     args.model_args = model_args
     out = Path(args.out)
-    records, spectra = [], {}
+    records, spectra, block_records = [], {}, []
     for t in probe_targets(args):
-        op = HessianOperator(t.model, (t.inputs, t.targets), args.loss, args.params)
+        op = HessianOperator(t.model, (t.inputs, t.targets), args.loss, args.params,
+                             hvp_mode=getattr(args, "hvp", "auto"))
         summary, spec = hessian_summary(
             op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
             zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,
             slq_runs=args.slq_runs, slq_steps=args.slq_steps, max_iter=args.max_iter,
-            seed=args.seed,
+            seed=args.seed, trace_method=getattr(args, "trace_method", "xtrace"),
         )
+        if getattr(args, "blocks", None):
+            for b in block_curvature(t.model, (t.inputs, t.targets), args.blocks, args.loss,
+                                     hvp_mode=getattr(args, "hvp", "auto"), tol=args.tol,
+                                     max_iter=args.max_iter, seed=args.seed,
+                                     trace_samples=args.hutchinson_samples,
+                                     trace_method=getattr(args, "trace_method", "xtrace")):
+                block_records.append({"model": t.label, **b})
         rec = {"model": t.label, **summary.to_dict()}
         records.append(rec)
         spectra[t.label] = spec
@@ -879,4 +896,10 @@ def run_cli(args: argparse.Namespace) -> None:
     else:
         write_records(records, out, "hessian")
     plot_spectrum(spectra, out / "hessian_spectrum.png")
+    if block_records:
+        write_records(block_records, out, "hessian_blocks")
+        for b in block_records:
+            print(f"{b['model']} block {b['block']}: lambda_max={b['lambda_max']:.6g} "
+                  f"lambda_min={b['lambda_min']:.6g} trace={b['trace']:.6g} "
+                  f"({b['num_params']} params)")
     print(f"hessian: {out / 'hessian.json'}")

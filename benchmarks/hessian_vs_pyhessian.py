@@ -24,7 +24,8 @@ Contenders:
   100, its default); pnnh ``extreme_eigenvalues(which="both", bound="gap", tol)``: one
   Lanczos run for both ends.
 - trace — PyHessian ``hessian.trace(maxIter, tol)`` (Hutchinson, stopped when the running mean
-  moves by < tol relative); pnnh ``trace(method="xtrace", num_samples=budget)``. Errors are
+  moves by < tol relative; also run to a fixed ``maxIter`` with the early stop disabled);
+  pnnh ``trace(method="xtrace", num_samples=budget)``. Errors are
   root-mean-square over ``--seeds`` seeds, time per run averaged over the seeds.
 - density — PyHessian ``hessian.density(iter, n_v=1)`` (SLQ; its final ``torch.eig``, gone from
   torch 2.x, is replaced by ``torch.linalg.eigh`` of the same tridiagonal matrix); pnnh
@@ -307,6 +308,9 @@ def bench_trace_density(args) -> dict:
     for tol in args.trace_tols:
         cont[f"pyhessian tol {tol:g}"] = averaged(
             lambda s, tol=tol: pyh_trace(model, x, y, d, tol, s), seeds, tr_err)
+    for n in args.pyh_trace_samples:  # its Hutchinson without the early stop (tol = -inf)
+        cont[f"pyhessian {n} samples"] = averaged(
+            lambda s, n=n: pyh_trace(model, x, y, d, float("-inf"), s, n), seeds, tr_err)
     for b in args.trace_budgets:
         cont[f"pnnh xtrace {b}"] = averaged(lambda s, b=b: ours_trace(model, x, y, b, s), seeds,
                                             tr_err)
@@ -371,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pyh-min-tols", type=float, nargs="+", default=[1e-2, 1e-3])
     ap.add_argument("--our-tols", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3, 1e-4, 1e-6])
     ap.add_argument("--trace-tols", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
+    ap.add_argument("--pyh-trace-samples", type=int, nargs="+", default=[100, 400],
+                    help="PyHessian Hutchinson run to a fixed number of samples")
     ap.add_argument("--trace-budgets", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--pyh-slq-steps", type=int, nargs="+", default=[100, 30])
     ap.add_argument("--slq-steps", type=int, nargs="+", default=[10, 20, 30, 60])
@@ -382,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.batch, args.repeats, args.seeds, args.ref_iter = 2, 1, 1, 30
         args.pyh_tols, args.pyh_min_tols, args.our_tols = [1e-2], [1e-1], [1e-2]
-        args.trace_tols, args.trace_budgets = [1e-2], [16]
+        args.trace_tols, args.trace_budgets, args.pyh_trace_samples = [1e-2], [16], [8]
         args.pyh_slq_steps, args.slq_steps = [10], [10]
     torch.set_num_threads(args.threads)
     info = machine_info()

@@ -1,34 +1,42 @@
 """Curvature of the loss: Hessian-vector products, extreme eigenvalues, trace, spectral density.
 
 Everything is built on one primitive, the Hessian-vector product of the loss
-``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)`` over a flat parameter vector ``θ``::
+``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)`` over a flat parameter vector ``θ``, in one of two kinds::
 
-    Hv = ∂/∂ε ∇L(θ + ε v) |_{ε=0}         (forward-over-reverse: ``jvp(grad(L), θ, v)``)
+    Hv = ∂(∇L(θ)·v)/∂θ                   (rev-rev: double backward over a gradient graph
+                                          built once per batch and kept across HVPs)
+    Hv = ∂/∂ε ∇L(θ + ε v) |_{ε=0}         (fwd-rev: ``jvp(grad(L), θ, v)``, no graph kept)
 
-computed with :mod:`torch.func` in one forward and one backward pass, never forming ``H``.
-On top of it:
+``hvp_mode="auto"`` runs rev-rev (the faster on CPU) and falls back to the other kind, then to
+attention on the math SDPA backend, where a derivative is missing (:meth:`HessianOperator
+._resolve`); the result's ``method`` says which ran. On top of it:
 
 - :func:`lanczos` — the Lanczos iteration with full re-orthogonalisation. After ``m`` steps
   ``Vᵀ H V = T`` (tridiagonal); the Ritz values (eigenvalues of ``T``) converge to the extreme
-  eigenvalues of ``H`` first. :meth:`HessianOperator.extreme_eigenvalues` stops once the Ritz
-  residuals ``|β_m s_{m,i}|`` of the largest and smallest Ritz values fall below
+  eigenvalues of ``H`` first. :meth:`HessianOperator.extreme_eigenvalues` starts from the
+  gradient (the top eigenspace) and stops once the error bound of the extreme Ritz values
+  (:func:`ritz_error_bounds`: the residual ``|β_m s_{m,i}|``, or ``r²/gap``) is below
   ``tol·max|θ|``.
-- :meth:`HessianOperator.trace` — Hutchinson's estimator ``tr H = E[vᵀ H v]`` with Rademacher
-  ``v``; returns the mean over samples and its standard error ``std/√n``.
+- :meth:`HessianOperator.trace` — :func:`estimate_trace`: XTrace, Hutch++ or Hutchinson, with
+  a standard error and a stopping rule on ``z·stderr <= rel_tol·|trace|``.
 - :meth:`HessianOperator.spectral_density` — stochastic Lanczos quadrature (SLQ): for random
   unit ``v``, ``vᵀ g(H) v ≈ Σ_j τ_j g(θ_j)`` with Ritz values ``θ_j`` and weights
   ``τ_j = (e_1ᵀ s_j)²``; averaging over ``v`` and smoothing with a Gaussian gives the density.
-- :meth:`HessianOperator.dense` — the exact ``P×P`` Hessian (one HVP per basis vector,
-  vectorised with ``vmap``), for models with up to a few thousand parameters.
+- :meth:`HessianOperator.dense` — the exact ``P×P`` Hessian (one HVP per basis vector), for
+  models with up to a few thousand parameters.
+- :func:`block_curvature` — extreme eigenvalues and trace of diagonal blocks ``H_BB``
+  (per module or stage).
 - :func:`condition_numbers` — from a spectrum: ``condition_number = max|λ| / min|λ|`` over the
   non-zero spectrum ``|λ| > tol·max|λ|``, and ``condition_number_positive = λ_max / λ_min`` over
   the positive spectrum ``λ > tol·max|λ|``.
 
 The loss may be averaged over one batch or, exactly, over a whole data loader: the HVP of the
-mean loss over ``N`` samples is ``Σ_b (n_b/N) H_b v`` for batch means ``L_b``.
+mean loss over ``N`` samples is ``Σ_b (n_b/N) H_b v`` for batch means ``L_b``, one batch's
+graph alive at a time (so each HVP recomputes every batch's forward and gradient).
 
 ``pnnh probe hessian`` writes ``hessian.json`` (``lambda_max``, ``lambda_min``, ``trace``,
-``condition_number``, ``condition_number_positive``, ``method``, ...) and a spectrum PNG.
+``condition_number``, ``condition_number_positive``, ``method``, ``hvp``, ...), a spectrum PNG
+and, with ``--blocks``, ``hessian_blocks.csv/json``.
 """
 
 from __future__ import annotations
@@ -296,8 +304,8 @@ class HessianOperator:
         ``chunk_size`` (all at once by default) as one batched pass (``vmap`` for fwd-rev,
         ``is_grads_batched`` for rev-rev); one at a time where an op has no batching rule, and
         on a CPU for more than ``BATCHED_CPU_DIM`` parameters unless :attr:`batched` is set
-        (measured on a CPU: batched backward cost 1.6x the time per vector of single HVPs on
-        ResNet-20, 272k parameters, and 0.7x on a 938-parameter conv net)."""
+        (on the development CPU the batched backward was slower per vector than single HVPs
+        on ResNet-20, 272k parameters, and faster on a 938-parameter conv net)."""
         vs = vs.to(self.theta)
         batched = self.batched
         if batched is None:

@@ -11,7 +11,7 @@ cross-entropy, float32, same data and model for both tools):
 
 - ``resnet20`` (registry, 272,474 params), batch ``--batch``: λmax and λmin. Reference: pnnh
   Lanczos at ``tol 1e-9`` (both ends, guaranteed residual bound).
-- ``smallconv`` (two 3x3 convolutions and a linear head, 1,1xx params), batch 64: the trace and
+- ``smallconv`` (two 3x3 convolutions and a linear head, 938 params), batch 64: the trace and
   the spectral density. Reference: the exact dense Hessian (its trace; its eigenvalues).
 
 Contenders:
@@ -22,8 +22,8 @@ Contenders:
 - λmin — PyHessian has no λmin; the PyHessian recipe is its power iteration for λmax, then
   power iteration on ``H − λmax I`` with its own primitives and stopping rule (``maxIter``
   100, its default; also run to ``--pyh-min-iters`` steps with the early stop disabled, since
-  from a random start the rule stops at once in the bulk of the spectrum); pnnh ``extreme_eigenvalues(which="both", bound="gap", tol)``: one
-  Lanczos run for both ends.
+  from a random start the rule stops at once in the bulk of the spectrum); pnnh
+  ``extreme_eigenvalues(which="both", bound="gap", tol)``: one Lanczos run for both ends.
 - trace — PyHessian ``hessian.trace(maxIter, tol)`` (Hutchinson, stopped when the running mean
   moves by < tol relative; also run to a fixed ``maxIter`` with the early stop disabled);
   pnnh ``trace(method, num_samples=budget)`` for XTrace, Hutch++ and (batched) Hutchinson.

@@ -343,10 +343,13 @@ def bench_trace_density(args) -> dict:
 
 
 def plot(results: dict, path: Path) -> Path:
+    """Time vs achieved error per quantity: every setting a point, each tool's Pareto front
+    (the lowest error reached within a given time) a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     from pnnh.io import save_figure
 
@@ -356,12 +359,23 @@ def plot(results: dict, path: Path) -> Path:
               ("small conv net density (L1)", results["small"]["density"])]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
     for ax, (title, q) in zip(axes, panels):
-        for tool, style in (("pyhessian", "s--"), ("pnnh", "o-")):
+        for tool, marker, style, label in (("pyhessian", "s", "--", "PyHessian"),
+                                           ("pnnh", "o", "-", "pnnh")):
             rs = sorted((r for r in q["rows"] if r["tool"] == tool), key=lambda r: r["best"])
-            ax.plot([r["best"] for r in rs], [max(r["error"], 1e-16) for r in rs], style,
-                    label="PyHessian" if tool == "pyhessian" else "pnnh")
+            ts, es = [r["best"] for r in rs], [max(r["error"], 1e-16) for r in rs]
+            front_t, front_e, best = [], [], math.inf
+            for t, e in zip(ts, es):
+                if e < best:
+                    best = e
+                    front_t.append(t)
+                    front_e.append(e)
+            line = ax.step(front_t, front_e, style, where="post", label=label)[0]
+            ax.plot(ts, es, marker, color=line.get_color(), linestyle="none")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("seconds (best of rounds)")
         ax.set_title(title, fontsize=10)
     axes[0].set_ylabel("achieved error")
@@ -397,7 +411,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--figure", type=Path, default=FIGURE)
     ap.add_argument("--out", type=Path, default=None, help="results directory")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny settings")
+    ap.add_argument("--replot", type=Path, default=None,
+                    help="only redraw --figure from a results JSON written by this script")
     args = ap.parse_args(argv)
+    if args.replot:
+        import json
+
+        print(f"figure: {plot(json.loads(args.replot.read_text()), args.figure)}")
+        return {}
     if args.quick:
         args.batch, args.repeats, args.seeds, args.ref_iter = 2, 1, 1, 30
         args.pyh_tols, args.pyh_min_tols, args.our_tols = [1e-2], [1e-1], [1e-2]

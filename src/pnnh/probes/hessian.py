@@ -126,6 +126,7 @@ class HessianOperator:
         self.math_attention = False
         self.hvp_fallbacks: list[str] = []
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graph_tag: tuple[str, bool] | None = None  # (kind, math attention) it serves
         self.model = model
         self.loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
         self.names = select_parameters(model, params)
@@ -199,6 +200,7 @@ class HessianOperator:
             g = torch.autograd.grad(self._loss(leaf, x, y), leaf, create_graph=True)[0]
         if isinstance(self._batches, list) and len(self._batches) == 1:
             self._graph = (leaf, g)
+            self._graph_tag = ("rev-rev", self.math_attention)
         return leaf, g
 
     def _hvp_rev_rev(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -228,7 +230,7 @@ class HessianOperator:
             order = [("fwd-rev", False), ("rev-rev", False), ("rev-rev", True), ("fwd-rev", True)]
         errors: list[BaseException] = []
         for kind, math_attn in order:
-            if (kind, math_attn) != (self.hvp_kind, self.math_attention):
+            if (kind, math_attn) != self._graph_tag:
                 self._graph = None  # a graph built for another kind (e.g. by gradient())
             self.hvp_kind, self.math_attention = kind, math_attn
             try:
@@ -269,9 +271,7 @@ class HessianOperator:
         graph serves the HVPs that follow), else by :meth:`loss_and_grad`."""
         one = isinstance(self._batches, list) and len(self._batches) == 1
         if one and self.hvp_mode != "fwd-rev" and self.hvp_kind in (None, "rev-rev"):
-            if self.hvp_kind is None:
-                self.hvp_kind = "rev-rev"  # _resolve keeps this graph if rev-rev works
-            try:
+            try:  # _resolve keeps this graph if rev-rev (as tagged) then works
                 with self._attention():
                     return self._gradient_graph(*next(self._iter()))[1].detach()
             except (NotImplementedError, RuntimeError):

@@ -59,6 +59,7 @@ from pnnh.registry import count_parameters, create_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine_info, save_results  # noqa: E402
 
+QUANTITIES = ("trace", "density", "lambda_max", "lambda_min")
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "hessian_time_vs_error.png"
 
 
@@ -114,12 +115,14 @@ def pyh_lambda_max(model, x, y, device, tol: float, seed: int) -> dict:
     return {"value": float(eig[0])}
 
 
-def pyh_lambda_min(model, x, y, device, tol: float, seed: int, max_iter: int = 100) -> dict:
-    """PyHessian's power iteration for λmax, then the same iteration on ``H − λmax I``."""
+def pyh_lambda_min(model, x, y, device, tol: float, seed: int, max_iter: int = 100,
+                   max_tol: float | None = None) -> dict:
+    """PyHessian's power iteration for λmax (at ``max_tol``, default ``tol``), then the same
+    iteration on ``H − λmax I`` (at ``tol``, at most ``max_iter`` steps)."""
     ph = pyhessian_module()
     torch.manual_seed(seed)
     h = _pyh(model, x, y, device)
-    (lmax,), _ = h.eigenvalues(maxIter=100, tol=tol, top_n=1)
+    (lmax,), _ = h.eigenvalues(maxIter=100, tol=tol if max_tol is None else max_tol, top_n=1)
     v = ph.normalization([torch.randn(p.size(), device=p.device) for p in h.params])
     est = None
     for _ in range(max_iter):
@@ -276,6 +279,8 @@ def bench_extremes(args) -> dict:
     d = args.device
     for which, key, pyfn in (("max", "lambda_max", pyh_lambda_max),
                              ("both", "lambda_min", pyh_lambda_min)):
+        if key not in args.quantities:
+            continue
         lam = ref[key]
         cont = {}
         for tol in (args.pyh_tols if which == "max" else args.pyh_min_tols):
@@ -286,8 +291,9 @@ def bench_extremes(args) -> dict:
                 lambda tol=tol, which=which: ours_extreme(model, x, y, tol, args.seed + 10, which))
         if which == "both":  # the same iteration run to maxIter (its rule stops at once)
             for n in args.pyh_min_iters:
-                cont[f"pyhessian {n} iterations"] = (
-                    lambda n=n: pyh_lambda_min(model, x, y, d, float("-inf"), args.seed + 10, n))
+                cont[f"pyhessian {n} iterations"] = (  # λmax first at its tol 1e-3
+                    lambda n=n: pyh_lambda_min(model, x, y, d, float("-inf"), args.seed + 10, n,
+                                               max_tol=1e-3))
         out[key] = run_quantity(f"ResNet-20 {key} (reference {lam:.6g})", cont,
                                 lambda o, lam=lam: abs(o["value"] - lam) / abs(lam),
                                 args.repeats, d)
@@ -311,8 +317,9 @@ def bench_trace_density(args) -> dict:
     def tr_err(o):
         return abs(o["value"] - tr) / abs(tr)
 
+    out = {"params": op.dim, "exact_trace": tr, "sigma": sigma}
     cont = {}
-    for tol in args.trace_tols:
+    for tol in (args.trace_tols if "trace" in args.quantities else []):
         cont[f"pyhessian tol {tol:g}"] = averaged(
             lambda s, tol=tol: pyh_trace(model, x, y, d, tol, s), seeds, tr_err)
     for n in args.pyh_trace_samples:  # its Hutchinson without the early stop (tol = -inf)
@@ -320,15 +327,18 @@ def bench_trace_density(args) -> dict:
             lambda s, n=n: pyh_trace(model, x, y, d, float("-inf"), s, n), seeds, tr_err)
     for method, budgets in (("xtrace", args.trace_budgets), ("hutch++", args.hutchpp_budgets),
                             ("hutchinson", args.hutchinson_budgets)):
-        for b in budgets:
+        for b in (budgets if "trace" in args.quantities else []):
             cont[f"pnnh {method} {b}"] = averaged(
                 lambda s, b=b, m=method: ours_trace(model, x, y, b, s, m), seeds, tr_err)
-    trace = run_quantity(f"trace (exact {tr:.6g}), RMS over {seeds} seeds", cont,
-                         lambda o: o["rms_error"], args.repeats, d)
+    if cont:
+        out["trace"] = run_quantity(f"trace (exact {tr:.6g}), RMS over {seeds} seeds", cont,
+                                    lambda o: o["rms_error"], args.repeats, d)
 
     def den_err(o):
         return density_error(o, exact, sigma, grid)
 
+    if "density" not in args.quantities:
+        return out
     cont = {}
     for steps in args.pyh_slq_steps:
         cont[f"pyhessian iter {steps}"] = averaged(
@@ -336,10 +346,9 @@ def bench_trace_density(args) -> dict:
     for steps in args.slq_steps:
         cont[f"pnnh steps {steps}"] = averaged(
             lambda s, steps=steps: ours_density(model, x, y, steps, s), seeds, den_err)
-    density = run_quantity("density (L1 to the smoothed exact spectrum; error column = L1)",
-                           cont, lambda o: o["rms_error"], args.repeats, d)
-    return {"params": op.dim, "exact_trace": tr, "sigma": sigma, "trace": trace,
-            "density": density}
+    out["density"] = run_quantity("density (L1 to the smoothed exact spectrum; error column = "
+                                  "L1)", cont, lambda o: o["rms_error"], args.repeats, d)
+    return out
 
 
 def plot(results: dict, path: Path) -> Path:
@@ -408,19 +417,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pyh-slq-steps", type=int, nargs="+", default=[100, 30, 20])
     ap.add_argument("--slq-steps", type=int, nargs="+", default=[10, 20, 30])
     ap.add_argument("--skip-resnet", action="store_true", help="trace and density only")
+    ap.add_argument("--quantities", nargs="+", choices=QUANTITIES, default=list(QUANTITIES),
+                    help="a subset: results go to hessian_vs_pyhessian_<subset>.json, no figure")
     ap.add_argument("--figure", type=Path, default=FIGURE)
     ap.add_argument("--out", type=Path, default=None, help="results directory")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny settings")
-    ap.add_argument("--replot", type=Path, default=None,
-                    help="only redraw --figure from a results JSON written by this script")
+    ap.add_argument("--replot", type=Path, nargs="+", default=None,
+                    help="only redraw --figure from results JSONs of this script (a later "
+                    "file's quantities replace an earlier one's)")
     args = ap.parse_args(argv)
     if args.replot:
         import json
 
-        print(f"figure: {plot(json.loads(args.replot.read_text()), args.figure)}")
+        merged: dict = {"small": {}, "extremes": {}}
+        for path in args.replot:
+            data = json.loads(path.read_text())
+            for part in merged:
+                merged[part].update(data.get(part, {}))
+        print(f"figure: {plot(merged, args.figure)}")
         return {}
     if args.quick:
-        args.batch, args.repeats, args.seeds, args.ref_iter = 2, 1, 1, 30
+        args.batch, args.repeats, args.seeds, args.ref_iter, args.ref_tol = 2, 1, 1, 12, 1e-3
         args.pyh_tols, args.pyh_min_tols, args.our_tols = [1e-2], [1e-1], [1e-2]
         args.pyh_min_iters = [3]
         args.trace_tols, args.trace_budgets, args.pyh_trace_samples = [1e-2], [16], [8]
@@ -431,15 +448,19 @@ def main(argv: list[str] | None = None) -> dict:
     info["loadavg_before"] = info["loadavg_1_5_15"]
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
-    results = {"small": bench_trace_density(args)}
-    if not args.skip_resnet:
+    results = {}
+    if {"trace", "density"} & set(args.quantities):
+        results["small"] = bench_trace_density(args)
+    if {"lambda_max", "lambda_min"} & set(args.quantities) and not args.skip_resnet:
         results["extremes"] = bench_extremes(args)
     info["loadavg_1_5_15"] = machine_info()["loadavg_1_5_15"]
     print(f"\nload average before {info['loadavg_before']}, after {info['loadavg_1_5_15']}")
-    if "extremes" in results and args.figure:
+    everything = len(set(QUANTITIES) - set(args.quantities)) == 0 and not args.skip_resnet
+    if everything and args.figure:
         fig = args.figure if not args.quick else Path(args.out or ".") / "hessian_quick.png"
         print(f"figure: {plot(results, fig)}")
-    return save_results("hessian_vs_pyhessian", args, info, **results)
+    name = "hessian_vs_pyhessian" + ("" if everything else "_" + "_".join(args.quantities))
+    return save_results(name, args, info, **results)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ def test_cli_blocks_and_hvp_flags(tmp_path):
     out = tmp_path / "h"
     rc = main(["probe", "hessian", "--model", "shortcut_linear", "--depth", "4", "--width", "6",
                "--shortcut", "2", "--init", "small", "--num-samples", "64", "--loss", "ce",
-               "--dense", "never", "--hvp", "fwd-rev", "--trace-method", "hutch++",
+               "--dense", "never", "--hvp", "fwd-rev", "--trace-method", "hutch++", "--tol", "1e-3",
+               "--max-iter", "20",
                "--hutchinson-samples", "12", "--slq-runs", "1", "--slq-steps", "5",
                "--blocks", "first=stem;head", "--out", str(out)])
     assert rc == 0

@@ -127,3 +127,17 @@ def test_profile_step_quick():
                                       "--top", "5"])
     rows = [line for line in out.splitlines() if line.startswith("| `")]
     assert len(rows) == 5 and "**all operators**" in out
+
+
+def test_hessian_vs_pyhessian_quick(tmp_path):
+    pytest.importorskip("pyhessian")
+    data = _load("hessian_vs_pyhessian").main(["--quick", "--threads", "2", "--out",
+                                               str(tmp_path)])
+    saved = _check_common(tmp_path / "hessian_vs_pyhessian_quick.json", "hessian_vs_pyhessian")
+    assert saved["extremes"]["reference"]["iterations"] >= 2
+    for q in (data["small"]["trace"], data["small"]["density"], data["extremes"]["lambda_max"],
+              data["extremes"]["lambda_min"]):
+        assert {r["tool"] for r in q["rows"]} == {"pyhessian", "pnnh"}
+        assert all(math.isfinite(r["error"]) and r["best"] > 0 for r in q["rows"])
+        assert len(q["equal_error"]) == sum(r["tool"] == "pyhessian" for r in q["rows"])
+    assert (tmp_path / "hessian_quick.png").stat().st_size > 1000

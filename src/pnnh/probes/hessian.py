@@ -1,39 +1,48 @@
 """Curvature of the loss: Hessian-vector products, extreme eigenvalues, trace, spectral density.
 
 Everything is built on one primitive, the Hessian-vector product of the loss
-``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)`` over a flat parameter vector ``θ``::
+``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)`` over a flat parameter vector ``θ``, in one of two kinds::
 
-    Hv = ∂/∂ε ∇L(θ + ε v) |_{ε=0}         (forward-over-reverse: ``jvp(grad(L), θ, v)``)
+    Hv = ∂(∇L(θ)·v)/∂θ                   (rev-rev: double backward over a gradient graph
+                                          built once per batch and kept across HVPs)
+    Hv = ∂/∂ε ∇L(θ + ε v) |_{ε=0}         (fwd-rev: ``jvp(grad(L), θ, v)``, no graph kept)
 
-computed with :mod:`torch.func` in one forward and one backward pass, never forming ``H``.
-On top of it:
+``hvp_mode="auto"`` runs rev-rev (the faster on CPU) and falls back to the other kind, then to
+attention on the math SDPA backend, where a derivative is missing (:meth:`HessianOperator
+._resolve`); the result's ``method`` says which ran. On top of it:
 
 - :func:`lanczos` — the Lanczos iteration with full re-orthogonalisation. After ``m`` steps
   ``Vᵀ H V = T`` (tridiagonal); the Ritz values (eigenvalues of ``T``) converge to the extreme
-  eigenvalues of ``H`` first. :meth:`HessianOperator.extreme_eigenvalues` stops once the Ritz
-  residuals ``|β_m s_{m,i}|`` of the largest and smallest Ritz values fall below
+  eigenvalues of ``H`` first. :meth:`HessianOperator.extreme_eigenvalues` starts from the
+  gradient (the top eigenspace) and stops once the error bound of the extreme Ritz values
+  (:func:`ritz_error_bounds`: the residual ``|β_m s_{m,i}|``, or ``r²/gap``) is below
   ``tol·max|θ|``.
-- :meth:`HessianOperator.trace` — Hutchinson's estimator ``tr H = E[vᵀ H v]`` with Rademacher
-  ``v``; returns the mean over samples and its standard error ``std/√n``.
+- :meth:`HessianOperator.trace` — :func:`estimate_trace`: XTrace, Hutch++ or Hutchinson, with
+  a standard error and a stopping rule on ``z·stderr <= rel_tol·|trace|``.
 - :meth:`HessianOperator.spectral_density` — stochastic Lanczos quadrature (SLQ): for random
   unit ``v``, ``vᵀ g(H) v ≈ Σ_j τ_j g(θ_j)`` with Ritz values ``θ_j`` and weights
   ``τ_j = (e_1ᵀ s_j)²``; averaging over ``v`` and smoothing with a Gaussian gives the density.
-- :meth:`HessianOperator.dense` — the exact ``P×P`` Hessian (one HVP per basis vector,
-  vectorised with ``vmap``), for models with up to a few thousand parameters.
+- :meth:`HessianOperator.dense` — the exact ``P×P`` Hessian (one HVP per basis vector), for
+  models with up to a few thousand parameters.
+- :func:`block_curvature` — extreme eigenvalues and trace of diagonal blocks ``H_BB``
+  (per module or stage).
 - :func:`condition_numbers` — from a spectrum: ``condition_number = max|λ| / min|λ|`` over the
   non-zero spectrum ``|λ| > tol·max|λ|``, and ``condition_number_positive = λ_max / λ_min`` over
   the positive spectrum ``λ > tol·max|λ|``.
 
 The loss may be averaged over one batch or, exactly, over a whole data loader: the HVP of the
-mean loss over ``N`` samples is ``Σ_b (n_b/N) H_b v`` for batch means ``L_b``.
+mean loss over ``N`` samples is ``Σ_b (n_b/N) H_b v`` for batch means ``L_b``, one batch's
+graph alive at a time (so each HVP recomputes every batch's forward and gradient).
 
 ``pnnh probe hessian`` writes ``hessian.json`` (``lambda_max``, ``lambda_min``, ``trace``,
-``condition_number``, ``condition_number_positive``, ``method``, ...) and a spectrum PNG.
+``condition_number``, ``condition_number_positive``, ``method``, ``hvp``, ...), a spectrum PNG
+and, with ``--blocks``, ``hessian_blocks.csv/json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -49,6 +58,21 @@ from pnnh.io import save_figure
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+HVP_MODES = ("auto", "fwd-rev", "rev-rev")
+BATCHED_CPU_DIM = 50_000  # hvp_many batches vectors on a CPU up to this many parameters
+HVP_KINDS = {
+    "fwd-rev": "fwd-rev (torch.func forward-over-reverse, jvp of grad: no graph kept)",
+    "rev-rev": "rev-rev (double backward over a gradient graph built once per batch)",
+}
+
+
+def _math_attention():
+    """Scaled-dot-product attention on the math backend: plain differentiable ops, so both
+    forward-mode AD and double backward go through (the fused CPU kernel has neither)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -92,12 +116,17 @@ class HessianOperator:
         data: Batch | Iterable[Batch],
         loss_fn: LossFn | str = "ce",
         params: str | Sequence[str] | None = None,
-        hvp_mode: str = "fwd-rev",
+        hvp_mode: str = "auto",
     ):
-        if hvp_mode not in ("fwd-rev", "rev-rev"):
-            raise ConfigError(f"hvp_mode: fwd-rev or rev-rev, got {hvp_mode!r}", field="hvp_mode")
+        if hvp_mode not in HVP_MODES:
+            raise ConfigError(f"hvp_mode: one of {', '.join(HVP_MODES)}, got {hvp_mode!r}",
+                              field="hvp_mode")
         self.hvp_mode = hvp_mode
+        self.hvp_kind: str | None = None  # resolved on the first HVP (see hvp_method)
+        self.math_attention = False
+        self.hvp_fallbacks: list[str] = []
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graph_tag: tuple[str, bool] | None = None  # (kind, math attention) it serves
         self.model = model
         self.loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
         self.names = select_parameters(model, params)
@@ -116,6 +145,7 @@ class HessianOperator:
         if self.num_samples == 0:
             raise ConfigError("hessian: the data has no samples", field="data")
         self.hvp_calls = 0
+        self.batched: bool | None = None  # hvp_many: batched passes (None: on accelerators)
 
     @property
     def theta(self) -> torch.Tensor:
@@ -125,6 +155,19 @@ class HessianOperator:
     def theta(self, value: torch.Tensor) -> None:
         self._theta = value
         self._graph = None
+
+    @property
+    def hvp_method(self) -> str:
+        """Which HVP ran, and why: the kind, any fallback and the attention backend."""
+        if self.hvp_kind is None:
+            return f"{self.hvp_mode} (not run yet)"
+        text = HVP_KINDS[self.hvp_kind]
+        if self.hvp_fallbacks:
+            text += "; fallback after " + "; ".join(self.hvp_fallbacks)
+        if self.math_attention:
+            text += ("; attention on the math SDPA backend (the fused CPU kernel has no "
+                     "forward-mode or double-backward derivative)")
+        return text
 
     # -- plumbing -----------------------------------------------------------------------
     def _iter(self):
@@ -140,22 +183,77 @@ class HessianOperator:
         out = functional_call(self.model, {**self._fixed, **self._unflatten(flat)}, (x,))
         return self.loss_fn(out, y)
 
+    def _attention(self):
+        return _math_attention() if self.math_attention else contextlib.nullcontext()
+
     def _hvp_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward-over-reverse ``jvp(grad L, θ, v)``: one forward and one backward pass."""
         g = grad(lambda t: self._loss(t, x, y))
         return jvp(g, (self.theta,), (v,))[1]
 
+    def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor):
+        """``(θ leaf, ∇L(θ) with its graph)``; kept across HVPs when there is one batch."""
+        if self._graph is not None:
+            return self._graph
+        leaf = self.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            g = torch.autograd.grad(self._loss(leaf, x, y), leaf, create_graph=True)[0]
+        if isinstance(self._batches, list) and len(self._batches) == 1:
+            self._graph = (leaf, g)
+            self._graph_tag = ("rev-rev", self.math_attention)
+        return leaf, g
+
     def _hvp_rev_rev(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Double backward ``∂(∇L·v)/∂θ``; with one batch the gradient graph is built once and
-        kept, so each HVP is a single backward pass (PyHessian's scheme)."""
-        if self._graph is not None and self._graph[0] is not None:
-            leaf, g = self._graph
-        else:
-            leaf = self.theta.detach().requires_grad_(True)
-            with torch.enable_grad():
-                g = torch.autograd.grad(self._loss(leaf, x, y), leaf, create_graph=True)[0]
-            if isinstance(self._batches, list) and len(self._batches) == 1:
-                self._graph = (leaf, g)
-        return torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=True)[0].detach()
+        kept, so each HVP is a single backward pass (PyHessian's scheme). ``v`` may be a
+        ``(k, dim)`` block: then the k HVPs share one batched backward pass."""
+        leaf, g = self._gradient_graph(x, y)
+        batched = v.dim() == 2
+        return torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=True,
+                                   is_grads_batched=batched)[0].detach()
+
+    def _hvp_kind_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._attention():
+            if self.hvp_kind == "rev-rev":
+                return self._hvp_rev_rev(v, x, y)
+            if v.dim() == 2:
+                return vmap(self._hvp_batch, in_dims=(0, None, None))(v, x, y)
+            return self._hvp_batch(v, x, y)
+
+    def _resolve(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pick the HVP kind on the first HVP: the requested one (``auto``: double backward
+        over a kept graph, the fastest where it works), else double backward (``fwd-rev`` needs
+        forward-mode AD, which some ops lack), then with attention on the math backend, then
+        forward-over-reverse. Every failure is recorded in :attr:`hvp_method`."""
+        order = [("rev-rev", False), ("rev-rev", True), ("fwd-rev", False), ("fwd-rev", True)]
+        if self.hvp_mode == "fwd-rev":
+            order = [("fwd-rev", False), ("rev-rev", False), ("rev-rev", True), ("fwd-rev", True)]
+        errors: list[BaseException] = []
+        for kind, math_attn in order:
+            if (kind, math_attn) != self._graph_tag:
+                self._graph = None  # a graph built for another kind (e.g. by gradient())
+            self.hvp_kind, self.math_attention = kind, math_attn
+            try:
+                out = self._hvp_kind_batch(v, x, y)
+            except (NotImplementedError, RuntimeError) as e:  # a missing derivative, or OOM
+                self._graph = None
+                errors.append(e)
+                why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                self.hvp_fallbacks.append(f"{kind}{' (math attention)' if math_attn else ''}"
+                                          f" failed: {type(e).__name__}: {why}")
+                continue
+            return out
+        self.hvp_kind = None
+        raise errors[0]
+
+    def _hvp_data(self, v: torch.Tensor) -> torch.Tensor:
+        """``Σ_b (n_b/N) H_b v`` over the batches, one batch's graph alive at a time."""
+        out = torch.zeros_like(v)
+        for x, y in self._iter():
+            w = x.shape[0] / self.num_samples
+            hb = self._resolve(v, x, y) if self.hvp_kind is None else self._hvp_kind_batch(v, x, y)
+            out += w * hb
+        return out
 
     # -- public API -----------------------------------------------------------------------
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
@@ -168,29 +266,68 @@ class HessianOperator:
             g += w * gb
         return total, g
 
+    def gradient(self) -> torch.Tensor:
+        """``∇L(θ)``: taken from the kept gradient graph where double backward will run (so the
+        graph serves the HVPs that follow), else by :meth:`loss_and_grad`."""
+        one = isinstance(self._batches, list) and len(self._batches) == 1
+        if one and self.hvp_mode != "fwd-rev" and self.hvp_kind in (None, "rev-rev"):
+            try:  # _resolve keeps this graph if rev-rev (as tagged) then works
+                with self._attention():
+                    return self._gradient_graph(*next(self._iter()))[1].detach()
+            except (NotImplementedError, RuntimeError):
+                self._graph = None
+        return self.loss_and_grad()[1]
+
+    def start_vector(self, start: str, seed: int) -> torch.Tensor | None:
+        """Lanczos start: ``random`` (None: Gaussian), ``gradient`` (``∇L``, which lies mostly in
+        the top eigenspace of the loss Hessian, free where the gradient graph is kept) or
+        ``mixed`` (``g/‖g‖ + r/‖r‖``, overlapping both ends of the spectrum)."""
+        if start == "random":
+            return None
+        g = self.gradient().double()
+        if not torch.isfinite(g).all() or float(g.norm()) == 0.0:
+            return None
+        g = g / g.norm()
+        if start == "gradient":
+            return g
+        r = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64).to(g.device)
+        return g + r / r.norm()
+
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` (averaged exactly over all batches)."""
-        v = v.to(self.theta)
         self.hvp_calls += 1
-        out = torch.zeros_like(self.theta)
-        f = self._hvp_batch if self.hvp_mode == "fwd-rev" else self._hvp_rev_rev
-        for x, y in self._iter():
-            out += (x.shape[0] / self.num_samples) * f(v, x, y)
-        return out
+        return self._hvp_data(v.to(self.theta))
 
     def hvp_many(self, vs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        """``H v`` for every row ``v`` of ``vs`` (HVPs vectorised with ``vmap``)."""
+        """``H v`` for every row ``v`` of ``vs``: the rows go through in blocks of
+        ``chunk_size`` (all at once by default) as one batched pass (``vmap`` for fwd-rev,
+        ``is_grads_batched`` for rev-rev); one at a time where an op has no batching rule, and
+        on a CPU for more than ``BATCHED_CPU_DIM`` parameters unless :attr:`batched` is set
+        (on the development CPU the batched backward was slower per vector than single HVPs
+        on ResNet-20, 272k parameters, and faster on a 938-parameter conv net)."""
         vs = vs.to(self.theta)
-        out = torch.zeros_like(vs)
-        for x, y in self._iter():
-            w = x.shape[0] / self.num_samples
+        batched = self.batched
+        if batched is None:
+            batched = self.theta.device.type != "cpu" or self.dim <= BATCHED_CPU_DIM
+        if not batched:
+            self.hvp_calls += vs.shape[0]
+            return torch.stack([self._hvp_data(v) for v in vs]) if len(vs) else vs.clone()
+        step = chunk_size or max(1, vs.shape[0])
+        outs = []
+        for i in range(0, vs.shape[0], step):
+            block = vs[i:i + step]
+            if self.hvp_kind is None:  # resolve the HVP kind on a single vector first
+                outs.append(self._hvp_data(block[0])[None])
+                block = block[1:]
+                if block.shape[0] == 0:
+                    continue
             try:
-                hb = vmap(self._hvp_batch, in_dims=(0, None, None), chunk_size=chunk_size)(vs, x, y)
+                outs.append(self._hvp_data(block))
             except RuntimeError:  # an op without a batching rule: one HVP at a time
-                hb = torch.stack([self._hvp_batch(v, x, y) for v in vs])
-            out += w * hb
+                outs.append(torch.stack([self._hvp_data(v) for v in block]))
         self.hvp_calls += vs.shape[0]
-        return out
+        return torch.cat(outs) if outs else torch.zeros_like(vs)
 
     def dense(self, chunk_size: int = 256) -> torch.Tensor:
         """The exact ``dim × dim`` Hessian: ``H e_j`` for every basis vector (vmapped HVPs)."""
@@ -199,68 +336,111 @@ class HessianOperator:
         return 0.5 * (h + h.T)
 
     def extreme_eigenvalues(
-        self, tol: float = 1e-6, max_iter: int = 200, seed: int = 0, which: str = "both"
+        self, tol: float = 1e-6, max_iter: int = 200, seed: int = 0, which: str = "both",
+        bound: str = "residual", start: str = "auto",
     ) -> dict:
         """Largest and smallest (algebraic) eigenvalues by Lanczos with full re-orthogonalisation.
 
-        Stops when both extreme Ritz pairs have residual ``|β_m s_{m,i}| <= tol·max|θ|`` (the
-        residual norm ``||H u - θ u||`` of the Ritz vector ``u``), or after ``max_iter``
-        steps (``converged`` says which). ``which="max"`` waits for the largest one only
-        (``lambda_min`` is then the current, possibly unconverged, smallest Ritz value).
+        Stops when the error bound of both extreme Ritz values is ``<= tol·max|θ|``, or after
+        ``max_iter`` steps (``converged`` says which). ``bound="residual"``: the Ritz residual
+        ``r = ||Hu − θu|| = |β_m s_{m,i}|``, a guaranteed bound (some eigenvalue lies within
+        ``r`` of ``θ``); ``bound="gap"``: ``min(r, r²/gap)`` with the gap to the next Ritz
+        value, the usual (Kato–Temple) error estimate, much tighter once the end is resolved
+        but not guaranteed. ``which="max"`` waits for the largest one only (``lambda_min`` is
+        then the current, possibly unconverged, smallest Ritz value). ``start``: see
+        :meth:`start_vector`; ``auto`` is ``gradient`` for ``which="max"``, else ``mixed``.
         """
-        res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed,
+        if bound not in ("residual", "gap"):
+            raise ConfigError(f"bound: residual or gap, got {bound!r}", field="bound")
+        if start not in ("auto", "random", "gradient", "mixed"):
+            raise ConfigError(f"start: auto, random, gradient or mixed, got {start!r}",
+                              field="start")
+        if start == "auto":
+            start = "gradient" if which == "max" else "mixed"
+        calls0 = self.hvp_calls
+        v0 = self.start_vector(start, seed)
+        res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, bound=bound, v0=v0,
                       device=self.theta.device, stop="max" if which == "max" else "extremes")
-        theta, s, beta_last = res["ritz"], res["ritz_vectors"], res["beta_last"]
+        theta = res["ritz"]
         scale = max(float(theta.abs().max()), 1e-300)
-        resid = (beta_last * s[-1, :]).abs()
+        err = ritz_error_bounds(theta, res["ritz_vectors"], res["beta_last"], bound)
         return {
             "lambda_max": float(theta[-1]),
             "lambda_min": float(theta[0]),
-            "residual_max": float(resid[-1]),
-            "residual_min": float(resid[0]),
+            "residual_max": err["residual_max"],
+            "residual_min": err["residual_min"],
+            "error_bound_max": err["max"],
+            "error_bound_min": err["min"],
+            "bound": bound,
+            "start": start,
             "iterations": res["steps"],
-            "converged": bool(resid[-1] <= tol * scale
-                              and (which == "max" or resid[0] <= tol * scale)),
+            "hvps": self.hvp_calls - calls0,
+            "converged": bool(err["max"] <= tol * scale
+                              and (which == "max" or err["min"] <= tol * scale)),
             "ritz_values": theta.tolist(),
+            "hvp": self.hvp_kind,
+            "method": self.hvp_method,
         }
 
     def trace(
         self, num_samples: int = 100, seed: int = 0, rel_tol: float | None = None,
-        chunk: int = 16,
+        chunk: int = 16, method: str = "xtrace", z: float = 2.0,
     ) -> dict:
-        """Hutchinson: ``tr H ≈ (1/n) Σ vᵀHv`` with Rademacher ``v``; ``stderr = std/√n``.
+        """Stochastic trace ``tr H`` with at most ``num_samples`` HVPs (see :func:`estimate_trace`).
 
-        Probes are evaluated ``chunk`` at a time (vmapped HVPs). With ``rel_tol``, stops early
-        (after at least 10 samples) once ``stderr <= rel_tol·|mean|``.
+        ``method``: ``"xtrace"`` (default; exact on the part of the spectrum its sketch
+        captures, exchangeable leave-one-out error estimate), ``"hutch++"`` (low-rank part plus
+        Hutchinson on the deflated rest) or ``"hutchinson"`` (``(1/n) Σ vᵀHv``, Rademacher
+        ``v``). ``trace_stderr`` is the estimator's standard error; with ``rel_tol`` the run
+        stops once ``z·stderr <= rel_tol·|trace|`` (an error bound at about 95% confidence for
+        ``z = 2``, not the change between steps). HVPs go ``chunk`` at a time, batched.
         """
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        vals: list[float] = []
-        while len(vals) < num_samples:
-            n = min(chunk, num_samples - len(vals))
-            v = torch.randint(0, 2, (n, self.dim), generator=gen).to(self.theta) * 2 - 1
-            vals += (v * self.hvp_many(v)).sum(1).tolist()
-            if rel_tol is not None and len(vals) >= 10:
-                t = torch.tensor(vals, dtype=torch.float64)
-                if t.std() / math.sqrt(len(vals)) <= rel_tol * t.mean().abs():
-                    break
-        t = torch.tensor(vals, dtype=torch.float64)
-        n = len(vals)
-        stderr = float(t.std() / math.sqrt(n)) if n > 1 else float("inf")
-        return {"trace": float(t.mean()), "trace_stderr": stderr, "samples": n}
+        if method not in TRACE_METHODS:
+            raise ConfigError(f"trace method: one of {', '.join(TRACE_METHODS)}, got {method!r}",
+                              field="trace_method")
+        calls0 = self.hvp_calls
+        out = estimate_trace(self.hvp_many, self.dim, num_samples, method=method, seed=seed,
+                             rel_tol=rel_tol, z=z, chunk=chunk, device=self.theta.device)
+        out.update(hvps=self.hvp_calls - calls0, hvp=self.hvp_kind, method=self.hvp_method)
+        return out
 
     def spectral_density(self, num_runs: int = 5, num_steps: int = 40, seed: int = 0) -> dict:
         """Stochastic Lanczos quadrature: Ritz nodes and weights per run (weights sum to 1).
 
-        ``density(grid)`` of the result (see :func:`slq_density`) smooths them into a density
-        of the eigenvalue distribution ``(1/P) Σ_i δ(λ - λ_i)``.
+        Each run starts from a normalised Rademacher vector (lower-variance quadrature weights
+        than a Gaussian start, as in Hutchinson's estimator). ``density(grid)`` of the result
+        (see :func:`slq_density`) smooths them into a density of the eigenvalue distribution
+        ``(1/P) Σ_i δ(λ - λ_i)``.
         """
         nodes, weights = [], []
+        gen = torch.Generator(device="cpu").manual_seed(seed)
         for r in range(num_runs):
-            res = lanczos(self.hvp, self.dim, min(num_steps, self.dim), seed=seed + r,
+            v0 = _rademacher(1, self.dim, gen, "cpu")[0]
+            res = lanczos(self.hvp, self.dim, min(num_steps, self.dim), seed=seed + r, v0=v0,
                           device=self.theta.device, stop="none")
             nodes.append(res["ritz"])
             weights.append(res["ritz_vectors"][0, :] ** 2)
         return {"nodes": nodes, "weights": weights}
+
+
+def ritz_error_bounds(ritz: torch.Tensor, s: torch.Tensor, beta: float,
+                      bound: str = "residual") -> dict:
+    """Error bounds of the extreme Ritz values ``θ_1 <= ... <= θ_m`` of a Lanczos run.
+
+    The residual of Ritz pair ``i`` is ``r_i = |β_m s_{m,i}|``; some eigenvalue of ``H`` lies
+    within ``r_i`` of ``θ_i`` (Weyl), a guaranteed bound. With ``bound="gap"`` the estimate
+    ``min(r, r²/δ)`` is used, ``δ`` the distance to the neighbouring Ritz value (Kato–Temple
+    with the Ritz gap standing in for the unknown eigenvalue gap)."""
+    r = (beta * s[-1, :]).abs()
+    out = {"residual_max": float(r[-1]), "residual_min": float(r[0]),
+           "max": float(r[-1]), "min": float(r[0])}
+    if bound == "gap" and ritz.numel() > 1:
+        gmax, gmin = float(ritz[-1] - ritz[-2]), float(ritz[1] - ritz[0])
+        if gmax > 0:
+            out["max"] = min(out["max"], float(r[-1]) ** 2 / gmax)
+        if gmin > 0:
+            out["min"] = min(out["min"], float(r[0]) ** 2 / gmin)
+    return out
 
 
 def lanczos(
@@ -272,14 +452,16 @@ def lanczos(
     device: torch.device | str = "cpu",
     stop: str = "extremes",
     v0: torch.Tensor | None = None,
+    bound: str = "residual",
 ) -> dict:
     """Lanczos tridiagonalisation with full re-orthogonalisation (in float64).
 
     ``q_{j+1} β_j = H q_j - α_j q_j - β_{j-1} q_{j-1}``, then ``q_{j+1}`` is orthogonalised
     against every earlier ``q`` twice (classical Gram-Schmidt, "twice is enough"). Returns the
     Ritz values (ascending), the eigenvectors ``s`` of ``T`` (columns), ``beta_last`` and the
-    number of steps. ``stop="extremes"`` stops when the extreme Ritz residuals are below
-    ``tol·max|θ|`` (``stop="max"``: the largest only); ``stop="none"`` runs ``max_steps``
+    number of steps. ``stop="extremes"`` stops when the extreme Ritz values' error bounds
+    (:func:`ritz_error_bounds`) are below ``tol·max|θ|`` (``stop="max"``: the largest only);
+    ``stop="none"`` runs ``max_steps``
     (SLQ). An invariant subspace (``β ≈ 0``) ends the iteration: the Ritz values are then
     exact eigenvalues.
     """
@@ -310,8 +492,8 @@ def lanczos(
         if beta <= 1e-12 * scale:
             break
         if stop in ("extremes", "max") and j >= 1:
-            r = (beta * s[-1, :]).abs()
-            if r[-1] <= tol * scale and (stop == "max" or r[0] <= tol * scale):
+            e = ritz_error_bounds(ritz, s, beta, bound)
+            if e["max"] <= tol * scale and (stop == "max" or e["min"] <= tol * scale):
                 break
         betas.append(beta)
         if j + 1 >= Q.shape[0]:
@@ -321,6 +503,189 @@ def lanczos(
             Q = grown
         Q[j + 1] = w / beta
     return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas)}
+
+
+def parse_blocks(spec: str | Sequence[str] | dict[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Blocks of parameters: ``{"stage1": ["blocks.0", "blocks.1"], ...}``, a list of prefixes
+    (one block each), or the CLI text ``"stage1=blocks.0,blocks.1;head"`` (``;`` between
+    blocks, ``,`` between the name prefixes of one block, an optional ``name=``)."""
+    if isinstance(spec, dict):
+        return {str(k): list(v) for k, v in spec.items()}
+    if not isinstance(spec, str):
+        return {p: [p] for p in spec}
+    out: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, body = part.rpartition("=")
+        prefixes = [p.strip() for p in body.split(",") if p.strip()]
+        if not prefixes:
+            raise ConfigError(f"blocks: empty block in {spec!r}", field="blocks")
+        out[name.strip() or body.strip()] = prefixes
+    if not out:
+        raise ConfigError(f"blocks: no block in {spec!r}", field="blocks")
+    return out
+
+
+def block_curvature(
+    model: nn.Module, data: Batch | Iterable[Batch],
+    blocks: str | Sequence[str] | dict[str, Sequence[str]], loss_fn: LossFn | str = "ce",
+    hvp_mode: str = "auto", tol: float = 1e-3, max_iter: int = 100, trace_samples: int = 64,
+    trace_method: str = "xtrace", trace_rel_tol: float | None = None, seed: int = 0,
+) -> list[dict]:
+    """Per-block curvature: for each block ``B`` of parameters, the diagonal block ``H_BB``
+    of the Hessian (the Hessian of the loss in ``θ_B`` with the other parameters fixed) —
+    its extreme eigenvalues (Lanczos) and its trace (``tr H = Σ_B tr H_BB``, so stage-wise
+    traces add up to the whole trace). One record per block."""
+    records = []
+    for name, prefixes in parse_blocks(blocks).items():
+        op = HessianOperator(model, data, loss_fn, params=prefixes, hvp_mode=hvp_mode)
+        ext = op.extreme_eigenvalues(tol=tol, max_iter=max_iter, seed=seed, bound="gap")
+        tr = op.trace(trace_samples, seed=seed, rel_tol=trace_rel_tol, method=trace_method)
+        records.append({
+            "block": name, "params": ",".join(prefixes), "num_params": op.dim,
+            "lambda_max": ext["lambda_max"], "lambda_min": ext["lambda_min"],
+            "lanczos_converged": ext["converged"], "trace": tr["trace"],
+            "trace_stderr": tr["trace_stderr"], "hvps": op.hvp_calls, "hvp": op.hvp_kind,
+        })
+    return records
+
+
+TRACE_METHODS = ("xtrace", "hutch++", "hutchinson")
+
+
+def _rademacher(k: int, dim: int, gen: torch.Generator, device) -> torch.Tensor:
+    return (torch.randint(0, 2, (k, dim), generator=gen, dtype=torch.float64) * 2 - 1).to(device)
+
+
+def _sphere(k: int, dim: int, gen: torch.Generator, device) -> torch.Tensor:
+    """``k`` rows uniform on the sphere of radius ``√dim`` (XTrace's "improved" test vectors)."""
+    g = torch.randn(k, dim, generator=gen, dtype=torch.float64)
+    return (g * (math.sqrt(dim) / g.norm(dim=1, keepdim=True))).to(device)
+
+
+def _mean_stderr(vals: torch.Tensor) -> tuple[float, float]:
+    n = vals.numel()
+    return float(vals.mean()), (float(vals.std() / math.sqrt(n)) if n > 1 else float("inf"))
+
+
+def _stop(t: float, err: float, rel_tol: float | None, z: float) -> bool:
+    return rel_tol is not None and z * err <= rel_tol * abs(t)
+
+
+def _apply(matmat, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``A`` applied to every row of ``rows`` (``chunk`` rows per batched call), in float64."""
+    return torch.cat([matmat(rows[i:i + chunk]).double() for i in range(0, rows.shape[0], chunk)])
+
+
+def xtrace_estimates(om: torch.Tensor, y: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+                     z: torch.Tensor) -> torch.Tensor:
+    """The ``m`` leave-one-out estimates of XTrace (Epperly, Tropp & Webber 2024, "improved").
+
+    Columns: test vectors ``Ω`` (``n×m``, on the sphere of radius ``√n``), ``Y = AΩ = QR``
+    and ``Z = AQ``. Estimate ``j`` is ``tr(Q₋ⱼᵀAQ₋ⱼ) + ωⱼᵀ(I−Q₋ⱼQ₋ⱼᵀ)A(I−Q₋ⱼQ₋ⱼᵀ)ωⱼ``
+    (rescaled), with ``Q₋ⱼ`` an orthonormal basis of ``Y`` without column ``j``, evaluated in
+    closed form from ``S = normalised columns of R⁻ᵀ`` (no extra products with ``A``); their
+    mean is the XTrace estimate and their spread gives its standard error.
+    """
+    n, m = om.shape
+    dp = lambda a, b: (a * b).sum(0)  # noqa: E731  diag(aᵀb)
+    w = q.T @ om
+    s = torch.linalg.inv(r).T
+    s = s / s.norm(dim=0, keepdim=True)
+    scale = (n - m + 1) / (n - w.norm(dim=0) ** 2 + (dp(s, w).abs() * s.norm(dim=0)) ** 2)
+    h = q.T @ z
+    hw = h @ w
+    t = z.T @ om
+    dsw, dshs = dp(s, w), dp(s, h @ s)
+    core = (-dp(t, w) + dp(w, hw) + dsw * dp(s, r - hw) + dsw**2 * dshs
+            + dp(t - h.T @ w, s) * dsw)
+    return torch.trace(h) - dshs + core * scale
+
+
+def _xtrace(matmat, dim: int, budget: int, gen, rel_tol, z: float, chunk: int, device) -> dict:
+    """Adaptive XTrace: ``m`` test vectors cost ``2m`` products; ``m`` doubles until the
+    stopping rule holds or the budget is spent. The sketch is extended, not redrawn: with
+    ``[Y, Y'] = Q'R'`` the old ``Z = AQ`` is reused as ``Z U`` (``U = QᵀQ'_{:, :m}``, the
+    rotation between two bases of one subspace), so only the new basis columns cost products."""
+    m_max = max(2, min(budget // 2, dim - 1))
+    om = y = q = zq = None
+    m = min(8, m_max)
+    while True:
+        new = _sphere(m - (0 if om is None else om.shape[1]), dim, gen, device).T
+        ynew = _apply(matmat, new.T, chunk).T
+        om = new if om is None else torch.cat([om, new], 1)
+        y = ynew if y is None else torch.cat([y, ynew], 1)
+        qn, rn = torch.linalg.qr(y)
+        k = 0 if q is None else q.shape[1]
+        zold = zq @ (q.T @ qn[:, :k]) if k else torch.empty(dim, 0, dtype=y.dtype, device=device)
+        zq = torch.cat([zold, _apply(matmat, qn[:, k:].T, chunk).T], 1)
+        q = qn
+        ests = xtrace_estimates(om, y, q, rn, zq)
+        t, err = _mean_stderr(ests)
+        if _stop(t, err, rel_tol, z) or m >= m_max:
+            return {"trace": t, "trace_stderr": err, "samples": 2 * m,
+                    "converged": _stop(t, err, rel_tol, z)}
+        m = min(2 * m, m_max)
+
+
+def _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device, basis=None) -> dict:
+    """``(1/n) Σ vᵀ P A P v`` over Rademacher ``v`` with ``P = I − QQᵀ`` (``P = I`` without a
+    basis), ``chunk`` probes per batched call, stopping when ``z·stderr <= rel_tol·|total|``."""
+    base = 0.0 if basis is None else basis[1]
+    vals: list[float] = []
+    t, err = base, float("inf")
+    while len(vals) < budget:
+        v = _rademacher(min(chunk, budget - len(vals)), dim, gen, device)
+        if basis is not None:
+            v = v - (v @ basis[0]) @ basis[0].T
+        vals += (v * matmat(v).double()).sum(1).tolist()
+        t, err = _mean_stderr(torch.tensor(vals, dtype=torch.float64))
+        t += base
+        if len(vals) >= 8 and _stop(t, err, rel_tol, z):
+            break
+    return {"trace": t, "trace_stderr": err, "samples": len(vals),
+            "converged": _stop(t, err, rel_tol, z)}
+
+
+def estimate_trace(
+    matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, budget: int,
+    method: str = "xtrace", seed: int = 0, rel_tol: float | None = None, z: float = 2.0,
+    chunk: int = 16, device: torch.device | str = "cpu",
+) -> dict:
+    """Trace of a symmetric ``A`` given by ``matmat(rows) = rows @ A`` with at most ``budget``
+    products.
+
+    - ``hutchinson``: ``E[vᵀAv] = tr A``; variance ``2‖A‖_F²``-ish, error ``O(1/√n)``.
+    - ``hutch++`` (Meyer, Musco, Musco & Woodruff 2021): ``Q = orth(A S)`` from ``budget/3``
+      products, ``tr A = tr(QᵀAQ) + tr(PAP)`` with ``P = I − QQᵀ``; the first term is exact,
+      the second is Hutchinson's on the deflated matrix (error ``O(1/n)`` for PSD ``A``).
+    - ``xtrace`` (Epperly, Tropp & Webber 2024): every test vector serves both the low-rank
+      sketch and the residual estimate, by leave-one-out (:func:`xtrace_estimates`).
+
+    With ``budget >= dim`` the trace is exact from the basis vectors (``dim`` products).
+    Returns ``trace``, ``trace_stderr`` (standard error of the random part), ``samples`` (the
+    products used) and ``converged`` (``z·stderr <= rel_tol·|trace|``).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    budget = max(2, int(budget))
+    if budget >= dim:  # cheaper to be exact: Σ_j e_jᵀ A e_j
+        eye = torch.eye(dim, dtype=torch.float64, device=device)
+        t = float(sum(float(torch.diagonal(_apply(matmat, eye[i:i + chunk], chunk)[:, i:i + chunk]
+                                           ).sum()) for i in range(0, dim, chunk)))
+        return {"trace": t, "trace_stderr": 0.0, "samples": dim, "converged": True,
+                "trace_method": "exact (basis vectors)", "error_bound": 0.0, "z": z}
+    if method == "xtrace":
+        out = _xtrace(matmat, dim, budget, gen, rel_tol, z, chunk, device)
+    elif method == "hutch++":
+        k = max(1, min(budget // 3, dim - 1))
+        q = torch.linalg.qr(_apply(matmat, _rademacher(k, dim, gen, device), chunk).T)[0]
+        top = float(torch.trace(q.T @ _apply(matmat, q.T, chunk).T))
+        out = _hutchinson(matmat, dim, max(2, budget - 2 * k), gen, rel_tol, z, chunk, device,
+                          basis=(q, top))
+        out["samples"] += 2 * k
+    else:
+        out = _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device)
+    out.update(trace_method=method, error_bound=z * out["trace_stderr"], z=z)
+    return out
 
 
 def slq_density(
@@ -393,6 +758,7 @@ def hessian_summary(
     tol: float = 1e-6,
     zero_tol: float = 1e-8,
     hutchinson_samples: int = 100,
+    trace_method: str = "xtrace",
     slq_runs: int = 5,
     slq_steps: int = 40,
     max_iter: int = 200,
@@ -412,16 +778,16 @@ def hessian_summary(
             lambda_max=float(lam[-1]), lambda_min=float(lam[0]), trace=float(lam.sum()),
             trace_stderr=0.0, condition_number=cn["condition_number"],
             condition_number_positive=cn["condition_number_positive"],
-            method=(f"exact dense Hessian ({op.dim} params, torch.func forward-over-reverse HVPs,"
-                    f" eigvalsh); zero threshold |λ| <= {zero_tol:g}·max|λ|"),
+            method=(f"exact dense Hessian ({op.dim} params, eigvalsh); HVPs: {op.hvp_method}; "
+                    f"zero threshold |λ| <= {zero_tol:g}·max|λ|"),
             num_params=op.dim,
-            extra={"zero_tol": zero_tol, "num_zero": cn["num_zero"],
+            extra={"hvp": op.hvp_kind, "zero_tol": zero_tol, "num_zero": cn["num_zero"],
                    "num_negative": cn["num_negative"], "num_positive": cn["num_positive"],
                    "num_samples": op.num_samples},
         )
         return summary, {"eigenvalues": lam}
     ext = op.extreme_eigenvalues(tol=tol, max_iter=max_iter, seed=seed)
-    tr = op.trace(hutchinson_samples, seed=seed)
+    tr = op.trace(hutchinson_samples, seed=seed, method=trace_method)
     lmax, lmin = ext["lambda_max"], ext["lambda_min"]
     amax = max(abs(lmax), abs(lmin))
     # From the extremes alone: the positive-spectrum ratio when the Hessian is positive
@@ -433,13 +799,15 @@ def hessian_summary(
         condition_number=lmax / lmin if pd else None,
         condition_number_positive=lmax / lmin if pd else None,
         method=(f"Lanczos (full re-orthogonalisation, tol {tol:g} relative Ritz residual, "
-                f"{ext['iterations']} steps, converged={ext['converged']}); Hutchinson trace "
-                f"({tr['samples']} Rademacher samples); SLQ density ({slq_runs}x{slq_steps}); "
+                f"{ext['iterations']} steps, converged={ext['converged']}); {trace_method} trace "
+                f"({tr['samples']} HVPs); SLQ density ({slq_runs}x{slq_steps}); "
                 f"condition numbers only when λmin > {zero_tol:g}·max|λ| (else null: the "
-                "smallest |λ| is interior to the spectrum)"),
+                f"smallest |λ| is interior to the spectrum); HVPs: {op.hvp_method}"),
         num_params=op.dim,
-        extra={"zero_tol": zero_tol, "lanczos_tol": tol, "lanczos_iterations": ext["iterations"],
+        extra={"hvp": op.hvp_kind, "zero_tol": zero_tol, "lanczos_tol": tol,
+               "lanczos_iterations": ext["iterations"],
                "lanczos_converged": ext["converged"], "hutchinson_samples": tr["samples"],
+               "trace_method": trace_method,
                "num_samples": op.num_samples},
     )
     return summary, spec
@@ -491,7 +859,16 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     a("--zero-tol", type=float, default=1e-8,
       help="eigenvalues with |λ| <= zero_tol·max|λ| count as zero in condition numbers")
     a("--max-iter", type=int, default=200, help="Lanczos steps at most")
-    a("--hutchinson-samples", type=int, default=100)
+    a("--hutchinson-samples", type=int, default=100,
+      help="HVPs for the trace estimate (any --trace-method)")
+    a("--trace-method", choices=list(TRACE_METHODS), default="xtrace",
+      help="stochastic trace estimator (xtrace: exact on the sketched spectrum, stated error)")
+    a("--hvp", choices=list(HVP_MODES), default="auto",
+      help="HVP kind: auto = double backward over a kept graph, falling back where a "
+           "derivative is missing; fwd-rev keeps no graph between HVPs (less memory)")
+    a("--blocks", default=None,
+      help="per-block curvature, e.g. 'stage1=blocks.0,blocks.1,blocks.2;head': λmax, λmin, "
+           "trace of each diagonal Hessian block, in hessian_blocks.csv/json")
     a("--slq-runs", type=int, default=5)
     a("--slq-steps", type=int, default=40)
 
@@ -526,16 +903,24 @@ def run_cli(args: argparse.Namespace) -> None:
             model_args[key] = getattr(args, flag)
     args.model_args = model_args
     out = Path(args.out)
-    records, spectra = [], {}
+    records, spectra, block_records = [], {}, []
     for t in probe_targets(args):
         targets = _loss_targets(t.model, t.inputs, t.targets, args.loss)
-        op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params)
+        op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params,
+                             hvp_mode=getattr(args, "hvp", "auto"))
         summary, spec = hessian_summary(
             op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
             zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,
             slq_runs=args.slq_runs, slq_steps=args.slq_steps, max_iter=args.max_iter,
-            seed=args.seed,
+            seed=args.seed, trace_method=getattr(args, "trace_method", "xtrace"),
         )
+        if getattr(args, "blocks", None):
+            for b in block_curvature(t.model, (t.inputs, t.targets), args.blocks, args.loss,
+                                     hvp_mode=getattr(args, "hvp", "auto"), tol=args.tol,
+                                     max_iter=args.max_iter, seed=args.seed,
+                                     trace_samples=args.hutchinson_samples,
+                                     trace_method=getattr(args, "trace_method", "xtrace")):
+                block_records.append({"model": t.label, **b})
         rec = {"model": t.label, **summary.to_dict()}
         records.append(rec)
         spectra[t.label] = spec
@@ -545,4 +930,10 @@ def run_cli(args: argparse.Namespace) -> None:
               f"{'n/a' if cn is None else f'{cn:.6g}'} ({rec['num_params']} params)")
     write_records(records, out, "hessian")
     plot_spectrum(spectra, out / "hessian_spectrum.png")
+    if block_records:
+        write_records(block_records, out, "hessian_blocks")
+        for b in block_records:
+            print(f"{b['model']} block {b['block']}: lambda_max={b['lambda_max']:.6g} "
+                  f"lambda_min={b['lambda_min']:.6g} trace={b['trace']:.6g} "
+                  f"({b['num_params']} params)")
     print(f"hessian: {out / 'hessian.json'}")

@@ -225,7 +225,7 @@ def test_cli_blocks_and_hvp_flags(tmp_path):
                "--hutchinson-samples", "12", "--slq-runs", "1", "--slq-steps", "5",
                "--blocks", "first=stem;head", "--out", str(out)])
     assert rc == 0
-    d = json.loads((out / "hessian.json").read_text())
+    (d,) = json.loads((out / "hessian.json").read_text())  # one record per model
     assert d["hvp"] == "fwd-rev" and d["trace_method"] == "hutch++" and "fwd-rev" in d["method"]
     blocks = json.loads((out / "hessian_blocks.json").read_text())
     assert [b["block"] for b in blocks] == ["first", "head"]

@@ -26,10 +26,6 @@ from pnnh.probes.norms import norms
 
 MODELS = list(um.INPUT_SHAPES)
 FILE = str(Path(um.__file__))
-TRANSFORMER_HVP = pytest.mark.xfail(
-    strict=False, raises=NotImplementedError,
-    reason="forward-over-reverse HVP through CPU scaled-dot-product attention has no forward "
-           "AD; the double-backward fallback lands with the Hessian estimators' branch")
 
 
 def _batch(name: str, n: int = 16):
@@ -114,9 +110,9 @@ def test_norms_dissipation_jacobian_run_on_each(name):
     assert sv.shape == (3, 10) and bool((sv >= 0).all())
 
 
-@pytest.mark.parametrize("name", [
-    "vgg", "tv_resnet", "hf_stack", pytest.param("transformer", marks=TRANSFORMER_HVP)])
+@pytest.mark.parametrize("name", ["vgg", "tv_resnet", "hf_stack", "transformer"])
 def test_hessian_extremes_on_each(name):
+    """The Transformer needs the double-backward fallback (no forward AD of CPU attention)."""
     model, batch = _model(name), _batch(name, 8)
     ext = HessianOperator(model, batch).extreme_eigenvalues(max_iter=4)
     assert ext["lambda_max"] >= ext["lambda_min"]
@@ -194,7 +190,7 @@ def test_cli_probes_a_model_file(name, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", [
-    "vgg", pytest.param("transformer", marks=TRANSFORMER_HVP)])
+    "vgg", "transformer"])
 def test_cli_hessian_of_a_model_file(name, tmp_path):
     out = tmp_path / "h"
     rc = main(["probe", "hessian", "--model-file", f"{FILE}:{name}", "--input-shape",

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pnnh.models import count_parameters, create_model
 from pnnh.probes.hessian import HessianOperator
-from pnnh.registry import count_parameters, create_model
 
 
 def make_problem(device: str, batch: int, seed: int):

@@ -35,7 +35,7 @@ from torch import nn
 from pnnh.coder import fold_bn
 from pnnh.errors import PnnhError
 from pnnh.export import plain_layers
-from pnnh.registry import count_parameters
+from pnnh.models import count_parameters
 
 
 def _layer_like(proto: nn.Module, cin: int, cout: int, w: torch.Tensor, b: torch.Tensor):

@@ -30,9 +30,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pnnh.models.factory import create_model
 from pnnh.models.mlp import ResidualMLPBlock, blocks_for_depth, flat_dim, he_init_
 from pnnh.norm_preservation import make_norm_preserving
-from pnnh.registry import create_model, register_model
+from pnnh.registry import register_model
 
 
 class TransitionMLPBlock(nn.Module):

@@ -22,32 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pnnh.coder import PNNHBlock, attach_constraint, fold_bn
+from pnnh.coder import PNNHBlock, attach_constraint
+from pnnh.models.layers import StemBlocksHead, conv3x3, conv_bn, init_conv_bn_
 from pnnh.registry import register_model
-
-
-def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-
-
-def init_conv_bn_(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """``bn(conv(x))`` as one conv with a bias (eval statistics)."""
-    w, b = fold_bn(conv.weight, conv.bias, bn)
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, bias=True)
-    with torch.no_grad():
-        out.weight.copy_(w)
-        out.bias.copy_(b)
-    return out
 
 
 class PlainBlock(nn.Module):
@@ -93,18 +70,8 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class ConvNet(nn.Module):
+class ConvNet(StemBlocksHead):
     """``stem -> blocks -> head`` for images; ``blocks`` is one ``nn.Sequential`` of all stages."""
-
-    def __init__(self, in_shape, stem: nn.Module, blocks: list[nn.Module], head: nn.Module):
-        super().__init__()
-        self.in_shape = tuple(in_shape)
-        self.stem = stem
-        self.blocks = nn.Sequential(*blocks)
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
 
 
 def make_blocks(kind: str, widths: list[int], counts: list[int], first_stride: list[int],

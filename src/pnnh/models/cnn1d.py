@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pnnh.coder import PNNHBlock, attach_constraint
-from pnnh.models.mlp import blocks_for_depth, he_init_
+from pnnh.models.layers import StemBlocksHead, blocks_for_depth, he_init_
 from pnnh.registry import register_model
 
 
@@ -60,24 +60,18 @@ class ResidualBlock1d(nn.Module):
         return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
 
 
-class CNN1d(nn.Module):
+class CNN1d(StemBlocksHead):
     """``stem -> blocks -> head``; ``blocks`` is an ``nn.Sequential``."""
 
     def __init__(self, in_shape, num_classes: int, width: int, blocks: list[nn.Module],
                  kernel_size: int = 3):
-        super().__init__()
         if len(in_shape) != 2:
             raise ValueError(f"1-D CNNs take inputs (channels, length), got in_shape={in_shape}")
-        self.in_shape = tuple(in_shape)
-        c, length = self.in_shape
-        self.stem = nn.Sequential(nn.Conv1d(c, width, kernel_size, padding=kernel_size // 2),
-                                  nn.ReLU())
-        he_init_(self.stem[0])
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * length, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        c, length = tuple(in_shape)
+        stem = nn.Sequential(nn.Conv1d(c, width, kernel_size, padding=kernel_size // 2), nn.ReLU())
+        he_init_(stem[0])
+        head = nn.Sequential(nn.Flatten(), nn.Linear(width * length, num_classes))
+        super().__init__(in_shape, stem, blocks, head)
 
 
 @register_model("plain_cnn1d", family="cnn1d", kind="plain")

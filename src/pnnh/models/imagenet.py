@@ -13,7 +13,8 @@ from __future__ import annotations
 from torch import nn
 
 from pnnh.coder import attach_constraint
-from pnnh.models.cifar import ConvNet, conv3x3, head, init_conv_bn_, make_blocks
+from pnnh.models.cifar import ConvNet, head, make_blocks
+from pnnh.models.layers import conv3x3, init_conv_bn_
 from pnnh.registry import register_model
 
 STAGES = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}

@@ -18,34 +18,12 @@ branch layers and no normalisation it diverges past ~30 layers), as PNNH's learn
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from pnnh.coder import PNNHBlock, attach_constraint
+from pnnh.models.layers import StemBlocksHead, blocks_for_depth, flat_dim, he_init_
 from pnnh.registry import register_model
-
-
-def blocks_for_depth(depth: int, layers_per_block: int = 2) -> int:
-    """Number of blocks for ``depth`` weight layers (stem + blocks + head)."""
-    depth = int(depth)
-    if depth < 2 or (depth - 2) % layers_per_block:
-        raise ValueError(
-            f"depth must be 2 + {layers_per_block}*k (stem + k blocks of {layers_per_block} "
-            f"layers + head), got depth={depth}"
-        )
-    return (depth - 2) // layers_per_block
-
-
-def flat_dim(in_shape) -> int:
-    return int(math.prod(in_shape))
-
-
-def he_init_(layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
-    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
 
 
 class PlainMLPBlock(nn.Module):
@@ -87,19 +65,13 @@ class ResidualMLPBlock(nn.Module):
         return torch.relu(x + self.fc2(torch.relu(self.fc1(x))))
 
 
-class MLP(nn.Module):
+class MLP(StemBlocksHead):
     """``stem -> blocks -> head`` over the flattened input. ``blocks`` is an ``nn.Sequential``."""
 
     def __init__(self, in_shape, num_classes: int, width: int, blocks: list[nn.Module]):
-        super().__init__()
-        self.in_shape = tuple(in_shape)
-        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(in_shape), width), nn.ReLU())
-        he_init_(self.stem[1])
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(in_shape), width), nn.ReLU())
+        he_init_(stem[1])
+        super().__init__(in_shape, stem, blocks, nn.Linear(width, num_classes))
 
 
 @register_model("plain_mlp", family="mlp", kind="plain")

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnnh.coder import Coder, attach_constraint
+from pnnh.models.layers import StemBlocksHead
 from pnnh.registry import register_model
 
 _ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -234,20 +235,15 @@ class PNNHViTBlock(nn.Module):
         return self.mlp(self.attn(x))
 
 
-class ViT(nn.Module):
+class ViT(StemBlocksHead):
     """``stem`` (patches + positions) -> ``blocks`` -> ``head`` (LN, token mean, Linear)."""
 
     def __init__(self, in_shape, num_classes: int, width: int, patch_size: int,
                  blocks: list[nn.Module]):
-        super().__init__()
-        self.in_shape = tuple(in_shape)
-        self.stem = PatchEmbed(in_shape, patch_size, width)
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.LayerNorm(width), TokenMean(), nn.Linear(width, num_classes))
-        _init_linear(self.head[2])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        stem = PatchEmbed(in_shape, patch_size, width)
+        head = nn.Sequential(nn.LayerNorm(width), TokenMean(), nn.Linear(width, num_classes))
+        _init_linear(head[2])
+        super().__init__(in_shape, stem, blocks, head)
 
 
 def _check(depth: int, width: int, heads: int, mlp_ratio: float, act: str) -> int:

@@ -40,13 +40,15 @@ class ModelInfo:
     factory: Callable[..., nn.Module]
     defaults: dict = field(default_factory=dict)
     options_param: str | None = None  # the factory parameter holding an options dataclass
+    options_omit: tuple[str, ...] = ()  # fields of that dataclass this model does not take
 
     def parameters(self) -> list[str]:
         """Option names, in signature order; an options dataclass contributes its fields."""
         out: list[str] = []
         for p in inspect.signature(self.factory).parameters:
             if p == self.options_param:
-                out.extend(f.name for f in dataclasses.fields(self._options_default()))
+                out.extend(f.name for f in dataclasses.fields(self._options_default())
+                           if f.name not in self.options_omit)
             elif p != "kwargs":
                 out.append(p)
         return out
@@ -63,11 +65,12 @@ _REGISTRY: dict[str, ModelInfo] = {}
 
 
 def register_model(name: str | None = None, *, family: str, kind: str, description: str = "",
-                   options: type | None = None, **defaults):
+                   options: type | None = None, omit: tuple[str, ...] = (), **defaults):
     """Decorator registering ``factory`` under ``name`` (default: the function's own name).
 
     ``options`` names a frozen dataclass type: the factory's parameter whose default is an
-    instance of it carries those options (see the module docstring). ``defaults`` are extra
+    instance of it carries those options (see the module docstring); ``omit`` names fields this
+    model does not take (``coder_kernel`` on a model without convolutions). ``defaults`` are extra
     keyword arguments passed on to the factory when the caller does not give them.
     """
     if kind not in {"plain", "resnet", "pnnh", "other"}:
@@ -85,7 +88,8 @@ def register_model(name: str | None = None, *, family: str, kind: str, descripti
                 raise ValueError(f"{factory.__name__} has no parameter defaulting to a "
                                  f"{options.__name__}")
         doc = description or (inspect.getdoc(factory) or "").split("\n")[0]
-        _REGISTRY[key] = ModelInfo(key, family, kind, doc, factory, dict(defaults), param)
+        _REGISTRY[key] = ModelInfo(key, family, kind, doc, factory, dict(defaults), param,
+                                   tuple(omit))
         return factory
 
     return deco

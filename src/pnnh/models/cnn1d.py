@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pnnh.coder import PNNHBlock, attach_constraint
+from pnnh.coder import DEFAULT_CODER, CoderOptions, PNNHBlock, attach_constraint
 from pnnh.models.layers import StemBlocksHead, blocks_for_depth, he_init_
 from pnnh.registry import register_model
 
@@ -74,14 +74,14 @@ class CNN1d(StemBlocksHead):
         super().__init__(in_shape, stem, blocks, head)
 
 
-@register_model("plain_cnn1d", family="cnn1d", kind="plain")
+@register_model(family="cnn1d", kind="plain")
 def plain_cnn1d(in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 32) -> CNN1d:
     """Plain 1-D CNN, no shortcuts: depth conv/linear layers (stem + 2 per block + head)."""
     n = blocks_for_depth(depth)
     return CNN1d(in_shape, num_classes, width, [PlainBlock1d(width) for _ in range(n)])
 
 
-@register_model("resnet_cnn1d", family="cnn1d", kind="resnet")
+@register_model(family="cnn1d", kind="resnet")
 def resnet_cnn1d(
     in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 32,
     zero_init_residual: bool = True, branch_width: int | None = None,
@@ -94,31 +94,18 @@ def resnet_cnn1d(
     return CNN1d(in_shape, num_classes, width, blocks)
 
 
-@register_model("pnnh_cnn1d", family="cnn1d", kind="pnnh")
+@register_model(family="cnn1d", kind="pnnh", options=CoderOptions)
 def pnnh_cnn1d(
     in_shape=(1, 40),
     num_classes: int = 10,
     depth: int = 8,
     width: int = 32,
     learner_width: int | None = None,
-    coder_ratio: float = 1.0,
-    coder_kernel: int = 1,
-    coder_init: str = "orthogonal",
-    coder_constraint: str = "fixed",
-    project_every: int = 1,
-    penalty_weight: float = 0.01,
-    zero_init_decoder: bool = True,
-    fused: bool = True,
-    procrustes: bool = False,
+    coder: CoderOptions = DEFAULT_CODER,
 ) -> CNN1d:
     """PNNH 1-D CNN: plain blocks of a weight-shared coder + a 3-tap learner; no skips."""
     n = blocks_for_depth(depth)
     lw = width if learner_width is None else int(learner_width)
-    blocks = [
-        PNNHBlock(width, lw, dims=1, kernel_size=3, coder_ratio=coder_ratio,
-                  coder_kernel=coder_kernel, coder_init=coder_init,
-                  zero_init_decoder=zero_init_decoder, fused=fused)
-        for _ in range(n)
-    ]
-    model = CNN1d(in_shape, num_classes, width, blocks)
-    return attach_constraint(model, coder_constraint, project_every, penalty_weight, procrustes)
+    blocks = [PNNHBlock(width, lw, dims=1, kernel_size=3, **coder.block_kwargs())
+              for _ in range(n)]
+    return attach_constraint(CNN1d(in_shape, num_classes, width, blocks), coder)

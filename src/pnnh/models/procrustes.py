@@ -87,7 +87,7 @@ class StagedResNetMLP(StemBlocksHead):
         self.widths = widths
 
 
-@register_model("procrustes_resnet_mlp", family="procrustes", kind="resnet")
+@register_model(family="procrustes", kind="resnet")
 def procrustes_resnet_mlp(
     in_shape=(1, 40),
     num_classes: int = 10,
@@ -112,7 +112,7 @@ def _procrustes_cifar(depth: int, in_shape, num_classes, procrustes, zca, **kwar
     return model
 
 
-@register_model("procrustes_resnet20", family="procrustes", kind="resnet")
+@register_model(family="procrustes", kind="resnet")
 def procrustes_resnet20(
     in_shape=(3, 32, 32), num_classes: int = 10, procrustes: bool = True, zca: bool = True, **kw
 ) -> nn.Module:
@@ -120,7 +120,7 @@ def procrustes_resnet20(
     return _procrustes_cifar(20, in_shape, num_classes, procrustes, zca, **kw)
 
 
-@register_model("procrustes_resnet56", family="procrustes", kind="resnet")
+@register_model(family="procrustes", kind="resnet")
 def procrustes_resnet56(
     in_shape=(3, 32, 32), num_classes: int = 10, procrustes: bool = True, zca: bool = True, **kw
 ) -> nn.Module:
@@ -128,7 +128,7 @@ def procrustes_resnet56(
     return _procrustes_cifar(56, in_shape, num_classes, procrustes, zca, **kw)
 
 
-@register_model("procrustes_resnet110", family="procrustes", kind="resnet")
+@register_model(family="procrustes", kind="resnet")
 def procrustes_resnet110(
     in_shape=(3, 32, 32), num_classes: int = 10, procrustes: bool = True, zca: bool = True, **kw
 ) -> nn.Module:

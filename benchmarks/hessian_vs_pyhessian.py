@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pnnh.models import count_parameters, create_model
 from pnnh.probes.hessian import HessianOperator, slq_density
-from pnnh.registry import count_parameters, create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine_info, save_results  # noqa: E402

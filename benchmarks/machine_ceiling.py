@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine_info, median, save_results, time_round_robin, train_step  # noqa: E402
 
-from pnnh.registry import count_parameters, create_model  # noqa: E402
+from pnnh.models import count_parameters, create_model  # noqa: E402
 
 
 def step_flops(model, x, y) -> int:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import RESULTS, machine_info, save_results  # noqa: E402
 
 from pnnh.io import save_figure  # noqa: E402
-from pnnh.registry import count_parameters, create_model  # noqa: E402
+from pnnh.models import count_parameters, create_model  # noqa: E402
 from pnnh.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine_info, save_results, time_round_robin, train_step  # noqa: E402
 
 from pnnh.export import to_plain  # noqa: E402
-from pnnh.registry import count_parameters, create_model  # noqa: E402
+from pnnh.models import count_parameters, create_model  # noqa: E402
 
 MLP, CNN = {"depth": 100, "width": 128}, {"depth": 100, "width": 32}
 # label, pnnh, resnet, kwargs, input, batch, optimizer

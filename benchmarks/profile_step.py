@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import train_step  # noqa: E402
 
-from pnnh.registry import create_model  # noqa: E402
+from pnnh.models import create_model  # noqa: E402
 
 SETUPS = {  # pnnh, resnet, kwargs, input, batch, optimizer
     "cifar20": ("pnnh20", "resnet20", {}, (3, 32, 32), 128, "sgd"),

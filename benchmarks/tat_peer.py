@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine_info, median, save_results, time_round_robin, train_step  # noqa: E402
 
-from pnnh.registry import count_parameters, create_model  # noqa: E402
+from pnnh.models import count_parameters, create_model  # noqa: E402
 from pnnh.tat import chain_c0  # noqa: E402
 from pnnh.train import train  # noqa: E402
 

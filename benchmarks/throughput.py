@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine_info, median, save_results, time_round_robin, train_step  # noqa: E402
 
 from pnnh.export import to_plain  # noqa: E402
-from pnnh.registry import count_parameters, create_model  # noqa: E402
+from pnnh.models import count_parameters, create_model  # noqa: E402
 
 
 def _train_fn(model, x, y):

@@ -39,7 +39,7 @@ def test_check_export_can_fail(monkeypatch):
     """The check is not vacuous: an export that differs from the model, or that keeps a
     residual block, is reported as such."""
     import pnnh.export
-    from pnnh.registry import create_model
+    from pnnh.models import create_model
 
     model = create_model("pnnh_mlp", depth=6, width=8)
     x = torch.randn(16, 1, 40)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from pnnh.errors import PnnhError
+from pnnh.models import create_model
 from pnnh.probes.dissipation import METRICS, RIDGES, dissipation, split_parts
-from pnnh.registry import create_model
 
 
 class Chain(nn.Module):

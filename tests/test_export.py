@@ -152,8 +152,8 @@ def test_cli_export_errors(tmp_path, capsys):
 def test_to_plain_dispatches_vits_and_export_checkpoint_names_the_format(tmp_path):
     """PNNH-ViT exports through pnnh.to_plain; its attention layers need ONNX, not the plain file."""
     import pnnh
+    from pnnh.checkpoint import export_checkpoint
     from pnnh.errors import PnnhError
-    from pnnh.export import export_checkpoint
 
     model = pnnh.create_model("pnnh_vit_tiny", depth=2, width=16, heads=2).eval()
     x = torch.randn(4, 1, 40)

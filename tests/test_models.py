@@ -184,3 +184,69 @@ def test_pnnh_accuracy_experiment_smoke(tmp_path, monkeypatch):
     assert summary["ablation"][0]["final_test_acc"] == summary["rows"][2]["final_test_acc"]
     resnet = json.loads((tmp_path / "runs" / "resnet_mlp_zero_init_d8" / "summary.json").read_text())
     assert resnet["model_args"] == {"zero_init_residual": True}
+
+
+# --------------------------------------------------------------------------- registry shape
+
+
+def test_every_name_is_a_function_of_that_name():
+    """One ``@register_model`` function per public name (``def resnet56`` exists), and the
+    shared blocks come from one module."""
+    import importlib
+
+    from pnnh.models import layers
+
+    for name in list_models():
+        factory = model_info(name).factory
+        assert factory.__name__ == name
+        assert getattr(importlib.import_module(factory.__module__), name) is factory
+    from pnnh.models.cifar import ConvNet
+    from pnnh.models.cnn1d import CNN1d
+    from pnnh.models.mlp import MLP
+    from pnnh.models.procrustes import StagedResNetMLP
+    from pnnh.models.vit import ViT
+
+    for cls in (MLP, CNN1d, ConvNet, ViT, StagedResNetMLP):
+        assert issubclass(cls, layers.StemBlocksHead) and "forward" not in vars(cls), cls
+
+
+def test_coder_options_are_one_object_and_options_of_the_model():
+    from pnnh.coder import DEFAULT_CODER, CoderOptions
+    from pnnh.models.vit import VIT_CODER
+
+    fields = ["coder_ratio", "coder_kernel", "coder_init", "coder_constraint", "project_every",
+              "penalty_weight", "zero_init_decoder", "fused", "procrustes"]
+    assert model_info("pnnh20").parameters()[-len(fields):] == fields
+    mlp = model_info("pnnh_mlp").parameters()
+    assert "coder_kernel" not in mlp and mlp[-8:] == [f for f in fields if f != "coder_kernel"]
+    with pytest.raises(ConfigError, match="pnnh_mlp' does not take option.s. coder_kernel"):
+        create_model("pnnh_mlp", coder_kernel=3)
+    m = create_model("pnnh_mlp", depth=4, width=8, coder_constraint="penalty", penalty_weight=0.5,
+                     project_every=3, coder_ratio=0.5, fused=False)
+    assert (m.coder_constraint.mode, m.coder_constraint.penalty_weight) == ("penalty", 0.5)
+    assert all(not b.fused and b.coder.width == 4 for b in m.blocks)
+    # the same model from Python, with the object
+    from pnnh.models.mlp import pnnh_mlp
+
+    torch.manual_seed(0)
+    a = pnnh_mlp(depth=4, width=8, coder=CoderOptions(coder_ratio=0.5, fused=False))
+    torch.manual_seed(0)
+    b = create_model("pnnh_mlp", depth=4, width=8, coder_ratio=0.5, fused=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # each family keeps its own defaults; CoderOptions is frozen
+    assert create_model("pnnh_vit_tiny", depth=1, width=8, heads=2).coder_constraint.mode == \
+        VIT_CODER.coder_constraint == "newton_schulz"
+    assert not hasattr(create_model("pnnh_mlp", depth=4, width=8), "coder_constraint")
+    with pytest.raises(AttributeError):
+        DEFAULT_CODER.coder_ratio = 2.0  # type: ignore[misc]
+
+
+def test_register_model_checks_the_options_parameter():
+    from pnnh.coder import CoderOptions
+    from pnnh.registry import register_model
+
+    def no_options(in_shape=(1, 4), num_classes: int = 2):
+        return nn.Linear(4, 2)
+
+    with pytest.raises(ValueError, match="no parameter defaulting to a CoderOptions"):
+        register_model(family="mlp", kind="pnnh", options=CoderOptions)(no_options)

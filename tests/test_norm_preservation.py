@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnnh.errors import ConfigError
+from pnnh.models import create_model
 from pnnh.norm_preservation import (
     ProcrustesProjection,
     ZCAWhitening,
@@ -18,7 +19,6 @@ from pnnh.norm_preservation import (
     singular_value_spreads,
     transition_layers,
 )
-from pnnh.registry import create_model
 
 
 @pytest.mark.parametrize("shape", [(6, 6), (8, 3), (3, 8), (8, 4, 3, 3), (16, 8, 1, 1)])

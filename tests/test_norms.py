@@ -12,8 +12,8 @@ from torch import nn
 
 from pnnh.errors import ConfigError
 from pnnh.io import read_jsonl
+from pnnh.models import create_model
 from pnnh.probes.norms import NormTracker, norms, plot, resolve_blocks, summarize
-from pnnh.registry import create_model
 
 
 class Chain(nn.Module):

@@ -12,8 +12,8 @@ from torch import nn
 import pnnh
 from pnnh.errors import ConfigError
 from pnnh.export import to_plain
+from pnnh.models import model_info
 from pnnh.plainness import NotPlainError, assert_plain, block_names, find_skips
-from pnnh.registry import model_info
 
 # --------------------------------------------------------------------------- the checker
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pnnh.errors import ConfigError
+from pnnh.models import count_parameters, create_model, model_info
 from pnnh.models.shortcut import relu0
 from pnnh.probes.hessian import HessianOperator, condition_numbers, mse_loss
-from pnnh.registry import count_parameters, create_model, model_info
 
 D = 6  # input = width = output dimension of the small regression problem
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pnnh.cli import build_parser, train_config_from_args
 from pnnh.errors import ConfigError
-from pnnh.registry import create_model
+from pnnh.models import create_model
 from pnnh.tat import TATLeakyReLU, apply_tat, chain_c0, leaky_relu_cmap, suo_, tat_negative_slope
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from pnnh.models import create_model
 from pnnh.probes import theory
 from pnnh.probes.dissipation import dissipation
-from pnnh.registry import create_model
 
 WIDTH, N, RHO0, TOL = 1024, 64, 0.2, 0.03
 

@@ -1,7 +1,7 @@
 """pnnh: deep plain neural networks (no residual connections) and depth diagnostics."""
 
 from pnnh.data import get_dataset
-from pnnh.registry import count_parameters, create_model, list_models, model_info
+from pnnh.models import count_parameters, create_model, list_models, model_info
 from pnnh.train import TrainingInterrupted, train  # `train` shadows the submodule on purpose
 
 __version__ = "0.1.0"

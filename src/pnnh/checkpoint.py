@@ -19,7 +19,6 @@ file, leaves both generations as they were and is a one-line :class:`CheckpointE
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
@@ -29,40 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pnnh.errors import CheckpointError
-from pnnh.io import _MODE
+from pnnh.errors import CheckpointError, PnnhError
+from pnnh.io import _MODE, content_digest
+from pnnh.io import DIGEST_HEADER as _HEADER
 
 FORMAT = "pnnh-checkpoint"
 VERSION = 2  # 2: adds the sha256 content digest
-_HEADER = ("format", "version", "sha256")
-
-
-def _feed(h, obj) -> None:
-    """Feed ``obj`` (nested dicts/lists of tensors and plain values) into hash ``h``, in order."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, dict):
-        h.update(f"D{len(obj)}|".encode())
-        for k, v in obj.items():
-            h.update(f"K{k!r}|".encode())
-            _feed(h, v)
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"L{len(obj)}|".encode())
-        for v in obj:
-            _feed(h, v)
-    else:
-        h.update(f"V{type(obj).__name__}:{obj!r}|".encode())
-
-
-def content_digest(payload: dict) -> str:
-    """sha256 over a checkpoint's content (the header keys excluded)."""
-    h = hashlib.sha256()
-    _feed(h, {k: v for k, v in payload.items() if k not in _HEADER})
-    return h.hexdigest()
-
-
 def save_checkpoint(path: str | Path, payload: dict, keep_previous: str | None = None) -> Path:
     """Serialise ``payload`` (plus a format tag and its sha256 digest) and write it atomically.
 
@@ -179,7 +150,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     The model is created from the registry with the saved name and keyword arguments, then
     its weights are loaded (strictly).
     """
-    from pnnh.registry import create_model
+    from pnnh.models.factory import create_model
 
     ckpt = load_checkpoint(path, map_location)
     try:
@@ -221,3 +192,39 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+
+
+def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path) -> Path:
+    """``pnnh export``: load a training checkpoint, write its plain form (``plain``/``onnx``).
+
+    It lives here, beside :func:`load_model`, so that :mod:`pnnh.export` needs no checkpoint
+    code (the import graph has no ``export -> checkpoint -> models -> tat -> export`` cycle).
+
+    Checks that the exported network reproduces the model's outputs (atol 1e-4) on a random
+    batch before writing.
+    """
+    from pnnh.export import export_onnx, save_plain, to_plain
+
+    if format not in ("plain", "onnx"):
+        raise PnnhError(f"format: must be plain or onnx, got {format!r}", field="format")
+    model, ckpt = load_model(checkpoint)
+    model.eval()
+    plain = to_plain(model)
+    in_shape = tuple(getattr(model, "in_shape", ()) or ckpt.get("model_kwargs", {}).get("in_shape"))
+    example = torch.randn(2, *in_shape)
+    with torch.no_grad():
+        y = model(example)
+        err = float((plain(example) - y).abs().max())
+    if not err <= 1e-4 * max(1.0, float(y.abs().max())):
+        raise PnnhError(f"export check failed: plain network differs by {err:.3g}",
+                        field="checkpoint")
+    if format == "onnx":
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise PnnhError("format onnx needs the 'onnx' package: pip install 'pnnh[onnx]'",
+                            field="format") from None
+        return export_onnx(model, out, example)
+    meta = {"model_name": ckpt.get("model_name"), "in_shape": list(in_shape),
+            "source": str(checkpoint)}
+    return save_plain(plain, out, meta)

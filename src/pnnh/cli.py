@@ -211,7 +211,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def cmd_models(args) -> int:
-    from pnnh.registry import count_parameters, create_model, list_models, model_info
+    from pnnh.models import count_parameters, create_model, list_models, model_info
 
     names = list_models(args.filter)
     if not names:
@@ -272,7 +272,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pnnh.export import export_checkpoint
+    from pnnh.checkpoint import export_checkpoint
 
     path = export_checkpoint(args.checkpoint, args.format, args.out)
     print(f"exported: {path}")

@@ -58,6 +58,7 @@ sums of pixel pairs, non-negative: like ResNet option A, but ``P Pᵀ = I``). Se
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,44 @@ from pnnh.orthogonal import newton_schulz
 CONSTRAINTS = ("fixed", "none", "procrustes", "newton_schulz", "penalty", "orthogonal")
 DEFAULT_CONSTRAINT = "fixed"
 INITS = ("orthogonal", "identity")
+
+
+@dataclass(frozen=True)
+class CoderOptions:
+    """The coder's options, one object for every PNNH family (``--model-arg NAME=VALUE``).
+
+    - ``coder_ratio`` ``r``: the coder has ``round(r·C)`` units per sign (``A: C -> rC``);
+    - ``coder_kernel``: the coder's kernel (convolutions only; 1 = pointwise, ``AᵀA = I`` a matrix);
+    - ``coder_init``: ``"orthogonal"`` (semi-orthogonal ``A``) or ``"identity"``;
+    - ``coder_constraint``: how ``AᵀA = I`` is kept while training (:data:`CONSTRAINTS`);
+      ``"fixed"`` makes the coder a buffer; ``project_every`` steps between projections;
+      ``penalty_weight`` the weight of ``‖AᵀA - I‖²`` for ``"penalty"``;
+    - ``zero_init_decoder``: the learner's decoder ``D`` starts at zero (the block starts as ``x``);
+    - ``fused``: run coder and learner as the two plain layers ``[A; -A; E]``, ``[Aᵀ, -Aᵀ, D]``;
+    - ``procrustes``: shorthand for ``coder_constraint="procrustes"`` (the ``--procrustes`` flag).
+
+    A factory takes it as ``coder: CoderOptions = DEFAULT_CODER`` and registers with
+    ``options=CoderOptions``; the registry then accepts and lists each field by name.
+    """
+
+    coder_ratio: float = 1.0
+    coder_kernel: int = 1
+    coder_init: str = "orthogonal"
+    coder_constraint: str = DEFAULT_CONSTRAINT
+    project_every: int = 1
+    penalty_weight: float = 0.01
+    zero_init_decoder: bool = True
+    fused: bool = True
+    procrustes: bool = False
+
+    def block_kwargs(self) -> dict:
+        """The options :class:`PNNHBlock` takes (the rest go to :func:`attach_constraint`)."""
+        return {"coder_ratio": self.coder_ratio, "coder_kernel": self.coder_kernel,
+                "coder_init": self.coder_init, "zero_init_decoder": self.zero_init_decoder,
+                "fused": self.fused}
+
+
+DEFAULT_CODER = CoderOptions()
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
@@ -631,15 +670,21 @@ class CoderConstraint(nn.Module):
         return f"mode={self.mode}, project_every={self.project_every}, coders={len(self._coders)}"
 
 
-def attach_constraint(model: nn.Module, coder_constraint: str = DEFAULT_CONSTRAINT,
+def attach_constraint(model: nn.Module, coder_constraint: str | CoderOptions = DEFAULT_CONSTRAINT,
                       project_every: int = 1, penalty_weight: float = 0.01,
                       procrustes: bool = False) -> nn.Module:
     """Give ``model`` a :class:`CoderConstraint` over all of its coders (``model.coder_constraint``).
 
+    ``coder_constraint`` is a constraint name or a :class:`CoderOptions` (whose
+    ``coder_constraint``, ``project_every``, ``penalty_weight`` and ``procrustes`` are then used).
     ``"fixed"`` instead turns every coder weight into a buffer (:func:`freeze_coder_`) and
     attaches nothing: no per-step hook, no extra loss. ``procrustes=True`` (the
     ``--procrustes`` training flag) selects the exact SVD projection.
     """
+    if isinstance(coder_constraint, CoderOptions):
+        o = coder_constraint
+        coder_constraint, project_every, penalty_weight, procrustes = (
+            o.coder_constraint, o.project_every, o.penalty_weight, o.procrustes)
     if procrustes:
         coder_constraint = "procrustes"
     coders = [m for m in model.modules() if isinstance(m, (Coder, DownsampleCoder))]

@@ -27,6 +27,7 @@ that does not end in a ReLU), identity shortcuts use the ``[I; -I]`` pair too.
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from torch import nn
 from pnnh.coder import fold_bn
 from pnnh.errors import PnnhError
 from pnnh.export import plain_layers
-from pnnh.registry import count_parameters
+from pnnh.models import count_parameters
 
 
 def _layer_like(proto: nn.Module, cin: int, cout: int, w: torch.Tensor, b: torch.Tensor):
@@ -184,10 +185,11 @@ def _resnet_parts(model: nn.Module):
         return [model.stem], blocks, [model.head]
     tv_stem = ("conv1", "bn1", "relu", "maxpool")
     if all(hasattr(model, a) for a in tv_stem + ("layer1", "avgpool", "fc")):
-        from pnnh.probes.common import find_blocks
-
+        stages = sorted((n for n, _ in model.named_children() if re.fullmatch(r"layer\d+", n)),
+                        key=lambda n: int(n[5:]))
+        blocks = [(f"{n}.{j}", b) for n in stages for j, b in getattr(model, n).named_children()]
         stem = [getattr(model, a) for a in tv_stem]
-        return stem, find_blocks(model), [model.avgpool, nn.Flatten(1), model.fc]
+        return stem, blocks, [model.avgpool, nn.Flatten(1), model.fc]
     raise PnnhError(f"cannot convert {type(model).__name__}: expected stem/blocks/head (pnnh) or "
                     "conv1/bn1/relu/maxpool, layer1.., avgpool/fc (torchvision)", field="model")
 

@@ -19,9 +19,9 @@ import torch
 from pnnh.checkpoint import load_model
 from pnnh.errors import TrainingDiverged
 from pnnh.io import atomic_write_json, write_records
+from pnnh.models import create_model
 from pnnh.probes.common import probe_batch
 from pnnh.probes.plots import plot_metric_vs_layer
-from pnnh.registry import create_model
 from pnnh.report import build_report
 from pnnh.train import train
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from pnnh.coder import fold_bn
 from pnnh.errors import CheckpointError, PnnhError
-from pnnh.io import atomic_write_bytes
+from pnnh.io import atomic_write_bytes, content_digest
 
 PLAIN_FORMAT = "pnnh-plain"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -241,9 +241,7 @@ def _plain_value(v):
 
 def save_plain(plain: nn.Sequential, path: str | Path, meta: dict | None = None) -> Path:
     """Write an exported ``nn.Sequential`` as layer specs + weights (no pickled objects), with
-    the ``sha256`` content digest checkpoints carry (:func:`pnnh.checkpoint.content_digest`)."""
-    from pnnh.checkpoint import content_digest
-
+    the ``sha256`` content digest checkpoints carry (:func:`pnnh.io.content_digest`)."""
     body = {"layers": [_spec(m) for m in plain], "state_dict": plain.state_dict(),
             "meta": dict(meta or {})}
     payload = {"format": PLAIN_FORMAT, "sha256": content_digest(body), **body}
@@ -253,8 +251,6 @@ def save_plain(plain: nn.Sequential, path: str | Path, meta: dict | None = None)
 
 
 def _check_digest(path: Path, payload: dict) -> None:
-    from pnnh.checkpoint import content_digest
-
     stored = payload.get("sha256")
     if stored is None:
         raise CheckpointError(f"{path} has no checksum (written by an older pnnh or by hand); "
@@ -292,36 +288,3 @@ def load_plain(path: str | Path) -> nn.Sequential:
         raise CheckpointError(f"cannot load plain model {path}: {str(e)[:200]}",
                               field="checkpoint") from None
     return model.eval()
-
-
-def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path) -> Path:
-    """``pnnh export``: load a training checkpoint, write its plain form (``plain``/``onnx``).
-
-    Checks that the exported network reproduces the model's outputs (atol 1e-4) on a random
-    batch before writing.
-    """
-    from pnnh.checkpoint import load_model
-
-    if format not in ("plain", "onnx"):
-        raise PnnhError(f"format: must be plain or onnx, got {format!r}", field="format")
-    model, ckpt = load_model(checkpoint)
-    model.eval()
-    plain = to_plain(model)
-    in_shape = tuple(getattr(model, "in_shape", ()) or ckpt.get("model_kwargs", {}).get("in_shape"))
-    example = torch.randn(2, *in_shape)
-    with torch.no_grad():
-        y = model(example)
-        err = float((plain(example) - y).abs().max())
-    if not err <= 1e-4 * max(1.0, float(y.abs().max())):
-        raise PnnhError(f"export check failed: plain network differs by {err:.3g}",
-                        field="checkpoint")
-    if format == "onnx":
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            raise PnnhError("format onnx needs the 'onnx' package: pip install 'pnnh[onnx]'",
-                            field="format") from None
-        return export_onnx(model, out, example)
-    meta = {"model_name": ckpt.get("model_name"), "in_shape": list(in_shape),
-            "source": str(checkpoint)}
-    return save_plain(plain, out, meta)

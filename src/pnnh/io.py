@@ -7,6 +7,7 @@ and renamed over the target, so a crash never leaves a half-written file behind.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -15,6 +16,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def _file_mode() -> int:
@@ -141,3 +144,37 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+#: Header keys a content digest leaves out (the digest itself, the format tag, the version).
+DIGEST_HEADER = ("format", "version", "sha256")
+
+
+def _feed(h, obj) -> None:
+    """Feed ``obj`` (nested dicts/lists of tensors and plain values) into hash ``h``, in order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}|".encode())
+        for k, v in obj.items():
+            h.update(f"K{k!r}|".encode())
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}|".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r}|".encode())
+
+
+def content_digest(payload: dict) -> str:
+    """sha256 over a checkpoint's or plain file's content (the header keys excluded).
+
+    Tensors are fed as dtype, shape and raw bytes; dicts, lists and plain values by their
+    structure and ``repr``, in order — so the digest is the same on every machine.
+    """
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k not in DIGEST_HEADER})
+    return h.hexdigest()

@@ -56,7 +56,7 @@ from pnnh.data import TensorData, augment_batch, get_dataset
 from pnnh.device import Distributed, pick_device, seed_everything  # also re-exported from here
 from pnnh.errors import ConfigError, PnnhError, TrainingDiverged
 from pnnh.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
-from pnnh.registry import count_parameters, create_model
+from pnnh.models import count_parameters, create_model
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                  "images_per_s", "time_s")

@@ -22,32 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pnnh.coder import PNNHBlock, attach_constraint, fold_bn
+from pnnh.coder import DEFAULT_CODER, CoderOptions, PNNHBlock, attach_constraint
+from pnnh.models.layers import StemBlocksHead, conv3x3, conv_bn, init_conv_bn_
 from pnnh.registry import register_model
-
-
-def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-
-
-def init_conv_bn_(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """``bn(conv(x))`` as one conv with a bias (eval statistics)."""
-    w, b = fold_bn(conv.weight, conv.bias, bn)
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, bias=True)
-    with torch.no_grad():
-        out.weight.copy_(w)
-        out.bias.copy_(b)
-    return out
 
 
 class PlainBlock(nn.Module):
@@ -93,23 +70,18 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class ConvNet(nn.Module):
+class ConvNet(StemBlocksHead):
     """``stem -> blocks -> head`` for images; ``blocks`` is one ``nn.Sequential`` of all stages."""
-
-    def __init__(self, in_shape, stem: nn.Module, blocks: list[nn.Module], head: nn.Module):
-        super().__init__()
-        self.in_shape = tuple(in_shape)
-        self.stem = stem
-        self.blocks = nn.Sequential(*blocks)
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
 
 
 def make_blocks(kind: str, widths: list[int], counts: list[int], first_stride: list[int],
-                cin: int, **opts) -> list[nn.Module]:
-    """Blocks of every stage, in order; the first block of a stage may be a transition."""
+                cin: int, zero_init_residual: bool = False, learner_ratio: float = 1.0,
+                coder: CoderOptions = DEFAULT_CODER) -> list[nn.Module]:
+    """Blocks of every stage, in order; the first block of a stage may be a transition.
+
+    ``kind`` is ``"plain"``, ``"resnet"`` (``zero_init_residual``) or ``"pnnh"`` (learner
+    ``round(learner_ratio · width)`` channels, coder per ``coder``).
+    """
     blocks: list[nn.Module] = []
     for width, count, stride in zip(widths, counts, first_stride):
         for i in range(count):
@@ -117,14 +89,11 @@ def make_blocks(kind: str, widths: list[int], counts: list[int], first_stride: l
             if kind == "plain":
                 blocks.append(PlainBlock(cin, width, s))
             elif kind == "resnet":
-                blocks.append(BasicBlock(cin, width, s, opts.get("zero_init_residual", False)))
+                blocks.append(BasicBlock(cin, width, s, zero_init_residual))
             else:
-                lw = max(1, int(round(opts["learner_ratio"] * width)))
-                blocks.append(PNNHBlock(
-                    cin, lw, dims=2, out_dim=width, stride=s, kernel_size=3,
-                    coder_ratio=opts["coder_ratio"], coder_kernel=opts["coder_kernel"],
-                    coder_init=opts["coder_init"], batchnorm=True,
-                    zero_init_decoder=opts["zero_init_decoder"], fused=opts["fused"]))
+                lw = max(1, int(round(learner_ratio * width)))
+                blocks.append(PNNHBlock(cin, lw, dims=2, out_dim=width, stride=s, kernel_size=3,
+                                        batchnorm=True, **coder.block_kwargs()))
             cin = width
     return blocks
 
@@ -135,6 +104,7 @@ def head(width: int, num_classes: int) -> nn.Sequential:
 
 def cifar_net(kind: str, in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20,
               width: int = 16, **opts) -> ConvNet:
+    """The ``6n + 2``-layer CIFAR net of ``kind`` (see :func:`make_blocks` for ``opts``)."""
     depth = int(depth)
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110, ...), got depth={depth}")
@@ -148,45 +118,76 @@ def cifar_net(kind: str, in_shape=(3, 32, 32), num_classes: int = 10, depth: int
     return ConvNet(in_shape, stem, blocks, head(widths[-1], num_classes))
 
 
-def _plain(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20, width: int = 16):
+def cifar_pnnh(in_shape, num_classes: int, depth: int, width: int, learner_ratio: float,
+               coder: CoderOptions) -> ConvNet:
+    """:func:`cifar_net` of PNNH blocks with the coder constraint attached."""
+    model = cifar_net("pnnh", in_shape, num_classes, depth, width, learner_ratio=learner_ratio,
+                      coder=coder)
+    return attach_constraint(model, coder)
+
+
+# One function per public name (``depth`` defaults to the name's; other depths are accepted).
+
+
+@register_model(family="cifar", kind="plain")
+def plain20(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20, width: int = 16) -> ConvNet:
+    """CIFAR plain net, 20 layers (3 stages, BatchNorm), no shortcuts"""
     return cifar_net("plain", in_shape, num_classes, depth, width)
 
 
-def _resnet(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20, width: int = 16,
-            zero_init_residual: bool = False):
+@register_model(family="cifar", kind="plain")
+def plain56(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 56, width: int = 16) -> ConvNet:
+    """CIFAR plain net, 56 layers (3 stages, BatchNorm), no shortcuts"""
+    return cifar_net("plain", in_shape, num_classes, depth, width)
+
+
+@register_model(family="cifar", kind="plain")
+def plain110(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 110,
+             width: int = 16) -> ConvNet:
+    """CIFAR plain net, 110 layers (3 stages, BatchNorm), no shortcuts"""
+    return cifar_net("plain", in_shape, num_classes, depth, width)
+
+
+@register_model(family="cifar", kind="resnet")
+def resnet20(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20, width: int = 16,
+             zero_init_residual: bool = False) -> ConvNet:
+    """CIFAR ResNet-20 (3 stages, BatchNorm, 1x1 projection at transitions)"""
     return cifar_net("resnet", in_shape, num_classes, depth, width,
                      zero_init_residual=zero_init_residual)
 
 
-def _pnnh(
-    in_shape=(3, 32, 32),
-    num_classes: int = 10,
-    depth: int = 20,
-    width: int = 16,
-    learner_ratio: float = 1.0,
-    coder_ratio: float = 1.0,
-    coder_kernel: int = 1,
-    coder_init: str = "orthogonal",
-    coder_constraint: str = "fixed",
-    project_every: int = 1,
-    penalty_weight: float = 0.01,
-    zero_init_decoder: bool = True,
-    fused: bool = True,
-    procrustes: bool = False,
-):
-    model = cifar_net("pnnh", in_shape, num_classes, depth, width, learner_ratio=learner_ratio,
-                      coder_ratio=coder_ratio, coder_kernel=coder_kernel, coder_init=coder_init,
-                      zero_init_decoder=zero_init_decoder, fused=fused)
-    return attach_constraint(model, coder_constraint, project_every, penalty_weight, procrustes)
+@register_model(family="cifar", kind="resnet")
+def resnet56(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 56, width: int = 16,
+             zero_init_residual: bool = False) -> ConvNet:
+    """CIFAR ResNet-56 (3 stages, BatchNorm, 1x1 projection at transitions)"""
+    return cifar_net("resnet", in_shape, num_classes, depth, width,
+                     zero_init_residual=zero_init_residual)
 
 
-for _d in (20, 56, 110):
-    register_model(f"plain{_d}", family="cifar", kind="plain", depth=_d,
-                   description=f"CIFAR plain net, {_d} layers (3 stages, BatchNorm), no shortcuts")(
-        _plain)
-    register_model(f"resnet{_d}", family="cifar", kind="resnet", depth=_d,
-                   description=f"CIFAR ResNet-{_d} (3 stages, BatchNorm, 1x1 projection at "
-                   "transitions)")(_resnet)
-    register_model(f"pnnh{_d}", family="cifar", kind="pnnh", depth=_d,
-                   description=f"CIFAR PNNH-{_d}: coder + learner blocks, BatchNorm on the "
-                   "learner, no shortcuts")(_pnnh)
+@register_model(family="cifar", kind="resnet")
+def resnet110(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 110, width: int = 16,
+              zero_init_residual: bool = False) -> ConvNet:
+    """CIFAR ResNet-110 (3 stages, BatchNorm, 1x1 projection at transitions)"""
+    return cifar_net("resnet", in_shape, num_classes, depth, width,
+                     zero_init_residual=zero_init_residual)
+
+
+@register_model(family="cifar", kind="pnnh", options=CoderOptions)
+def pnnh20(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20, width: int = 16,
+           learner_ratio: float = 1.0, coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
+    """CIFAR PNNH-20: coder + learner blocks, BatchNorm on the learner, no shortcuts"""
+    return cifar_pnnh(in_shape, num_classes, depth, width, learner_ratio, coder)
+
+
+@register_model(family="cifar", kind="pnnh", options=CoderOptions)
+def pnnh56(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 56, width: int = 16,
+           learner_ratio: float = 1.0, coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
+    """CIFAR PNNH-56: coder + learner blocks, BatchNorm on the learner, no shortcuts"""
+    return cifar_pnnh(in_shape, num_classes, depth, width, learner_ratio, coder)
+
+
+@register_model(family="cifar", kind="pnnh", options=CoderOptions)
+def pnnh110(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 110, width: int = 16,
+            learner_ratio: float = 1.0, coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
+    """CIFAR PNNH-110: coder + learner blocks, BatchNorm on the learner, no shortcuts"""
+    return cifar_pnnh(in_shape, num_classes, depth, width, learner_ratio, coder)

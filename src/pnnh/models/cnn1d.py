@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pnnh.coder import PNNHBlock, attach_constraint
-from pnnh.models.mlp import blocks_for_depth, he_init_
+from pnnh.coder import DEFAULT_CODER, CoderOptions, PNNHBlock, attach_constraint
+from pnnh.models.layers import StemBlocksHead, blocks_for_depth, he_init_
 from pnnh.registry import register_model
 
 
@@ -60,34 +60,28 @@ class ResidualBlock1d(nn.Module):
         return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
 
 
-class CNN1d(nn.Module):
+class CNN1d(StemBlocksHead):
     """``stem -> blocks -> head``; ``blocks`` is an ``nn.Sequential``."""
 
     def __init__(self, in_shape, num_classes: int, width: int, blocks: list[nn.Module],
                  kernel_size: int = 3):
-        super().__init__()
         if len(in_shape) != 2:
             raise ValueError(f"1-D CNNs take inputs (channels, length), got in_shape={in_shape}")
-        self.in_shape = tuple(in_shape)
-        c, length = self.in_shape
-        self.stem = nn.Sequential(nn.Conv1d(c, width, kernel_size, padding=kernel_size // 2),
-                                  nn.ReLU())
-        he_init_(self.stem[0])
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * length, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        c, length = tuple(in_shape)
+        stem = nn.Sequential(nn.Conv1d(c, width, kernel_size, padding=kernel_size // 2), nn.ReLU())
+        he_init_(stem[0])
+        head = nn.Sequential(nn.Flatten(), nn.Linear(width * length, num_classes))
+        super().__init__(in_shape, stem, blocks, head)
 
 
-@register_model("plain_cnn1d", family="cnn1d", kind="plain")
+@register_model(family="cnn1d", kind="plain")
 def plain_cnn1d(in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 32) -> CNN1d:
     """Plain 1-D CNN, no shortcuts: depth conv/linear layers (stem + 2 per block + head)."""
     n = blocks_for_depth(depth)
     return CNN1d(in_shape, num_classes, width, [PlainBlock1d(width) for _ in range(n)])
 
 
-@register_model("resnet_cnn1d", family="cnn1d", kind="resnet")
+@register_model(family="cnn1d", kind="resnet")
 def resnet_cnn1d(
     in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 32,
     zero_init_residual: bool = True, branch_width: int | None = None,
@@ -100,31 +94,18 @@ def resnet_cnn1d(
     return CNN1d(in_shape, num_classes, width, blocks)
 
 
-@register_model("pnnh_cnn1d", family="cnn1d", kind="pnnh")
+@register_model(family="cnn1d", kind="pnnh", options=CoderOptions)
 def pnnh_cnn1d(
     in_shape=(1, 40),
     num_classes: int = 10,
     depth: int = 8,
     width: int = 32,
     learner_width: int | None = None,
-    coder_ratio: float = 1.0,
-    coder_kernel: int = 1,
-    coder_init: str = "orthogonal",
-    coder_constraint: str = "fixed",
-    project_every: int = 1,
-    penalty_weight: float = 0.01,
-    zero_init_decoder: bool = True,
-    fused: bool = True,
-    procrustes: bool = False,
+    coder: CoderOptions = DEFAULT_CODER,
 ) -> CNN1d:
     """PNNH 1-D CNN: plain blocks of a weight-shared coder + a 3-tap learner; no skips."""
     n = blocks_for_depth(depth)
     lw = width if learner_width is None else int(learner_width)
-    blocks = [
-        PNNHBlock(width, lw, dims=1, kernel_size=3, coder_ratio=coder_ratio,
-                  coder_kernel=coder_kernel, coder_init=coder_init,
-                  zero_init_decoder=zero_init_decoder, fused=fused)
-        for _ in range(n)
-    ]
-    model = CNN1d(in_shape, num_classes, width, blocks)
-    return attach_constraint(model, coder_constraint, project_every, penalty_weight, procrustes)
+    blocks = [PNNHBlock(width, lw, dims=1, kernel_size=3, **coder.block_kwargs())
+              for _ in range(n)]
+    return attach_constraint(CNN1d(in_shape, num_classes, width, blocks), coder)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from pnnh.coder import attach_constraint
-from pnnh.models.cifar import ConvNet, conv3x3, head, init_conv_bn_, make_blocks
+from pnnh.coder import DEFAULT_CODER, CoderOptions, attach_constraint
+from pnnh.models.cifar import ConvNet, head, make_blocks
+from pnnh.models.layers import conv3x3, init_conv_bn_
 from pnnh.registry import register_model
 
 STAGES = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
@@ -39,14 +40,14 @@ def imagenet_net(kind: str, in_shape=(3, 224, 224), num_classes: int = 1000, dep
     return ConvNet(in_shape, stem, blocks, head(widths[-1], num_classes))
 
 
-@register_model("plain18", family="imagenet", kind="plain")
+@register_model(family="imagenet", kind="plain")
 def plain18(in_shape=(3, 224, 224), num_classes: int = 1000, depth: int = 18,
             width: int = 64) -> ConvNet:
     """ResNet-18 layout without shortcuts (4 stages, BatchNorm)."""
     return imagenet_net("plain", in_shape, num_classes, depth, width)
 
 
-@register_model("resnet18", family="imagenet", kind="resnet")
+@register_model(family="imagenet", kind="resnet")
 def resnet18(in_shape=(3, 224, 224), num_classes: int = 1000, depth: int = 18, width: int = 64,
              zero_init_residual: bool = False) -> ConvNet:
     """ResNet-18 (4 stages, BatchNorm, 1x1 projection shortcuts at transitions)."""
@@ -54,25 +55,10 @@ def resnet18(in_shape=(3, 224, 224), num_classes: int = 1000, depth: int = 18, w
                         zero_init_residual=zero_init_residual)
 
 
-@register_model("pnnh18", family="imagenet", kind="pnnh")
-def pnnh18(
-    in_shape=(3, 224, 224),
-    num_classes: int = 1000,
-    depth: int = 18,
-    width: int = 64,
-    learner_ratio: float = 1.0,
-    coder_ratio: float = 1.0,
-    coder_kernel: int = 1,
-    coder_init: str = "orthogonal",
-    coder_constraint: str = "fixed",
-    project_every: int = 1,
-    penalty_weight: float = 0.01,
-    zero_init_decoder: bool = True,
-    fused: bool = True,
-    procrustes: bool = False,
-) -> ConvNet:
+@register_model(family="imagenet", kind="pnnh", options=CoderOptions)
+def pnnh18(in_shape=(3, 224, 224), num_classes: int = 1000, depth: int = 18, width: int = 64,
+           learner_ratio: float = 1.0, coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
     """PNNH-18: ResNet-18 layout, coder + learner blocks, no shortcuts."""
-    model = imagenet_net("pnnh", in_shape, num_classes, depth, width, learner_ratio=learner_ratio,
-                         coder_ratio=coder_ratio, coder_kernel=coder_kernel,
-                         coder_init=coder_init, zero_init_decoder=zero_init_decoder, fused=fused)
-    return attach_constraint(model, coder_constraint, project_every, penalty_weight, procrustes)
+    model = imagenet_net("pnnh", in_shape, num_classes, depth, width,
+                         learner_ratio=learner_ratio, coder=coder)
+    return attach_constraint(model, coder)

@@ -18,34 +18,12 @@ branch layers and no normalisation it diverges past ~30 layers), as PNNH's learn
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from pnnh.coder import PNNHBlock, attach_constraint
+from pnnh.coder import DEFAULT_CODER, CoderOptions, PNNHBlock, attach_constraint
+from pnnh.models.layers import StemBlocksHead, blocks_for_depth, flat_dim, he_init_
 from pnnh.registry import register_model
-
-
-def blocks_for_depth(depth: int, layers_per_block: int = 2) -> int:
-    """Number of blocks for ``depth`` weight layers (stem + blocks + head)."""
-    depth = int(depth)
-    if depth < 2 or (depth - 2) % layers_per_block:
-        raise ValueError(
-            f"depth must be 2 + {layers_per_block}*k (stem + k blocks of {layers_per_block} "
-            f"layers + head), got depth={depth}"
-        )
-    return (depth - 2) // layers_per_block
-
-
-def flat_dim(in_shape) -> int:
-    return int(math.prod(in_shape))
-
-
-def he_init_(layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
-    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
 
 
 class PlainMLPBlock(nn.Module):
@@ -87,29 +65,23 @@ class ResidualMLPBlock(nn.Module):
         return torch.relu(x + self.fc2(torch.relu(self.fc1(x))))
 
 
-class MLP(nn.Module):
+class MLP(StemBlocksHead):
     """``stem -> blocks -> head`` over the flattened input. ``blocks`` is an ``nn.Sequential``."""
 
     def __init__(self, in_shape, num_classes: int, width: int, blocks: list[nn.Module]):
-        super().__init__()
-        self.in_shape = tuple(in_shape)
-        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(in_shape), width), nn.ReLU())
-        he_init_(self.stem[1])
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(in_shape), width), nn.ReLU())
+        he_init_(stem[1])
+        super().__init__(in_shape, stem, blocks, nn.Linear(width, num_classes))
 
 
-@register_model("plain_mlp", family="mlp", kind="plain")
+@register_model(family="mlp", kind="plain")
 def plain_mlp(in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 128) -> MLP:
     """Plain ReLU MLP, no shortcuts: depth weight layers (stem + 2 per block + head)."""
     n = blocks_for_depth(depth)
     return MLP(in_shape, num_classes, width, [PlainMLPBlock(width) for _ in range(n)])
 
 
-@register_model("resnet_mlp", family="mlp", kind="resnet")
+@register_model(family="mlp", kind="resnet")
 def resnet_mlp(
     in_shape=(1, 40),
     num_classes: int = 10,
@@ -125,29 +97,18 @@ def resnet_mlp(
     return MLP(in_shape, num_classes, width, blocks)
 
 
-@register_model("pnnh_mlp", family="mlp", kind="pnnh")
+@register_model(family="mlp", kind="pnnh", options=CoderOptions,
+                omit=("coder_kernel",))
 def pnnh_mlp(
     in_shape=(1, 40),
     num_classes: int = 10,
     depth: int = 8,
     width: int = 128,
     learner_width: int | None = None,
-    coder_ratio: float = 1.0,
-    coder_init: str = "orthogonal",
-    coder_constraint: str = "fixed",
-    project_every: int = 1,
-    penalty_weight: float = 0.01,
-    zero_init_decoder: bool = True,
-    fused: bool = True,
-    procrustes: bool = False,
+    coder: CoderOptions = DEFAULT_CODER,
 ) -> MLP:
     """PNNH MLP: plain blocks of a weight-shared coder (internal path) + a learner; no skips."""
     n = blocks_for_depth(depth)
     lw = width if learner_width is None else int(learner_width)
-    blocks = [
-        PNNHBlock(width, lw, dims=0, coder_ratio=coder_ratio, coder_init=coder_init,
-                  zero_init_decoder=zero_init_decoder, fused=fused)
-        for _ in range(n)
-    ]
-    model = MLP(in_shape, num_classes, width, blocks)
-    return attach_constraint(model, coder_constraint, project_every, penalty_weight, procrustes)
+    blocks = [PNNHBlock(width, lw, dims=0, **coder.block_kwargs()) for _ in range(n)]
+    return attach_constraint(MLP(in_shape, num_classes, width, blocks), coder)

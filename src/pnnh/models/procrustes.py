@@ -30,9 +30,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pnnh.models.mlp import ResidualMLPBlock, blocks_for_depth, flat_dim, he_init_
+from pnnh.models.factory import create_model
+from pnnh.models.layers import StemBlocksHead, blocks_for_depth, flat_dim, he_init_
+from pnnh.models.mlp import ResidualMLPBlock
 from pnnh.norm_preservation import make_norm_preserving
-from pnnh.registry import create_model, register_model
+from pnnh.registry import register_model
 
 
 class TransitionMLPBlock(nn.Module):
@@ -60,23 +62,20 @@ def stage_widths(width: int, stages: int) -> list[int]:
     return [max(1, width // 2 ** (stages - 1 - i)) for i in range(stages)]
 
 
-class StagedResNetMLP(nn.Module):
+class StagedResNetMLP(StemBlocksHead):
     """``stem -> blocks -> head``; ``blocks`` holds ``stages`` stages, each but the first
     opening with a :class:`TransitionMLPBlock`."""
 
     def __init__(self, in_shape, num_classes: int, depth: int, width: int, stages: int,
                  zero_init_residual: bool = True):
-        super().__init__()
         n = blocks_for_depth(depth)
         if stages < 1:
             raise ValueError(f"stages must be at least 1, got {stages}")
         stages = min(stages, max(n, 1))
         widths = stage_widths(width, stages)
         per_stage = [n // stages + (1 if i < n % stages else 0) for i in range(stages)]
-        self.in_shape = tuple(in_shape)
-        self.widths = widths
-        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(in_shape), widths[0]), nn.ReLU())
-        he_init_(self.stem[1])
+        stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(in_shape), widths[0]), nn.ReLU())
+        he_init_(stem[1])
         blocks: list[nn.Module] = []
         for i, (w, k) in enumerate(zip(widths, per_stage)):
             for j in range(k):
@@ -84,14 +83,11 @@ class StagedResNetMLP(nn.Module):
                     blocks.append(TransitionMLPBlock(widths[i - 1], w, zero_init_residual))
                 else:
                     blocks.append(ResidualMLPBlock(w, zero_init_residual))
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(widths[-1], num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        super().__init__(in_shape, stem, blocks, nn.Linear(widths[-1], num_classes))
+        self.widths = widths
 
 
-@register_model("procrustes_resnet_mlp", family="procrustes", kind="resnet")
+@register_model(family="procrustes", kind="resnet")
 def procrustes_resnet_mlp(
     in_shape=(1, 40),
     num_classes: int = 10,
@@ -116,7 +112,7 @@ def _procrustes_cifar(depth: int, in_shape, num_classes, procrustes, zca, **kwar
     return model
 
 
-@register_model("procrustes_resnet20", family="procrustes", kind="resnet")
+@register_model(family="procrustes", kind="resnet")
 def procrustes_resnet20(
     in_shape=(3, 32, 32), num_classes: int = 10, procrustes: bool = True, zca: bool = True, **kw
 ) -> nn.Module:
@@ -124,7 +120,7 @@ def procrustes_resnet20(
     return _procrustes_cifar(20, in_shape, num_classes, procrustes, zca, **kw)
 
 
-@register_model("procrustes_resnet56", family="procrustes", kind="resnet")
+@register_model(family="procrustes", kind="resnet")
 def procrustes_resnet56(
     in_shape=(3, 32, 32), num_classes: int = 10, procrustes: bool = True, zca: bool = True, **kw
 ) -> nn.Module:
@@ -132,7 +128,7 @@ def procrustes_resnet56(
     return _procrustes_cifar(56, in_shape, num_classes, procrustes, zca, **kw)
 
 
-@register_model("procrustes_resnet110", family="procrustes", kind="resnet")
+@register_model(family="procrustes", kind="resnet")
 def procrustes_resnet110(
     in_shape=(3, 32, 32), num_classes: int = 10, procrustes: bool = True, zca: bool = True, **kw
 ) -> nn.Module:

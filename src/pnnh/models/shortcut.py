@@ -137,7 +137,7 @@ def _build(in_shape, num_classes, depth, width, shortcut, init, scale, bias, rel
     return init_shortcut_net_(net, init, scale, part="blocks")
 
 
-@register_model("shortcut_linear", family="shortcut", kind="other")
+@register_model(family="shortcut", kind="other")
 def shortcut_linear(
     in_shape=(1, 40), num_classes: int = 10, depth: int = 10, width: int = 16, shortcut: int = 2,
     init: str = "small", scale: float = 0.1, bias: bool = False,
@@ -146,7 +146,7 @@ def shortcut_linear(
     return _build(in_shape, num_classes, depth, width, shortcut, init, scale, bias, relu=False)
 
 
-@register_model("shortcut_mlp", family="shortcut", kind="other")
+@register_model(family="shortcut", kind="other")
 def shortcut_mlp(
     in_shape=(1, 40), num_classes: int = 10, depth: int = 10, width: int = 16, shortcut: int = 2,
     init: str = "small", scale: float = 0.1, bias: bool = False,

@@ -49,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pnnh.coder import Coder, attach_constraint
+from pnnh.coder import Coder, CoderOptions, attach_constraint
+from pnnh.errors import ConfigError
+from pnnh.models.layers import StemBlocksHead
 from pnnh.registry import register_model
 
 _ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -234,20 +236,15 @@ class PNNHViTBlock(nn.Module):
         return self.mlp(self.attn(x))
 
 
-class ViT(nn.Module):
+class ViT(StemBlocksHead):
     """``stem`` (patches + positions) -> ``blocks`` -> ``head`` (LN, token mean, Linear)."""
 
     def __init__(self, in_shape, num_classes: int, width: int, patch_size: int,
                  blocks: list[nn.Module]):
-        super().__init__()
-        self.in_shape = tuple(in_shape)
-        self.stem = PatchEmbed(in_shape, patch_size, width)
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.LayerNorm(width), TokenMean(), nn.Linear(width, num_classes))
-        _init_linear(self.head[2])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        stem = PatchEmbed(in_shape, patch_size, width)
+        head = nn.Sequential(nn.LayerNorm(width), TokenMean(), nn.Linear(width, num_classes))
+        _init_linear(head[2])
+        super().__init__(in_shape, stem, blocks, head)
 
 
 def _check(depth: int, width: int, heads: int, mlp_ratio: float, act: str) -> int:
@@ -263,7 +260,7 @@ def _check(depth: int, width: int, heads: int, mlp_ratio: float, act: str) -> in
     return hidden
 
 
-@register_model("vit_tiny", family="vit", kind="resnet")
+@register_model(family="vit", kind="resnet")
 def vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, width: int = 64,
              heads: int = 4, patch_size: int = 4, mlp_ratio: float = 4.0, act: str = "gelu",
              zero_init_residual: bool = False) -> ViT:
@@ -274,7 +271,7 @@ def vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, width: int
     return ViT(in_shape, num_classes, width, patch_size, blocks)
 
 
-@register_model("plain_vit_tiny", family="vit", kind="plain")
+@register_model(family="vit", kind="plain")
 def plain_vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, width: int = 64,
                    heads: int = 4, patch_size: int = 4, mlp_ratio: float = 4.0,
                    act: str = "gelu") -> ViT:
@@ -284,23 +281,27 @@ def plain_vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, widt
     return ViT(in_shape, num_classes, width, patch_size, blocks)
 
 
-@register_model("pnnh_vit_tiny", family="vit", kind="pnnh")
+#: The PNNH-ViT's coder defaults: a trained coder kept near ``AᵀA = I`` by one Newton–Schulz
+#: step per update, and a learner decoder that starts He-initialised.
+VIT_CODER = CoderOptions(coder_constraint="newton_schulz", zero_init_decoder=False)
+
+
+@register_model(family="vit", kind="pnnh", options=CoderOptions,
+                omit=("coder_kernel",))
 def pnnh_vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, width: int = 64,
                   heads: int = 4, patch_size: int = 4, mlp_ratio: float = 4.0,
-                  act: str = "gelu", coder_ratio: float = 1.0, coder_init: str = "orthogonal",
-                  coder_norm: bool = False, coder_constraint: str = "newton_schulz",
-                  project_every: int = 1, penalty_weight: float = 0.01,
-                  zero_init_decoder: bool = False, fused: bool = True,
-                  procrustes: bool = False) -> ViT:
+                  act: str = "gelu", coder_norm: bool = False,
+                  coder: CoderOptions = VIT_CODER) -> ViT:
     """PNNH-ViT: coder units in the MLP and a token-wise coder path through attention; no skips."""
     hidden = _check(depth, width, heads, mlp_ratio, act)
+    if coder.coder_kernel != 1:
+        raise ConfigError("coder_kernel: only convolutions take a kernel", field="coder_kernel")
     blocks = [
-        PNNHViTBlock(width, heads, hidden, act, coder_ratio, coder_init, bool(coder_norm),
-                     zero_init_decoder, fused)
+        PNNHViTBlock(width, heads, hidden, act, coder.coder_ratio, coder.coder_init,
+                     bool(coder_norm), coder.zero_init_decoder, coder.fused)
         for _ in range(int(depth))
     ]
-    model = ViT(in_shape, num_classes, width, patch_size, blocks)
-    return attach_constraint(model, coder_constraint, project_every, penalty_weight, procrustes)
+    return attach_constraint(ViT(in_shape, num_classes, width, patch_size, blocks), coder)
 
 
 # --------------------------------------------------------------------------- plain export

@@ -184,7 +184,7 @@ def synthetic_batch(shape: tuple[int, ...], num_samples: int, num_classes: int, 
 def _default_in_shape(name: str) -> tuple[int, ...] | None:
     import inspect
 
-    from pnnh.registry import model_info
+    from pnnh.models import model_info
 
     info = model_info(name)
     shape = info.defaults.get("in_shape")
@@ -272,7 +272,7 @@ def _checkpoint_target(args, device, seed: int, shape) -> ProbeTarget:
 
 
 def _registry_target(name: str, args, device, seed: int, shape) -> ProbeTarget:
-    from pnnh.registry import create_model
+    from pnnh.models import create_model
 
     model_args = dict(getattr(args, "model_args", {}) or {})
     label = name if args.depth is None else f"{name}-{args.depth}"

@@ -80,7 +80,7 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0,
     """Run the experiment at ``scale`` (:data:`SCALES`); ``kinds``, ``depths``, ``epochs`` and
     ``scale_overrides`` (keys of a scale: ``width``, ``num_samples``, ...) narrow it down."""
     from pnnh.checkpoint import load_model
-    from pnnh.registry import count_parameters, create_model
+    from pnnh.models import count_parameters, create_model
     from pnnh.train import pick_device, train
 
     unknown = set(scale_overrides) - set(SCALES[scale])

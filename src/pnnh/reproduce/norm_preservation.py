@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from pnnh.io import read_jsonl, save_figure, write_records
+from pnnh.models import create_model
 from pnnh.probes.norms import norms
-from pnnh.registry import create_model
 
 DESCRIPTION = "paper 2: per-block gradient-norm ratio (plain/ResNet/PNNH); ResNet vs Procrustes"
 CPU_MINUTES = 8

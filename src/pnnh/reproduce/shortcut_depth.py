@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from pnnh.io import atomic_write_json, save_figure, write_records
+from pnnh.models import count_parameters, create_model
 from pnnh.probes.hessian import HessianOperator, condition_numbers, mse_loss
-from pnnh.registry import count_parameters, create_model
 
 DESCRIPTION = ("paper 3: Hessian condition number at zero init vs depth for shortcut 1/2/3; "
                "small-init shortcut-2 training vs Xavier/orthogonal/shortcut-3")

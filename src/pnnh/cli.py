@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from pnnh.errors import PnnhError
 
@@ -334,6 +335,23 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(e, "exit_code", 130)
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The process entry (``pnnh``, ``python -m pnnh``, ``torchrun -m pnnh``): :func:`main`, then exit.
+
+    A worker under ``torchrun`` leaves through ``os._exit`` once :func:`main` has returned —
+    its files written atomically and closed, the process group destroyed, the standard streams
+    flushed — so the interpreter's shutdown never runs the C++ destructors of gloo's threads,
+    which under load could still abort a finished rank ("terminate called without an active
+    exception", SIGABRT) and turn a finished job into a failed one (docs/RELIABILITY.md).
+    """
+    code = main(argv)
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _is_main_rank() -> bool:
     """Under torchrun only rank 0 speaks (every rank meets the same error)."""
     return os.environ.get("RANK", "0") == "0"
@@ -345,4 +363,4 @@ def _say(message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -25,7 +25,7 @@ import argparse
 import importlib.util
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,45 @@ class ProbeTarget:
     model: nn.Module  # in eval mode, on the requested device
     inputs: torch.Tensor
     targets: torch.Tensor
+
+
+@dataclass
+class ProbeResult:
+    """What every probe's ``run`` returns (see :mod:`pnnh.probes` for the contract).
+
+    ``records`` are tidy rows (one per model, or per model and block/layer) that the runner
+    writes to ``OUT/NAME.csv`` (in ``columns`` order when given) and ``OUT/NAME.json``;
+    ``notes`` are the lines printed after the records are written; ``files`` are the other
+    files the probe wrote (figures, extra tables).
+    """
+
+    records: list[dict]
+    columns: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def first_tensor(x) -> torch.Tensor | None:
+    """``x`` if a tensor, else the first tensor in the tuple/list ``x`` (a hook's ``args`` or a
+    module's structured output), else ``None``."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)):
+        for item in x:
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -90,8 +129,6 @@ def _stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of the model's blocks, in order (see the module docstring
     for the layouts tried). Raises :class:`ConfigError` naming candidate modules if none."""
-    from pnnh.probes.norms import unwrap
-
     model = unwrap(model)
     out: list[tuple[str, nn.Module]] = []
     for name, container in _stacks(model):

@@ -96,7 +96,7 @@ _WEIGHT_LEAVES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 
 # ----------------------------------------------------------------------------- layers
 def default_layers(model: nn.Module) -> list[str]:
-    """The blocks :func:`pnnh.probes.common.find_blocks` finds (``blocks.*``, ``layer1.*``,
+    """The blocks :func:`pnnh.plainness.find_blocks` finds (``blocks.*``, ``layer1.*``,
     ``encoder.layer.*``, ...) if any, else every leaf activation / Linear / Conv module
     (registration order; records come out in execution order)."""
     try:

@@ -51,7 +51,7 @@ CSV_COLUMNS = ["block", "grad_in_norm", "grad_out_norm", "ratio"]
 def resolve_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` pairs to measure.
 
-    ``None``: the blocks :func:`pnnh.probes.common.find_blocks` finds (``blocks.0``, ...,
+    ``None``: the blocks :func:`pnnh.plainness.find_blocks` finds (``blocks.0``, ...,
     ``layer1.0``, ..., ``encoder.layer.0``, ...);
     a sequence of names: those submodules (``model.get_submodule(name)``);
     a mapping: its ``label -> module`` items.

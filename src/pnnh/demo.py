@@ -76,37 +76,56 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
     jobs = [(m, opts, d) for d in plan.depths for m, opts in MODELS]
     rows, dis_all, nrm_all = [], [], []
     for i, (name, opts, depth) in enumerate(jobs, 1):
-        label = f"{name}-{depth}"
-        run_dir = out / "train" / label
-        _say(f"[{i}/{len(jobs)}] {label}: training {plan.epochs} epochs "
+        _say(f"[{i}/{len(jobs)}] {name}-{depth}: training {plan.epochs} epochs "
              f"({time.perf_counter() - start:.0f}s elapsed)")
-        torch.manual_seed(seed)
-        init_model = create_model(name, in_shape=val.input_shape, num_classes=val.num_classes,
-                                  depth=depth, width=plan.width, **opts)
-        dis, nrm = _probe(init_model, x, y, label, "init", depth)
+        row, dis, nrm = _train_and_probe(name, opts, depth, plan, out, (x, y, val), seed)
+        rows.append(row)
         dis_all += dis
         nrm_all += nrm
-        cfg = dict(model=name, dataset="mnist1d", depth=depth, width=plan.width, epochs=plan.epochs,
-                   batch_size=128, lr=1e-3, optimizer="adamw", schedule="cosine", seed=seed,
-                   out=str(run_dir), num_samples=plan.num_samples, progress=False,
-                   max_steps_per_epoch=plan.max_steps_per_epoch, device="cpu", model_args=opts)
-        try:
-            summary = train(cfg)
-            status = "finished"
-        except TrainingDiverged as e:
-            _say(f"    {label} diverged: {e}")
-            summary, status = {"best_val_acc": None, "final_val_acc": None, "params": None}, "diverged"
-        ckpt = run_dir / "checkpoints" / "last.pt"
-        if ckpt.exists():
-            model, _ = load_model(ckpt)
-            dis, nrm = _probe(model, x, y, label, "trained", depth)
-            dis_all += dis
-            nrm_all += nrm
-        rows.append({"model": name, "depth": depth, "params": summary.get("params"),
-                     "best_val_acc": summary.get("best_val_acc"),
-                     "final_val_acc": summary.get("final_val_acc"), "status": status})
+    _write_probes(out / "probes", plan, dis_all, nrm_all)
+    write_records(rows, out, "accuracy")
+    atomic_write_json(out / "report.json", _report_meta(plan, quick))
+    report = build_report(out)
+    elapsed = time.perf_counter() - start
+    _print_table(rows, elapsed)
+    print(f"\nreport: {report}")
+    return {"report": str(report), "rows": rows, "seconds": elapsed}
 
-    probes = out / "probes"
+
+def _train_and_probe(name: str, opts: dict, depth: int, plan: DemoPlan, out: Path, batch,
+                     seed: int) -> tuple[dict, list[dict], list[dict]]:
+    """One net: probe it at initialisation, train it (a divergence is a row, not an error),
+    probe its last checkpoint; returns its accuracy row and its probe records."""
+    x, y, val = batch
+    label = f"{name}-{depth}"
+    run_dir = out / "train" / label
+    torch.manual_seed(seed)
+    init_model = create_model(name, in_shape=val.input_shape, num_classes=val.num_classes,
+                              depth=depth, width=plan.width, **opts)
+    dis, nrm = _probe(init_model, x, y, label, "init", depth)
+    cfg = dict(model=name, dataset="mnist1d", depth=depth, width=plan.width, epochs=plan.epochs,
+               batch_size=128, lr=1e-3, optimizer="adamw", schedule="cosine", seed=seed,
+               out=str(run_dir), num_samples=plan.num_samples, progress=False,
+               max_steps_per_epoch=plan.max_steps_per_epoch, device="cpu", model_args=opts)
+    try:
+        summary = train(cfg)
+        status = "finished"
+    except TrainingDiverged as e:
+        _say(f"    {label} diverged: {e}")
+        summary, status = {"best_val_acc": None, "final_val_acc": None, "params": None}, "diverged"
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    if ckpt.exists():
+        model, _ = load_model(ckpt)
+        dis_t, nrm_t = _probe(model, x, y, label, "trained", depth)
+        dis, nrm = dis + dis_t, nrm + nrm_t
+    row = {"model": name, "depth": depth, "params": summary.get("params"),
+           "best_val_acc": summary.get("best_val_acc"),
+           "final_val_acc": summary.get("final_val_acc"), "status": status}
+    return row, dis, nrm
+
+
+def _write_probes(probes: Path, plan: DemoPlan, dis_all: list[dict], nrm_all: list[dict]) -> None:
+    """``probes/dissipation.*``, ``probes/norms.*`` and the deepest nets' figures."""
     write_records(dis_all, probes, "dissipation")
     write_records(nrm_all, probes, "norms")
     deepest = max(plan.depths)
@@ -121,8 +140,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
     plot_metric_vs_layer(series, ["ratio"], probes / "norms_ratio.png", group="series", x="index",
                          logy=["ratio"], title=f"Gradient-norm ratio per block, {deepest} layers "
                          "(1 = norm-preserving)")
-    write_records(rows, out, "accuracy")
-    atomic_write_json(out / "report.json", {
+
+
+def _report_meta(plan: DemoPlan, quick: bool) -> dict:
+    """``report.json``: the report's title and the paragraph saying what was run."""
+    return {
         "title": "pnnh demo — depth study on MNIST-1D",
         "intro": (
             f"Plain, ResNet and PNNH MLPs (width {plan.width}) at depths "
@@ -140,10 +162,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
             "on half the batch and scored on the other half; the surviving fraction is the share "
             "of units that are active; the gradient-norm ratio is ‖∂L/∂x_in‖ / ‖∂L/∂x_out‖ per "
             "block (1 = norm-preserving)." + (" QUICK MODE: tiny sizes, numbers are not "
-                                             "meaningful." if quick else "")),
-    })
-    report = build_report(out)
-    elapsed = time.perf_counter() - start
+                                              "meaningful." if quick else "")),
+    }
+
+
+def _print_table(rows: list[dict], elapsed: float) -> None:
     print(f"\nDepth study on MNIST-1D ({elapsed:.0f}s)")
     print(f"{'model':<12} {'depth':>5} {'params':>10} {'best_val_acc':>12} {'final_val_acc':>13}")
     for r in rows:
@@ -151,8 +174,6 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
                "—" if r["final_val_acc"] is None else f"{r['final_val_acc']:.4f}")
         params = "—" if r["params"] is None else f"{r['params']:,}"
         print(f"{r['model']:<12} {r['depth']:>5} {params:>10} {acc[0]:>12} {acc[1]:>13}")
-    print(f"\nreport: {report}")
-    return {"report": str(report), "rows": rows, "seconds": elapsed}
 
 
 def _quick_batch(plan: DemoPlan, seed: int):

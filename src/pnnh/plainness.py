@@ -48,13 +48,31 @@ model is not proven plain. ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLa
 fast-path checks do not trace) are traced through their reference (slow-path) computation,
 the same function. ``nn.MultiheadAttention`` is one weight layer.
 
-Each connection is attributed to the *block* (see :func:`pnnh.probes.common.find_blocks`) in
-which its merge happens; a merge outside every block names the blocks its long path crosses.
+Each connection is attributed to the *block* (see :func:`find_blocks`) in which its merge
+happens; a merge outside every block names the blocks its long path crosses.
+
+Block discovery (:func:`find_blocks`) is shared by the checker and every probe (which import it
+through :mod:`pnnh.probes.common`). It tries these layouts in order and takes the first that matches:
+
+1. ``blocks`` (pnnh, timm ViT/MLP-Mixer): its children; a child that is an
+   ``nn.Sequential``/``nn.ModuleList`` of composite modules is a stage and is flattened, block
+   by block (an ``nn.Sequential`` of leaf layers is one block);
+2. ``stages.*.blocks`` (timm ConvNeXt, ByobNet, ...): the blocks of each stage, in order;
+3. ``layer1``, ``layer2``, ... (torchvision ResNet/ResNeXt): the children of each;
+4. ``encoder.layer`` (Hugging Face BERT/ViT), ``h`` (GPT-2), ``layers`` (Llama, ...):
+   searched at any depth, outermost first (``transformer.h``, ``model.layers`` match);
+5. ``nn.TransformerEncoder``/``nn.TransformerDecoder`` anywhere: its ``layers``;
+6. the longest ``nn.Sequential``/``nn.ModuleList`` of at least 4 modules (the model itself
+   when it is one): its children (VGG's ``features``).
+
+When nothing matches, :class:`~pnnh.errors.ConfigError` lists, in one line, the candidate
+module names a user can pass instead.
 """
 
 from __future__ import annotations
 
 import operator
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -62,6 +80,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from pnnh.errors import ConfigError
 
 __all__ = ["Skip", "find_skips", "assert_plain", "block_names", "NotPlainError"]
 
@@ -205,12 +225,88 @@ class _Tracer(fx.Tracer):
         return all(name == "parametrizations" for name, _ in m.named_children())
 
 
+# ----------------------------------------------------------------------------- blocks
+_CONTAINERS = (nn.Sequential, nn.ModuleList)
+_NAMED_STACKS = ("encoder.layer", "h", "layers")
+MIN_SEQUENTIAL = 4
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _flatten(prefix: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, child in module.named_children():
+        qual = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, _CONTAINERS) and all(list(c.children()) for c in child.children()):
+            out += _flatten(qual, child)  # a stage of blocks
+        else:
+            out.append((qual, child))
+    return out
+
+
+def _stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Each layout's containers, in the documented order (the first non-empty one wins)."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    children = {n for n, m in named if isinstance(m, nn.Module) and list(m.children())}
+    blocks = [(n, m) for n, m in named if n == "blocks" and n in children]
+    if blocks:
+        return blocks
+    stages = [(n, m) for n, m in named if re.fullmatch(r"stages\.\d+\.blocks", n) and n in children]
+    if stages:
+        return stages
+    tv = sorted(((n, m) for n, m in named if re.fullmatch(r"layer\d+", n) and n in children),
+                key=lambda t: int(t[0][5:]))
+    if tv:
+        return tv
+    for suffix in _NAMED_STACKS:
+        hits = [(n, m) for n, m in named if (n == suffix or n.endswith("." + suffix))
+                and isinstance(m, _CONTAINERS) and len(m) > 0]
+        if hits:
+            return hits[:1]
+    for n, m in named:
+        if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
+            return [(f"{n}.layers", m.layers)]
+    seqs = [(n, m) for n, m in [("", model)] + named
+            if isinstance(m, _CONTAINERS) and len(m) >= MIN_SEQUENTIAL]
+    if seqs:
+        return [max(seqs, key=lambda t: len(t[1]))]
+    return []
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of the model's blocks, in order (see the module docstring
+    for the layouts tried). Raises :class:`ConfigError` naming candidate modules if none."""
+    model = unwrap(model)
+    out: list[tuple[str, nn.Module]] = []
+    for name, container in _stacks(model):
+        out += _flatten(name, container)
+    if out:
+        return out
+    candidates = [n for n, m in model.named_modules() if n and list(m.children())]
+    candidates = candidates or [n for n, _ in model.named_children()]
+    shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
+    raise ConfigError(
+        f"no blocks found in {type(model).__name__} (looked for blocks, stages.*.blocks, "
+        f"layer1.., encoder.layer, h, layers, TransformerEncoder.layers, a Sequential of "
+        f">= {MIN_SEQUENTIAL} modules); name the modules to probe, e.g. from: {shown or '(none)'}",
+        field="blocks",
+    )
+
+
+# ----------------------------------------------------------------------------- the checker
 def block_names(model: nn.Module) -> list[str]:
     """Qualified names of the units skips are attributed to: the blocks
-    :func:`pnnh.probes.common.find_blocks` finds, then the model's top-level children that
-    hold none of them (``stem``, ``head``, ...); without blocks, the top-level children."""
-    from pnnh.probes.common import find_blocks
-
+    :func:`find_blocks` finds, then the model's top-level children that hold none of them
+    (``stem``, ``head``, ...); without blocks, the top-level children."""
     try:
         blocks = [name for name, _ in find_blocks(model)]
     except Exception:

@@ -173,30 +173,18 @@ figcaption{font-size:.9em;color:#555}pre{background:#f7f7f7;padding:.6em;overflo
 """
 
 
-def build_report(directory: str | os.PathLike, title: str | None = None) -> Path:
-    """Write ``DIR/report.html`` (self-contained) and ``DIR/report.md``; return the HTML path."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise PnnhError(f"report: directory not found: {root}", field="dir")
-    meta = {}
-    if (root / "report.json").exists():
-        try:
-            meta = json.loads((root / "report.json").read_text())
-        except json.JSONDecodeError as e:
-            raise PnnhError(f"report: {root / 'report.json'} is not valid JSON: {e}") from None
-    title = title or meta.get("title") or f"pnnh report — {root.name}"
-    intro = meta.get("intro", "")
-    runs = find_runs(root)
-    experiments = find_experiments(root)
-    if not runs and not experiments and not list(root.rglob("*.png")):
-        raise PnnhError(f"report: nothing to report in {root} (no runs, experiments or figures)",
-                        field="dir")
-    curves = _plot_curves(runs, root / _GENERATED) if runs else None
-    figures = sorted(p for p in root.rglob("*.png") if p != curves)
-    tables = sorted(p for p in root.rglob("*.csv"))
-    versions = software_versions()
-    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+def _read_meta(root: Path) -> dict:
+    """``DIR/report.json`` (optional ``title`` and ``intro``), or ``{}``."""
+    if not (root / "report.json").exists():
+        return {}
+    try:
+        return json.loads((root / "report.json").read_text())
+    except json.JSONDecodeError as e:
+        raise PnnhError(f"report: {root / 'report.json'} is not valid JSON: {e}") from None
 
+
+def _head(root: Path, title: str, intro: str, versions: dict) -> tuple[list[str], list[str]]:
+    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
@@ -206,26 +194,38 @@ def build_report(directory: str | os.PathLike, title: str | None = None) -> Path
     if intro:
         parts.append("".join(f"<p>{html.escape(p)}</p>" for p in intro.split("\n\n")))
         md += [intro, ""]
+    return parts, md
 
+
+def _accuracy_section(runs: list[dict]) -> tuple[list[str], list[str]]:
+    if not runs:
+        return [], []
     acc_header = ["run", "model", "depth", "params", "epochs", "best_val_acc", "final_val_acc",
                   "status", "time_s"]
-    if runs:
-        rows = [[r[k] for k in acc_header] for r in accuracy_rows(runs)]
-        parts.append("<h2 id='accuracy'>Accuracy</h2>")
-        parts.append(_html_table(acc_header, rows, "Training runs (validation accuracy)"))
-        md += ["## Accuracy", "", _md_table(acc_header, rows), ""]
-    if experiments:
-        parts.append("<h2 id='experiments'>Experiments</h2>")
-        md += ["## Experiments", ""]
-        for e in experiments:
-            flat = [[k, v if not isinstance(v, (dict, list)) else json.dumps(v)[:200]]
-                    for k, v in e["summary"].items()]
-            parts.append(_html_table(["key", "value"], flat, f"{e['name']} — summary"))
-            md += [f"### {e['name']}", "", _md_table(["key", "value"], flat), ""]
+    rows = [[r[k] for k in acc_header] for r in accuracy_rows(runs)]
+    parts = ["<h2 id='accuracy'>Accuracy</h2>",
+             _html_table(acc_header, rows, "Training runs (validation accuracy)")]
+    return parts, ["## Accuracy", "", _md_table(acc_header, rows), ""]
 
-    if curves or figures:
-        parts.append("<h2 id='figures'>Figures</h2>")
-        md += ["## Figures", ""]
+
+def _experiments_section(experiments: list[dict]) -> tuple[list[str], list[str]]:
+    if not experiments:
+        return [], []
+    parts, md = ["<h2 id='experiments'>Experiments</h2>"], ["## Experiments", ""]
+    for e in experiments:
+        flat = [[k, v if not isinstance(v, (dict, list)) else json.dumps(v)[:200]]
+                for k, v in e["summary"].items()]
+        parts.append(_html_table(["key", "value"], flat, f"{e['name']} — summary"))
+        md += [f"### {e['name']}", "", _md_table(["key", "value"], flat), ""]
+    return parts, md
+
+
+def _figures_section(root: Path, curves: Path | None,
+                     figures: list[Path]) -> tuple[list[str], list[str]]:
+    """Every figure embedded as a base64 PNG (the training curves first)."""
+    if not (curves or figures):
+        return [], []
+    parts, md = ["<h2 id='figures'>Figures</h2>"], ["## Figures", ""]
     for fig in ([curves] if curves else []) + figures:
         rel = str(fig.relative_to(root))
         data = base64.b64encode(fig.read_bytes()).decode("ascii")
@@ -233,10 +233,14 @@ def build_report(directory: str | os.PathLike, title: str | None = None) -> Path
         parts.append(f"<figure><img alt='{html.escape(rel)}' src='data:image/png;base64,{data}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         md += [f"![{caption}]({rel})", ""]
+    return parts, md
 
-    if tables:
-        parts.append("<h2 id='tables'>Tables</h2>")
-        md += ["## Tables", ""]
+
+def _tables_section(root: Path, tables: list[Path]) -> tuple[list[str], list[str]]:
+    """Every CSV as a table (its first :data:`MAX_TABLE_ROWS` rows)."""
+    if not tables:
+        return [], []
+    parts, md = ["<h2 id='tables'>Tables</h2>"], ["## Tables", ""]
     for t in tables:
         header, rows = _read_csv(t)
         if not header:
@@ -248,9 +252,12 @@ def build_report(directory: str | os.PathLike, title: str | None = None) -> Path
             rows = rows[:MAX_TABLE_ROWS]
         parts.append(_html_table(header, rows, rel + note))
         md += [f"- `{rel}`: {len(rows)} rows{note}"]
-    if tables:
-        md.append("")
+    return parts, md + [""]
 
+
+def _tail(runs: list[dict], versions: dict) -> tuple[list[str], list[str]]:
+    """The run configurations (HTML only) and the software versions."""
+    parts = []
     if runs:
         parts.append("<h2 id='configs'>Run configurations</h2>")
         for r in runs:
@@ -259,9 +266,43 @@ def build_report(directory: str | os.PathLike, title: str | None = None) -> Path
     parts.append("<h2 id='versions'>Software</h2>")
     vrows = [[k, v] for k, v in versions.items()]
     parts.append(_html_table(["package", "version"], vrows, "Software versions"))
-    md += ["## Software", "", _md_table(["package", "version"], vrows), ""]
     parts.append("</body></html>")
+    return parts, ["## Software", "", _md_table(["package", "version"], vrows), ""]
 
+
+def build_report(directory: str | os.PathLike, title: str | None = None) -> Path:
+    """Write ``DIR/report.html`` (self-contained) and ``DIR/report.md``; return the HTML path.
+
+    Sections, in order: accuracy of the training runs, experiment summaries, figures, tables,
+    run configurations (HTML only), software versions; each empty one is left out.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise PnnhError(f"report: directory not found: {root}", field="dir")
+    meta = _read_meta(root)
+    title = title or meta.get("title") or f"pnnh report — {root.name}"
+    runs = find_runs(root)
+    experiments = find_experiments(root)
+    if not runs and not experiments and not list(root.rglob("*.png")):
+        raise PnnhError(f"report: nothing to report in {root} (no runs, experiments or figures)",
+                        field="dir")
+    curves = _plot_curves(runs, root / _GENERATED) if runs else None
+    figures = sorted(p for p in root.rglob("*.png") if p != curves)
+    tables = sorted(p for p in root.rglob("*.csv"))
+    versions = software_versions()
+
+    parts: list[str] = []
+    md: list[str] = []
+    for section_html, section_md in (
+        _head(root, title, meta.get("intro", ""), versions),
+        _accuracy_section(runs),
+        _experiments_section(experiments),
+        _figures_section(root, curves, figures),
+        _tables_section(root, tables),
+        _tail(runs, versions),
+    ):
+        parts += section_html
+        md += section_md
     out = atomic_write_text(root / "report.html", "\n".join(parts))
     atomic_write_text(root / "report.md", "\n".join(md))
     return out

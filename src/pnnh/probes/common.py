@@ -1,41 +1,24 @@
 """What every probe needs: the blocks of a model, models (registered, from a checkpoint or from
 the user's own file) and a fixed batch (from a dataset or synthetic, of a given shape).
 
-Block discovery (:func:`find_blocks`) is shared by every probe and by the plainness checker.
-It tries these layouts in order and takes the first that matches:
-
-1. ``blocks`` (pnnh, timm ViT/MLP-Mixer): its children; a child that is an
-   ``nn.Sequential``/``nn.ModuleList`` of composite modules is a stage and is flattened, block
-   by block (an ``nn.Sequential`` of leaf layers is one block);
-2. ``stages.*.blocks`` (timm ConvNeXt, ByobNet, ...): the blocks of each stage, in order;
-3. ``layer1``, ``layer2``, ... (torchvision ResNet/ResNeXt): the children of each;
-4. ``encoder.layer`` (Hugging Face BERT/ViT), ``h`` (GPT-2), ``layers`` (Llama, ...):
-   searched at any depth, outermost first (``transformer.h``, ``model.layers`` match);
-5. ``nn.TransformerEncoder``/``nn.TransformerDecoder`` anywhere: its ``layers``;
-6. the longest ``nn.Sequential``/``nn.ModuleList`` of at least 4 modules (the model itself
-   when it is one): its children (VGG's ``features``).
-
-When nothing matches, :class:`~pnnh.errors.ConfigError` lists, in one line, the candidate
-module names a user can pass instead.
+Block discovery, :func:`find_blocks` (and :func:`unwrap`, which sees through DDP and
+``torch.compile``), lives in :mod:`pnnh.plainness` (the model layer, which the plainness checker
+also uses) and is re-exported here: every probe and the checker share one discovery helper.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pnnh.errors import ConfigError
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList)
-_NAMED_STACKS = ("encoder.layer", "h", "layers")
-MIN_SEQUENTIAL = 4
+from pnnh.plainness import MIN_SEQUENTIAL, find_blocks, unwrap  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -46,67 +29,32 @@ class ProbeTarget:
     targets: torch.Tensor
 
 
-# ----------------------------------------------------------------------------- blocks
-def _flatten(prefix: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
-    out = []
-    for name, child in module.named_children():
-        qual = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, _CONTAINERS) and all(list(c.children()) for c in child.children()):
-            out += _flatten(qual, child)  # a stage of blocks
-        else:
-            out.append((qual, child))
-    return out
+@dataclass
+class ProbeResult:
+    """What every probe's ``run`` returns (see :mod:`pnnh.probes` for the contract).
+
+    ``records`` are tidy rows (one per model, or per model and block/layer) that the runner
+    writes to ``OUT/NAME.csv`` (in ``columns`` order when given) and ``OUT/NAME.json``;
+    ``notes`` are the lines printed after the records are written; ``files`` are the other
+    files the probe wrote (figures, extra tables).
+    """
+
+    records: list[dict]
+    columns: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
 
 
-def _stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Each layout's containers, in the documented order (the first non-empty one wins)."""
-    named = [(n, m) for n, m in model.named_modules() if n]
-    children = {n for n, m in named if isinstance(m, nn.Module) and list(m.children())}
-    blocks = [(n, m) for n, m in named if n == "blocks" and n in children]
-    if blocks:
-        return blocks
-    stages = [(n, m) for n, m in named if re.fullmatch(r"stages\.\d+\.blocks", n) and n in children]
-    if stages:
-        return stages
-    tv = sorted(((n, m) for n, m in named if re.fullmatch(r"layer\d+", n) and n in children),
-                key=lambda t: int(t[0][5:]))
-    if tv:
-        return tv
-    for suffix in _NAMED_STACKS:
-        hits = [(n, m) for n, m in named if (n == suffix or n.endswith("." + suffix))
-                and isinstance(m, _CONTAINERS) and len(m) > 0]
-        if hits:
-            return hits[:1]
-    for n, m in named:
-        if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
-            return [(f"{n}.layers", m.layers)]
-    seqs = [(n, m) for n, m in [("", model)] + named
-            if isinstance(m, _CONTAINERS) and len(m) >= MIN_SEQUENTIAL]
-    if seqs:
-        return [max(seqs, key=lambda t: len(t[1]))]
-    return []
-
-
-def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, module)`` of the model's blocks, in order (see the module docstring
-    for the layouts tried). Raises :class:`ConfigError` naming candidate modules if none."""
-    from pnnh.probes.norms import unwrap
-
-    model = unwrap(model)
-    out: list[tuple[str, nn.Module]] = []
-    for name, container in _stacks(model):
-        out += _flatten(name, container)
-    if out:
-        return out
-    candidates = [n for n, m in model.named_modules() if n and list(m.children())]
-    candidates = candidates or [n for n, _ in model.named_children()]
-    shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
-    raise ConfigError(
-        f"no blocks found in {type(model).__name__} (looked for blocks, stages.*.blocks, "
-        f"layer1.., encoder.layer, h, layers, TransformerEncoder.layers, a Sequential of "
-        f">= {MIN_SEQUENTIAL} modules); name the modules to probe, e.g. from: {shown or '(none)'}",
-        field="blocks",
-    )
+def first_tensor(x) -> torch.Tensor | None:
+    """``x`` if a tensor, else the first tensor in the tuple/list ``x`` (a hook's ``args`` or a
+    module's structured output), else ``None``."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)):
+        for item in x:
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
 
 
 # ----------------------------------------------------------------------------- models

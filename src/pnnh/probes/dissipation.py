@@ -77,6 +77,10 @@ import torch
 from torch import nn
 
 from pnnh.errors import PnnhError
+from pnnh.probes.common import ProbeResult, ProbeTarget, find_blocks, first_tensor
+
+NAME = "dissipation"
+DESCRIPTION = "surviving units, input reconstructability, similarity collapse, rank"
 
 METRICS = ("surviving_fraction", "input_r2", "cosine_collapse", "effective_rank")
 COLUMNS = ("layer", "depth") + METRICS
@@ -92,11 +96,9 @@ _WEIGHT_LEAVES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 
 # ----------------------------------------------------------------------------- layers
 def default_layers(model: nn.Module) -> list[str]:
-    """The blocks :func:`pnnh.probes.common.find_blocks` finds (``blocks.*``, ``layer1.*``,
+    """The blocks :func:`pnnh.plainness.find_blocks` finds (``blocks.*``, ``layer1.*``,
     ``encoder.layer.*``, ...) if any, else every leaf activation / Linear / Conv module
     (registration order; records come out in execution order)."""
-    from pnnh.probes.common import find_blocks
-
     try:
         return [name for name, _ in find_blocks(model)]
     except PnnhError:
@@ -134,16 +136,6 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
             )
         out += [m for m in matches if m not in out]
     return out
-
-
-def _first_tensor(output) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, torch.Tensor):
-                return item
-    return None
 
 
 def _declared_weight_layers(m: nn.Module) -> int | None:
@@ -476,7 +468,7 @@ class _Hooks:
             call = self.calls.get(name, 0)
             self.calls[name] = call + 1
             label = name if call == 0 else f"{name}@{call}"
-            t = _first_tensor(out)
+            t = first_tensor(out)
             if t is None or t.ndim == 0 or t.shape[0] != self.x.shape[0]:
                 why = (f"does not output a (batch, ...) tensor (got {type(out).__name__}"
                        f"{tuple(t.shape) if t is not None else ''})")
@@ -574,41 +566,45 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="count-sketch wider layers to this many features (default 1024)")
 
 
-def run_cli(args: argparse.Namespace) -> list[dict]:
-    """Probe every target; write dissipation.csv/.json/.png under ``--out`` and print a table."""
-    from pnnh.io import write_records
-    from pnnh.probes.common import probe_targets
-    from pnnh.probes.plots import plot_metric_vs_layer
-
+def prepare(args: argparse.Namespace) -> None:
     if args.max_features < 1:
         raise PnnhError(f"--max-features: must be >= 1, got {args.max_features}",
                         field="max_features")
-    targets = probe_targets(args)
+
+
+def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> ProbeResult:
+    """:func:`dissipation` of every target: records (with a ``model`` column when several),
+    ``dissipation.png`` (each metric against depth) and the last layer's metrics per model."""
+    from pnnh.probes.plots import plot_metric_vs_layer
+
     several = len(targets) > 1
     records: list[dict] = []
+    notes: list[str] = []
     for t in targets:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             recs = dissipation(t.model, t.inputs, args.layers, batch_size=args.batch_size,
                                ridge=args.ridge, max_features=args.max_features, seed=args.seed)
-        for w in caught:
-            print(f"{t.label}: note: {w.message}")
+        notes += [f"{t.label}: note: {w.message}" for w in caught]
         records += [{"model": t.label, **r} if several else r for r in recs]
-    out = Path(args.out)
-    columns = (("model",) if several else ()) + COLUMNS
-    write_records(records, out, "dissipation", columns=columns)
-    plot_metric_vs_layer(
+    figure = plot_metric_vs_layer(
         [{"model": r.get("model", targets[0].label), **r} for r in records], METRICS,
         out / "dissipation.png",
         title=f"dissipation ({args.dataset or ('synthetic' if args.input_shape else 'mnist1d')}, "
               f"{len(targets[0].inputs)} samples)",
     )
-    last = {}
-    for r in records:
-        last[r.get("model", targets[0].label)] = r
-    for label, r in last.items():
-        print(f"{label}: last probed layer {r['layer']} (depth {r['depth']}): "
+    last = {r.get("model", targets[0].label): r for r in records}
+    notes += [f"{label}: last probed layer {r['layer']} (depth {r['depth']}): "
               f"surviving {r['surviving_fraction']:.3f}  input R2 {r['input_r2']:.3f}  "
-              f"cosine {r['cosine_collapse']:.4f}  eff. rank {r['effective_rank']:.1f}")
-    print(f"wrote {out / 'dissipation.csv'}, dissipation.json, dissipation.png")
-    return records
+              f"cosine {r['cosine_collapse']:.4f}  eff. rank {r['effective_rank']:.1f}"
+              for label, r in last.items()]
+    notes.append(f"wrote {out / 'dissipation.csv'}, dissipation.json, dissipation.png")
+    columns = (["model"] if several else []) + list(COLUMNS)
+    return ProbeResult(records, columns, notes, [figure])
+
+
+def run_cli(args: argparse.Namespace) -> ProbeResult:
+    """``pnnh probe dissipation``: the shared runner :func:`pnnh.probes.run_cli` on this probe."""
+    from pnnh.probes import run_cli as run_probe
+
+    return run_probe(NAME, args)

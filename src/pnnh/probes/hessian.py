@@ -54,7 +54,11 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from pnnh.errors import ConfigError
-from pnnh.io import save_figure
+from pnnh.io import save_figure, write_records
+from pnnh.probes.common import ProbeResult, ProbeTarget
+
+NAME = "hessian"
+DESCRIPTION = "Hessian extreme eigenvalues, trace, spectrum, condition number"
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -888,12 +892,8 @@ def _loss_targets(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                                                else torch.float32)
 
 
-def run_cli(args: argparse.Namespace) -> None:
-    """Write ``hessian.json`` and ``hessian.csv`` (a list: one record per model, whatever the
-    number of models) and ``hessian_spectrum.png``."""
-    from pnnh.io import write_records
-    from pnnh.probes.common import probe_targets
-
+def prepare(args: argparse.Namespace) -> None:
+    """``--shortcut/--init/--init-scale`` become model options of the ``--model`` built here."""
     model_args = dict(getattr(args, "model_args", {}) or {})
     for flag, key in (("shortcut", "shortcut"), ("init", "init"), ("init_scale", "scale")):
         if getattr(args, flag, None) is not None:
@@ -902,38 +902,58 @@ def run_cli(args: argparse.Namespace) -> None:
                                   "here, not to --checkpoint/--model-file", field=flag)
             model_args[key] = getattr(args, flag)
     args.model_args = model_args
-    out = Path(args.out)
-    records, spectra, block_records = [], {}, []
-    for t in probe_targets(args):
-        targets = _loss_targets(t.model, t.inputs, t.targets, args.loss)
-        op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params,
-                             hvp_mode=getattr(args, "hvp", "auto"))
-        summary, spec = hessian_summary(
-            op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
-            zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,
-            slq_runs=args.slq_runs, slq_steps=args.slq_steps, max_iter=args.max_iter,
-            seed=args.seed, trace_method=getattr(args, "trace_method", "xtrace"),
-        )
+
+
+def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, dict]:
+    """One model's ``hessian.json`` record and its spectral density (for the plot)."""
+    targets = _loss_targets(t.model, t.inputs, t.targets, args.loss)
+    op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params,
+                         hvp_mode=getattr(args, "hvp", "auto"))
+    summary, spec = hessian_summary(
+        op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
+        zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,
+        slq_runs=args.slq_runs, slq_steps=args.slq_steps, max_iter=args.max_iter,
+        seed=args.seed, trace_method=getattr(args, "trace_method", "xtrace"),
+    )
+    return {"model": t.label, **summary.to_dict()}, spec
+
+
+def _block_records(t: ProbeTarget, args: argparse.Namespace) -> list[dict]:
+    """``--blocks``: the curvature of each named diagonal block of one model's Hessian."""
+    blocks = block_curvature(t.model, (t.inputs, t.targets), args.blocks, args.loss,
+                             hvp_mode=getattr(args, "hvp", "auto"), tol=args.tol,
+                             max_iter=args.max_iter, seed=args.seed,
+                             trace_samples=args.hutchinson_samples,
+                             trace_method=getattr(args, "trace_method", "xtrace"))
+    return [{"model": t.label, **b} for b in blocks]
+
+
+def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> ProbeResult:
+    """One record per model (``hessian.json`` is a list whatever the number of models),
+    ``hessian_spectrum.png`` and, with ``--blocks``, ``hessian_blocks.csv``/``.json``."""
+    records, spectra, block_records, notes = [], {}, [], []
+    for t in targets:
+        rec, spectra[t.label] = _summarize_target(t, args)
         if getattr(args, "blocks", None):
-            for b in block_curvature(t.model, (t.inputs, t.targets), args.blocks, args.loss,
-                                     hvp_mode=getattr(args, "hvp", "auto"), tol=args.tol,
-                                     max_iter=args.max_iter, seed=args.seed,
-                                     trace_samples=args.hutchinson_samples,
-                                     trace_method=getattr(args, "trace_method", "xtrace")):
-                block_records.append({"model": t.label, **b})
-        rec = {"model": t.label, **summary.to_dict()}
+            block_records += _block_records(t, args)
         records.append(rec)
-        spectra[t.label] = spec
         cn = rec["condition_number"]
-        print(f"{t.label}: lambda_max={rec['lambda_max']:.6g} lambda_min={rec['lambda_min']:.6g}"
-              f" trace={rec['trace']:.6g} condition_number="
-              f"{'n/a' if cn is None else f'{cn:.6g}'} ({rec['num_params']} params)")
-    write_records(records, out, "hessian")
-    plot_spectrum(spectra, out / "hessian_spectrum.png")
+        notes.append(f"{t.label}: lambda_max={rec['lambda_max']:.6g} "
+                     f"lambda_min={rec['lambda_min']:.6g} trace={rec['trace']:.6g} "
+                     f"condition_number={'n/a' if cn is None else f'{cn:.6g}'} "
+                     f"({rec['num_params']} params)")
+    files = [plot_spectrum(spectra, out / "hessian_spectrum.png")]
     if block_records:
-        write_records(block_records, out, "hessian_blocks")
-        for b in block_records:
-            print(f"{b['model']} block {b['block']}: lambda_max={b['lambda_max']:.6g} "
+        files += write_records(block_records, out, "hessian_blocks")
+        notes += [f"{b['model']} block {b['block']}: lambda_max={b['lambda_max']:.6g} "
                   f"lambda_min={b['lambda_min']:.6g} trace={b['trace']:.6g} "
-                  f"({b['num_params']} params)")
-    print(f"hessian: {out / 'hessian.json'}")
+                  f"({b['num_params']} params)" for b in block_records]
+    notes.append(f"hessian: {out / 'hessian.json'}")
+    return ProbeResult(records, None, notes, files)
+
+
+def run_cli(args: argparse.Namespace) -> ProbeResult:
+    """``pnnh probe hessian``: the shared runner :func:`pnnh.probes.run_cli` on this probe."""
+    from pnnh.probes import run_cli as run_probe
+
+    return run_probe(NAME, args)

@@ -22,13 +22,19 @@ The model must act on samples independently (``eval()`` mode for BatchNorm).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
-from pnnh.io import save_figure
+from pnnh.io import atomic_write_json, save_figure
+from pnnh.probes.common import ProbeResult, ProbeTarget
+
+NAME = "jacobian"
+DESCRIPTION = "singular values of the input-output Jacobian (dynamical isometry)"
+MAX_SAVED_VALUES = 200_000  # jacobian_singular_values.json is left empty above this many
 
 
 def input_jacobians(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -127,33 +133,40 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--power-iters", type=int, default=100)
 
 
-def run_cli(args: argparse.Namespace) -> None:
-    from pnnh.io import atomic_write_json, write_records
-    from pnnh.probes.common import probe_targets
+def _measure(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, torch.Tensor]:
+    """One model's record and its singular values ``(batch, r)`` (``r = 1`` for ``power``)."""
+    if args.method == "exact":
+        sv = jacobian_singular_values(t.model, t.inputs)
+        rec = {"model": t.label, "method": "exact (vmap(jacrev/jacfwd) + svdvals)", **summarize(sv)}
+        return rec, sv.detach().cpu()
+    top = top_singular_values(t.model, t.inputs, iters=args.power_iters)
+    rec = {"model": t.label, "method": f"power iteration on JᵀJ ({args.power_iters} max)",
+           "num_samples": int(top.numel()), "sv_max": float(top.mean()),
+           "sv_max_overall": float(top.max())}
+    return rec, top.detach().cpu()[:, None]
 
-    out = Path(args.out)
-    records, svs = [], {}
-    for t in probe_targets(args):
-        if args.method == "exact":
-            sv = jacobian_singular_values(t.model, t.inputs)
-            rec = {"model": t.label, "method": "exact (vmap(jacrev/jacfwd) + svdvals)",
-                   **summarize(sv)}
-            svs[t.label] = sv.detach().cpu()
-        else:
-            top = top_singular_values(t.model, t.inputs, iters=args.power_iters)
-            rec = {"model": t.label, "method": f"power iteration on JᵀJ ({args.power_iters} max)",
-                   "num_samples": int(top.numel()), "sv_max": float(top.mean()),
-                   "sv_max_overall": float(top.max())}
-            svs[t.label] = top.detach().cpu()[:, None]
+
+def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> ProbeResult:
+    """One record per model, ``jacobian_singular_values.json`` (every value, when there are at
+    most :data:`MAX_SAVED_VALUES`) and the histogram ``jacobian.png``."""
+    records, svs, notes = [], {}, []
+    for t in targets:
+        rec, svs[t.label] = _measure(t, args)
         records.append(rec)
         msq = rec.get("mean_sq_singular_value")
-        print(f"{t.label}: sv_max={rec['sv_max']:.4g}"
-              + ("" if msq is None else f" sv_min={rec['sv_min']:.4g} mean_sq={msq:.4g}"
-                 f" log_sv_std={rec['log_sv_std']:.3g}"))
-    write_records(records, out, "jacobian")
-    atomic_write_json(out / "jacobian_singular_values.json",
-                      {k: v.tolist() for k, v in svs.items()} if sum(
-                          v.numel() for v in svs.values()) <= 200_000 else {})
-    plot_singular_values(svs, out / "jacobian.png")
-    print(f"jacobian: {out / 'jacobian.csv'}")
+        notes.append(f"{t.label}: sv_max={rec['sv_max']:.4g}"
+                     + ("" if msq is None else f" sv_min={rec['sv_min']:.4g} mean_sq={msq:.4g}"
+                        f" log_sv_std={rec['log_sv_std']:.3g}"))
+    small = sum(v.numel() for v in svs.values()) <= MAX_SAVED_VALUES
+    values = atomic_write_json(out / "jacobian_singular_values.json",
+                               {k: v.tolist() for k, v in svs.items()} if small else {})
+    figure = plot_singular_values(svs, out / "jacobian.png")
+    notes.append(f"jacobian: {out / 'jacobian.csv'}")
+    return ProbeResult(records, None, notes, [values, figure])
 
+
+def run_cli(args: argparse.Namespace) -> ProbeResult:
+    """``pnnh probe jacobian``: the shared runner :func:`pnnh.probes.run_cli` on this probe."""
+    from pnnh.probes import run_cli as run_probe
+
+    return run_probe(NAME, args)

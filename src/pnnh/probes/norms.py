@@ -36,7 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnnh.errors import ConfigError
-from pnnh.io import append_jsonl, save_figure, write_records
+from pnnh.io import append_jsonl, save_figure
+from pnnh.probes.common import ProbeResult, ProbeTarget, find_blocks, first_tensor, unwrap
+
+NAME = "norms"
+DESCRIPTION = "gradient-norm ratio ||dL/dx_in|| / ||dL/dx_out|| per block"
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BlockSpec = Sequence[str] | Mapping[str, nn.Module] | None
@@ -44,28 +48,15 @@ BlockSpec = Sequence[str] | Mapping[str, nn.Module] | None
 CSV_COLUMNS = ["block", "grad_in_norm", "grad_out_norm", "ratio"]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def resolve_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` pairs to measure.
 
-    ``None``: the blocks :func:`pnnh.probes.common.find_blocks` finds (``blocks.0``, ...,
+    ``None``: the blocks :func:`pnnh.plainness.find_blocks` finds (``blocks.0``, ...,
     ``layer1.0``, ..., ``encoder.layer.0``, ...);
     a sequence of names: those submodules (``model.get_submodule(name)``);
     a mapping: its ``label -> module`` items.
     """
     if blocks is None:
-        from pnnh.probes.common import find_blocks
-
         return find_blocks(model)
     if isinstance(blocks, Mapping):
         return list(blocks.items())
@@ -76,14 +67,6 @@ def resolve_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str
         except AttributeError:
             raise ConfigError(f"norms: model has no submodule {name!r}", field="blocks") from None
     return out
-
-
-def _first_tensor(x):
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-        return x[0]
-    return None
 
 
 def norms(
@@ -109,7 +92,7 @@ def norms(
 
     def make_hook(i: int):
         def hook(module, args, output):
-            x_in, x_out = _first_tensor(args), _first_tensor(output)
+            x_in, x_out = first_tensor(args), first_tensor(output)
             if x_in is not None and x_out is not None:
                 captured.setdefault(i, []).append((x_in, x_out))
 
@@ -249,25 +232,28 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_cli(args: argparse.Namespace) -> list[dict]:
-    from pnnh.probes.common import probe_targets
-
+def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> ProbeResult:
+    """:func:`norms` of every target: records (with a ``model`` column when several), the
+    ratio plot ``norms.png`` and one summary line per model."""
     blocks = [b.strip() for b in args.blocks.split(",") if b.strip()] if args.blocks else None
-    targets = probe_targets(args)
+    several = len(targets) > 1
     records = []
     for t in targets:
         for r in norms(t.model, (t.inputs, t.targets), blocks=blocks):
-            records.append({"model": t.label, **r} if len(targets) > 1 else r)
-    out = Path(args.out)
-    columns = (["model"] if len(targets) > 1 else []) + CSV_COLUMNS
-    write_records(records, out, "norms", columns=columns)
-    plot(records, out / "norms.png")
+            records.append({"model": t.label, **r} if several else r)
+    figure = plot(records, out / "norms.png")
+    notes = []
     for t in targets:
-        rs = [r for r in records if len(targets) == 1 or r["model"] == t.label]
-        s = summarize(rs)
-        print(
-            f"{t.label}: {s['blocks']} blocks, mean ratio {s['mean_ratio']:.4f}, "
-            f"mean |log ratio| {s['mean_abs_log_ratio']:.4f}"
-        )
-    print(f"norms: {out / 'norms.csv'}")
-    return records
+        s = summarize([r for r in records if not several or r["model"] == t.label])
+        notes.append(f"{t.label}: {s['blocks']} blocks, mean ratio {s['mean_ratio']:.4f}, "
+                     f"mean |log ratio| {s['mean_abs_log_ratio']:.4f}")
+    notes.append(f"norms: {out / 'norms.csv'}")
+    columns = (["model"] if several else []) + CSV_COLUMNS
+    return ProbeResult(records, columns, notes, [figure])
+
+
+def run_cli(args: argparse.Namespace) -> ProbeResult:
+    """``pnnh probe norms``: the shared runner :func:`pnnh.probes.run_cli` on this probe."""
+    from pnnh.probes import run_cli as run_probe
+
+    return run_probe(NAME, args)

@@ -40,14 +40,22 @@ CPU = {
     "model": "pnnh_mlp", "dataset": "mnist1d", "width": 64, "depths": (100, 1000),
     "train": {"epochs": 15, "batch_size": 128, "lr": 1e-3, "optimizer": "adamw",
               "schedule": "cosine", "warmup_epochs": 1.0, "grad_clip": 1.0},
+    # the learning rate of a depth-L net is lr * (depths[0] / L) ** lr_depth_power
+    "lr_depth_power": 0.0,
     "atol": 1e-5,
 }
 # the same experiment at a size the test suite can afford
 QUICK = {
     "model": "pnnh_mlp", "dataset": "mnist1d", "width": 8, "depths": (8, 40),
     "train": {**CPU["train"], "epochs": 1, "num_samples": 400, "max_steps_per_epoch": 2},
-    "atol": 1e-5,
+    "lr_depth_power": CPU["lr_depth_power"], "atol": 1e-5,
 }
+
+
+def depth_lr(cfg: dict, depth: int) -> float:
+    """The learning rate of the depth-``depth`` net: ``lr * (L0 / depth) ** p`` with ``L0`` the
+    shallowest depth of ``cfg["depths"]`` and ``p = cfg["lr_depth_power"]`` (0: one lr for all)."""
+    return cfg["train"]["lr"] * (min(cfg["depths"]) / depth) ** cfg.get("lr_depth_power", 0.0)
 
 
 def check_export(model: torch.nn.Module, x: torch.Tensor, atol: float) -> dict:
@@ -117,11 +125,13 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
     out, cfg = Path(out), CPU
     rows, curves = [], []
     for depth in cfg["depths"]:
-        run_dir = out / "runs" / f"{cfg['model']}_w{cfg['width']}_d{depth}"
+        lr = depth_lr(cfg, depth)
+        # the lr is in the name: a finished run is reused only at the same lr
+        run_dir = out / "runs" / f"{cfg['model']}_w{cfg['width']}_d{depth}_lr{lr:.3g}"
         s = train_or_reuse(run_dir, {"model": cfg["model"], "dataset": cfg["dataset"],
-                                     "depth": depth, "width": cfg["width"], **cfg["train"]},
-                           device, seed)
-        rows.append({"depth": depth, "width": cfg["width"], "params": s["params"],
+                                     "depth": depth, "width": cfg["width"], **cfg["train"],
+                                     "lr": lr}, device, seed)
+        rows.append({"depth": depth, "width": cfg["width"], "lr": lr, "params": s["params"],
                      "final_test_acc": s["final_val_acc"], "best_test_acc": s["best_val_acc"],
                      "final_train_loss": s["final_train_loss"], "time_s": round(s["time_s"], 1),
                      "run": str(run_dir)})

@@ -34,6 +34,8 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    # lr factor per top-level submodule, by name (e.g. {"blocks": 0.1}: the blocks at lr / 10)
+    lr_multipliers: dict = field(default_factory=dict)
     optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -132,6 +134,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("val_batch_size", "must be at least 1")
     if not cfg.lr > 0:
         bad("lr", "must be positive")
+    for key, factor in cfg.lr_multipliers.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ConfigError(f"lr_multipliers: {key}: must be a positive number "
+                              f"(got {factor!r})", field="lr_multipliers")
     if cfg.weight_decay < 0:
         bad("weight_decay", "must be >= 0")
     if not 0 <= cfg.momentum < 1:
@@ -184,6 +190,7 @@ def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     cfg.model_args = dict(cfg.model_args)
     cfg.dataset_args = dict(cfg.dataset_args)
+    cfg.lr_multipliers = dict(cfg.lr_multipliers)
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:

@@ -40,8 +40,9 @@ CPU = {
     "model": "pnnh_mlp", "dataset": "mnist1d", "width": 64, "depths": (100, 1000),
     "train": {"epochs": 15, "batch_size": 128, "lr": 1e-3, "optimizer": "adamw",
               "schedule": "cosine", "warmup_epochs": 1.0, "grad_clip": 1.0},
-    # the learning rate of a depth-L net is lr * (depths[0] / L) ** lr_depth_power
-    "lr_depth_power": 0.0,
+    # the blocks of a depth-L net learn at lr * (depths[0] / L) ** lr_depth_power; stem and
+    # head at lr (see the module docstring)
+    "lr_depth_power": 1.0,
     "atol": 1e-5,
 }
 # the same experiment at a size the test suite can afford
@@ -52,9 +53,10 @@ QUICK = {
 }
 
 
-def depth_lr(cfg: dict, depth: int) -> float:
-    """The learning rate of the depth-``depth`` net: ``lr * (L0 / depth) ** p`` with ``L0`` the
-    shallowest depth of ``cfg["depths"]`` and ``p = cfg["lr_depth_power"]`` (0: one lr for all)."""
+def block_lr(cfg: dict, depth: int) -> float:
+    """The blocks' learning rate in the depth-``depth`` net: ``lr * (L0 / depth) ** p`` with
+    ``L0`` the shallowest depth of ``cfg["depths"]`` and ``p = cfg["lr_depth_power"]`` (0: one
+    lr for all); the stem and the head keep ``lr``."""
     return cfg["train"]["lr"] * (min(cfg["depths"]) / depth) ** cfg.get("lr_depth_power", 0.0)
 
 
@@ -125,13 +127,14 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
     out, cfg = Path(out), CPU
     rows, curves = [], []
     for depth in cfg["depths"]:
-        lr = depth_lr(cfg, depth)
-        # the lr is in the name: a finished run is reused only at the same lr
-        run_dir = out / "runs" / f"{cfg['model']}_w{cfg['width']}_d{depth}_lr{lr:.3g}"
+        lr, blr = cfg["train"]["lr"], block_lr(cfg, depth)
+        # the lrs are in the name: a finished run is reused only at the same lrs
+        run_dir = out / "runs" / f"{cfg['model']}_w{cfg['width']}_d{depth}_lr{lr:.3g}_b{blr:.3g}"
         s = train_or_reuse(run_dir, {"model": cfg["model"], "dataset": cfg["dataset"],
                                      "depth": depth, "width": cfg["width"], **cfg["train"],
-                                     "lr": lr}, device, seed)
-        rows.append({"depth": depth, "width": cfg["width"], "lr": lr, "params": s["params"],
+                                     "lr_multipliers": {"blocks": blr / lr}}, device, seed)
+        rows.append({"depth": depth, "width": cfg["width"], "lr": lr, "block_lr": blr,
+                     "params": s["params"],
                      "final_test_acc": s["final_val_acc"], "best_test_acc": s["best_val_acc"],
                      "final_train_loss": s["final_train_loss"], "time_s": round(s["time_s"], 1),
                      "run": str(run_dir)})

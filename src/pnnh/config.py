@@ -251,8 +251,10 @@ def dump_yaml(cfg: TrainConfig) -> str:
 
 
 def parse_model_arg(text: str, flag: str = "--model-arg") -> tuple[str, Any]:
-    """``KEY=VALUE`` → (key, YAML-parsed value), for ``--model-arg`` / ``--dataset-arg``."""
-    field_name = flag.lstrip("-").replace("-arg", "_args")
+    """``KEY=VALUE`` → (key, YAML-parsed value), for ``--model-arg`` / ``--dataset-arg`` /
+    ``--lr-multiplier``."""
+    field_name = ("lr_multipliers" if flag == "--lr-multiplier"
+                  else flag.lstrip("-").replace("-arg", "_args"))
     if "=" not in text:
         raise ConfigError(f"{flag} expects KEY=VALUE, got {text!r}", field=field_name)
     key, value = text.split("=", 1)

@@ -87,3 +87,6 @@ def test_depth_lr_rule_and_reuse_only_at_same_lr(tmp_path, monkeypatch):
     assert len(runs) == 3  # the shallow run is shared (same lr), the deep one is new
     assert again["rows"][0]["run"] == first["rows"][0]["run"]
     assert again["rows"][1]["run"] != first["rows"][1]["run"]
+    other_seed = exp.run(tmp_path, "cpu", "cpu", 1)
+    assert len(list((tmp_path / "runs").iterdir())) == 5  # another seed is never reused
+    assert {r["run"] for r in other_seed["rows"]}.isdisjoint(r["run"] for r in again["rows"])

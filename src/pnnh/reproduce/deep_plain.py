@@ -162,8 +162,9 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
     rows, curves = [], []
     for depth in cfg["depths"]:
         lr, blr = cfg["train"]["lr"], block_lr(cfg, depth)
-        # the lrs are in the name: a finished run is reused only at the same lrs
-        run_dir = out / "runs" / f"{cfg['model']}_w{cfg['width']}_d{depth}_lr{lr:.3g}_b{blr:.3g}"
+        # the lrs and the seed are in the name: a run is reused only at the same lrs and seed
+        run_dir = out / "runs" / (f"{cfg['model']}_w{cfg['width']}_d{depth}_lr{lr:.3g}_b{blr:.3g}"
+                                  + (f"_s{seed}" if seed else ""))
         s = train_or_reuse(run_dir, {"model": cfg["model"], "dataset": cfg["dataset"],
                                      "depth": depth, "width": cfg["width"], **cfg["train"],
                                      "lr_multipliers": {"blocks": blr / lr}}, device, seed)

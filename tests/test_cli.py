@@ -32,6 +32,10 @@ def test_models_lists_names_families_and_parameter_counts(capsys):
     (["train", "--config", "/nonexistent/c.yaml"], "config file not found: /nonexistent/c.yaml"),
     (["train", "--model", "plain_mlp", "--depth", "7"], "depth must be 2 + 2*k"),
     (["train", "--model-arg", "bogus=1"], "does not take option(s) bogus"),
+    (["train", "--lr-multiplier", "blocks=-1"], "lr_multipliers: blocks: must be a positive"),
+    (["train", "--lr-multiplier", "blocks"], "--lr-multiplier expects KEY=VALUE"),
+    (["train", "--lr-multiplier", "body=0.1", "--epochs", "1", "--num-samples", "100"],
+     "lr_multipliers: resnet_mlp has no submodule 'body'"),
     (["probe", "norms", "--out", "x"], "give exactly one of --model"),
 ])
 def test_user_errors_are_one_line_exit_2_no_traceback(capsys, tmp_path, argv, needle):
@@ -39,6 +43,14 @@ def test_user_errors_are_one_line_exit_2_no_traceback(capsys, tmp_path, argv, ne
     assert code == 2
     assert needle in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_lr_multiplier_flags_reach_the_config():
+    from pnnh.cli import build_parser, train_config_from_args
+
+    args = build_parser().parse_args(["train", "--lr-multiplier", "blocks=0.1",
+                                      "--lr-multiplier", "head=2"])
+    assert train_config_from_args(args).lr_multipliers == {"blocks": 0.1, "head": 2}
 
 
 def test_argparse_errors_exit_2(capsys):

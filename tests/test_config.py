@@ -93,7 +93,7 @@ def test_every_config_field_has_a_flag():
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).split(" | ")[0]
-        if f.name in ("model_args", "dataset_args", "resume"):
+        if f.name in ("model_args", "dataset_args", "lr_multipliers", "resume"):
             continue
         if kind == "bool":
             argv.append(flag if f.default is not True else "--no-" + flag[2:])
@@ -102,10 +102,11 @@ def test_every_config_field_has_a_flag():
         text = special.get(f.name, values[{"int": int, "float": float, "str": str}[kind]])
         argv += [flag, text]
         expected[f.name] = {"int": int, "float": float, "str": str}[kind](text)
-    argv += ["--model-arg", "coder_ratio=0.5", "--dataset-arg", "image_size=8", "--resume", "auto"]
+    argv += ["--model-arg", "coder_ratio=0.5", "--dataset-arg", "image_size=8", "--resume", "auto",
+             "--lr-multiplier", "blocks=0.1"]
     cfg = train_config_from_args(build_parser(argv).parse_args(argv))
     for name, value in expected.items():
         assert getattr(cfg, name) == value != getattr(TrainConfig(), name), name
     assert cfg.model_args == {"coder_ratio": 0.5} and cfg.dataset_args == {"image_size": 8}
-    assert cfg.resume == "auto"
-    assert len(expected) == len(dataclasses.fields(TrainConfig)) - 3
+    assert cfg.resume == "auto" and cfg.lr_multipliers == {"blocks": 0.1}
+    assert len(expected) == len(dataclasses.fields(TrainConfig)) - 4

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from pnnh.reproduce import deep_plain as exp
@@ -63,3 +64,29 @@ def test_check_export_can_fail(monkeypatch):
                         lambda m: nn.Sequential(m.stem, *m.blocks, m.head).eval())
     skipped = exp.check_export(resnet, x, 1e-5)
     assert skipped["outputs_equal"] and not skipped["plain"] and len(skipped["skips"]) == 2
+
+
+def test_depth_lr_rule_and_reuse_only_at_same_lr(tmp_path, monkeypatch):
+    """The blocks' lr follows the documented rule, and a finished run is reused only at the
+    lrs the rule now gives (a run trained at another lr is never taken for it)."""
+    p = exp.CPU["lr_depth_power"]
+    assert exp.block_lr(exp.CPU, 100) == exp.CPU["train"]["lr"]
+    assert exp.block_lr(exp.CPU, 1000) == pytest.approx(exp.CPU["train"]["lr"] * 0.1 ** p)
+    assert exp.block_lr({**exp.CPU, "lr_depth_power": 0.0}, 1000) == exp.CPU["train"]["lr"]
+
+    monkeypatch.setattr(exp, "CPU", exp.QUICK)
+    first = exp.run(tmp_path, "cpu", "cpu", 0)
+    assert [r["block_lr"] for r in first["rows"]] == [exp.block_lr(exp.QUICK, d)
+                                                     for d in exp.QUICK["depths"]]
+    assert all(r["lr"] == exp.QUICK["train"]["lr"] for r in first["rows"])
+    deep_cfg = yaml.safe_load((tmp_path / first["rows"][1]["run"] / "config.yaml").read_text())
+    assert deep_cfg["lr_multipliers"] == {"blocks": pytest.approx((8 / 40) ** p)}
+    monkeypatch.setattr(exp, "CPU", {**exp.QUICK, "lr_depth_power": p + 1.0})
+    again = exp.run(tmp_path, "cpu", "cpu", 0)
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 3  # the shallow run is shared (same lr), the deep one is new
+    assert again["rows"][0]["run"] == first["rows"][0]["run"]
+    assert again["rows"][1]["run"] != first["rows"][1]["run"]
+    other_seed = exp.run(tmp_path, "cpu", "cpu", 1)
+    assert len(list((tmp_path / "runs").iterdir())) == 5  # another seed is never reused
+    assert {r["run"] for r in other_seed["rows"]}.isdisjoint(r["run"] for r in again["rows"])

@@ -212,3 +212,29 @@ def test_an_error_in_a_loader_worker_is_one_line():
     with pytest.raises(DataError) as e:
         list(_one_line_errors(loader))
     assert str(e.value) == "cannot read image /data/0.png: truncated"
+
+
+def test_lr_multipliers_scale_a_submodules_step(tmp_path):
+    """``lr_multipliers`` puts a top-level submodule's parameters at ``lr * factor``: one SGD
+    step without momentum moves them by exactly ``factor`` times the gradient step."""
+    from pnnh.config import resolve as make_config
+    from pnnh.errors import ConfigError
+    from pnnh.models import create_model
+    from pnnh.train import build_optimizer
+
+    cfg = make_config(_small(tmp_path, optimizer="sgd", momentum=0.0, lr=0.5,
+                             lr_multipliers={"blocks": 0.1}))
+    model = create_model("resnet_mlp", depth=4, width=8)
+    opt = build_optimizer(cfg, model)
+    assert opt.param_groups[0]["lr"] == 0.5  # the base lr first (it is the one logged)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(16, 1, 40)).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    for n, p in model.named_parameters():
+        lr = 0.05 if n.startswith("blocks.") else 0.5
+        torch.testing.assert_close(p.detach(), before[n] - lr * grads[n], rtol=0, atol=1e-7)
+    with pytest.raises(ConfigError, match="lr_multipliers: resnet_mlp has no submodule 'body'"):
+        build_optimizer(make_config(_small(tmp_path, lr_multipliers={"body": 0.1})), model)
+    with pytest.raises(ConfigError, match="lr_multipliers: blocks: must be a positive number"):
+        make_config(_small(tmp_path, lr_multipliers={"blocks": 0}))

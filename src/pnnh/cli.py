@@ -142,6 +142,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--tat", action="store_true", default=None,
       help="plain models: leaky-ReLU TAT activations and orthogonal/Delta init (eta 0.9; "
       "--model-arg tat_eta=X)")
+    a("--lr-multiplier", action="append", default=[], metavar="MODULE=X",
+      help="train a top-level submodule at lr * X, e.g. blocks=0.1 (repeatable)")
     a("--config", help="YAML file of training options (flags override it)")
     a("--resume", nargs="?", const=True, default=None, choices=("auto", "true", "false"),
       help="continue from OUT/checkpoints/last.pt (prev.pt if last.pt is damaged); "
@@ -208,6 +210,9 @@ def train_config_from_args(args: argparse.Namespace):
     dataset_args = dict(parse_model_arg(t, "--dataset-arg") for t in args.dataset_arg)
     if dataset_args:
         overrides["dataset_args"] = dataset_args
+    lr_multipliers = dict(parse_model_arg(t, "--lr-multiplier") for t in args.lr_multiplier)
+    if lr_multipliers:
+        overrides["lr_multipliers"] = lr_multipliers
     return validate(from_dict(overrides, base))
 
 

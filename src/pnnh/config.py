@@ -45,6 +45,8 @@ class TrainConfig:
     epochs: int = _opt(10, "training epochs")
     batch_size: int = _opt(128, "global batch (split across torchrun processes)")
     lr: float = _opt(1e-3, "peak learning rate")
+    lr_multipliers: dict = _opt({}, "lr factor per top-level submodule, by name (e.g. blocks=0.1: "
+                                    "the blocks at lr / 10; flag --lr-multiplier)", flag=False)
     optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
     momentum: float = _opt(0.9, "SGD momentum (Nesterov when > 0)")
     weight_decay: float = _opt(0.0, "weight decay (not on biases and norm parameters)")
@@ -179,6 +181,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("val_batch_size", "must be at least 1")
     if not cfg.lr > 0:
         bad("lr", "must be positive")
+    for key, factor in cfg.lr_multipliers.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ConfigError(f"lr_multipliers: {key}: must be a positive number "
+                              f"(got {factor!r})", field="lr_multipliers")
     if cfg.weight_decay < 0:
         bad("weight_decay", "must be >= 0")
     if not 0 <= cfg.momentum < 1:
@@ -231,6 +237,7 @@ def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     cfg.model_args = dict(cfg.model_args)
     cfg.dataset_args = dict(cfg.dataset_args)
+    cfg.lr_multipliers = dict(cfg.lr_multipliers)
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
@@ -291,8 +298,10 @@ def dump_yaml(cfg: TrainConfig) -> str:
 
 
 def parse_model_arg(text: str, flag: str = "--model-arg") -> tuple[str, Any]:
-    """``KEY=VALUE`` → (key, YAML-parsed value), for ``--model-arg`` / ``--dataset-arg``."""
-    field_name = flag.lstrip("-").replace("-arg", "_args")
+    """``KEY=VALUE`` → (key, YAML-parsed value), for ``--model-arg`` / ``--dataset-arg`` /
+    ``--lr-multiplier``."""
+    field_name = ("lr_multipliers" if flag == "--lr-multiplier"
+                  else flag.lstrip("-").replace("-arg", "_args"))
     if "=" not in text:
         raise ConfigError(f"{flag} expects KEY=VALUE, got {text!r}", field=field_name)
     key, value = text.split("=", 1)

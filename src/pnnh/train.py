@@ -78,11 +78,24 @@ def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    # no weight decay on biases and normalisation parameters (1-D tensors)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """SGD or AdamW; no weight decay on biases and normalisation parameters (1-D tensors); the
+    parameters of a top-level submodule named in ``cfg.lr_multipliers`` at ``lr * factor``."""
+    mult = dict(getattr(cfg, "lr_multipliers", None) or {})
+    children = dict(model.named_children())
+    for name in mult:
+        if name not in children:
+            raise ConfigError(f"lr_multipliers: {cfg.model} has no submodule {name!r} "
+                              f"(it has {', '.join(children)})", field="lr_multipliers")
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            factor = float(mult.get(name.split(".", 1)[0], 1.0))
+            groups.setdefault((p.ndim > 1, factor), []).append(p)
+    groups = [{"params": ps, "lr": cfg.lr * factor,
+               "weight_decay": cfg.weight_decay if decay else 0.0}
+              for (decay, factor), ps in sorted(groups.items(),  # the base lr's groups first
+                                                key=lambda kv: (kv[0][1] != 1.0, kv[0][1],
+                                                                not kv[0][0]))]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)

@@ -411,11 +411,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trace-tols", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
     ap.add_argument("--pyh-trace-samples", type=int, nargs="+", default=[100, 400],
                     help="PyHessian Hutchinson run to a fixed number of samples")
-    ap.add_argument("--trace-budgets", type=int, nargs="+", default=[32, 64, 128, 256])
-    ap.add_argument("--hutchpp-budgets", type=int, nargs="+", default=[128, 256])
-    ap.add_argument("--hutchinson-budgets", type=int, nargs="+", default=[100, 200, 400])
+    ap.add_argument("--trace-budgets", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--hutchpp-budgets", type=int, nargs="+", default=[32, 128, 256])
+    ap.add_argument("--hutchinson-budgets", type=int, nargs="+",
+                    default=[4, 8, 16, 32, 100, 200, 400])
     ap.add_argument("--pyh-slq-steps", type=int, nargs="+", default=[100, 30, 20])
-    ap.add_argument("--slq-steps", type=int, nargs="+", default=[10, 20, 30])
+    ap.add_argument("--slq-steps", type=int, nargs="+", default=[10, 15, 20, 25, 30])
     ap.add_argument("--skip-resnet", action="store_true", help="trace and density only")
     ap.add_argument("--quantities", nargs="+", choices=QUANTITIES, default=list(QUANTITIES),
                     help="a subset: results go to hessian_vs_pyhessian_<subset>.json, no figure")

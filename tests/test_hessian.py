@@ -459,3 +459,19 @@ def test_slq_without_per_step_ritz_values_matches_full_tridiagonal():
     torch.testing.assert_close(a["ritz"], b["ritz"], rtol=1e-10, atol=1e-10)
     lam = torch.linalg.eigvalsh(hd)
     assert abs(float(a["ritz"][-1]) - float(lam[-1])) < 1e-6 * float(lam.abs().max())
+
+
+def test_hvp_blocks_forward_over_reverse_match_exact_hessian():
+    """hvp_many's CPU blocks (>= 8 rows) run vmapped forward-over-reverse while single HVPs
+    stay double backward; both agree with the exact Hessian, over one batch and a loader."""
+    model, (x, y) = small_net(), batch()
+    h = reference_hessian(model, x, y)
+    v = torch.randn(11, h.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for data in ((x, y), [(x[:12], y[:12]), (x[12:], y[12:])]):
+        op = HessianOperator(model, data, "ce")
+        out = op.hvp_many(v)
+        assert op.hvp_kind == "rev-rev" and op.block_kind == "fwd-rev" and op.hvp_calls == 11
+        torch.testing.assert_close(out, v @ h, rtol=1e-9, atol=1e-10)
+    small = HessianOperator(model, (x, y), "ce")
+    torch.testing.assert_close(small.hvp_many(v[:5]), v[:5] @ h, rtol=1e-9, atol=1e-10)
+    assert small.block_kind is None

@@ -61,6 +61,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 HVP_MODES = ("auto", "fwd-rev", "rev-rev")
 BATCHED_CPU_DIM = 50_000  # hvp_many batches vectors on a CPU up to this many parameters
+BLOCK_FWD_REV = 8  # hvp_many: CPU blocks of this many rows or more go forward-over-reverse
 HVP_KINDS = {
     "fwd-rev": "fwd-rev (torch.func forward-over-reverse, jvp of grad: no graph kept)",
     "rev-rev": "rev-rev (double backward over a gradient graph built once per batch)",
@@ -147,6 +148,7 @@ class HessianOperator:
         self.hvp_calls = 0
         self.batched: bool | None = None  # hvp_many: batched passes (None: on accelerators)
         self.quadratic_kind: str | None = None  # quadratic_forms: "fwd-fwd" or "hvp" once run
+        self.block_kind: str | None = None  # hvp_many's CPU blocks: "fwd-rev" once it ran
 
     @property
     def theta(self) -> torch.Tensor:
@@ -324,11 +326,33 @@ class HessianOperator:
                 if block.shape[0] == 0:
                     continue
             try:
-                outs.append(self._hvp_data(block))
+                outs.append(self._hvp_block(block))
             except RuntimeError:  # an op without a batching rule: one HVP at a time
                 outs.append(torch.stack([self._hvp_data(v) for v in block]))
         self.hvp_calls += vs.shape[0]
         return torch.cat(outs) if outs else torch.zeros_like(vs)
+
+    def _hvp_block(self, block: torch.Tensor) -> torch.Tensor:
+        """A ``(k, dim)`` block of HVPs in one batched pass. On a CPU, for blocks of
+        ``BLOCK_FWD_REV`` or more rows, a vmapped forward-over-reverse pass (the rows ride
+        along as a larger batch through the convolutions and matmuls) is used even where
+        double backward is the single-HVP kind: on the 938-parameter conv net of
+        ``benchmarks/hessian_vs_pyhessian.py`` it cost 0.6-0.7x the batched double backward
+        per vector; :attr:`block_kind` records it (``None`` when the block went through
+        :attr:`hvp_kind`). Falls back to :attr:`hvp_kind` where forward-mode AD is missing."""
+        if (self.hvp_kind == "rev-rev" and self.theta.device.type == "cpu"
+                and block.shape[0] >= BLOCK_FWD_REV and self.block_kind != "failed"):
+            try:
+                out = torch.zeros_like(block)
+                for x, y in self._iter():
+                    with self._attention():
+                        hb = vmap(self._hvp_batch, in_dims=(0, None, None))(block, x, y)
+                    out += (x.shape[0] / self.num_samples) * hb
+                self.block_kind = "fwd-rev"
+                return out
+            except (NotImplementedError, RuntimeError):
+                self.block_kind = "failed"
+        return self._hvp_data(block)
 
     def _quadratic_fwd_fwd(self, vs: torch.Tensor) -> torch.Tensor:
         """``vᵀ H v = d²/dε² L(θ + ε v)|_{ε=0}`` for every row, by forward-over-forward AD
@@ -441,7 +465,7 @@ class HessianOperator:
                              rel_tol=rel_tol, z=z, chunk=chunk, device=self.theta.device,
                              quadform=self.quadratic_forms)
         out.update(hvps=self.hvp_calls - calls0, hvp=self.hvp_kind, method=self.hvp_method,
-                   quadratic_forms=self.quadratic_kind)
+                   quadratic_forms=self.quadratic_kind, block_hvp=self.block_kind)
         return out
 
     def spectral_density(self, num_runs: int = 5, num_steps: int = 40, seed: int = 0) -> dict:

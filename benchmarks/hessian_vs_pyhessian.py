@@ -35,7 +35,10 @@ Contenders:
   estimate and the smoothed exact spectrum (σ = 2% of the spectral span, same grid).
 
 HVPs: PyHessian's double backward over a graph built once; pnnh ``hvp_mode="auto"`` (resolves
-to the same double backward here). Writes ``benchmarks/results/hessian_vs_pyhessian.json`` and
+to the same double backward for single HVPs; Hutchinson's ``vᵀHv`` by vmapped
+forward-over-forward AD and, on the small net, the sketch blocks by vmapped
+forward-over-reverse: see ``HessianOperator.quadratic_forms`` and ``hvp_many``).
+Writes ``benchmarks/results/hessian_vs_pyhessian.json`` and
 ``docs/figures/hessian_time_vs_error.png``. Run:
 ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/hessian_vs_pyhessian.py --threads 1``.
 """

@@ -35,7 +35,10 @@ Contenders:
   estimate and the smoothed exact spectrum (σ = 2% of the spectral span, same grid).
 
 HVPs: PyHessian's double backward over a graph built once; pnnh ``hvp_mode="auto"`` (resolves
-to the same double backward here). Writes ``benchmarks/results/hessian_vs_pyhessian.json`` and
+to the same double backward for single HVPs; Hutchinson's ``vᵀHv`` by vmapped
+forward-over-forward AD and, on the small net, the sketch blocks by vmapped
+forward-over-reverse: see ``HessianOperator.quadratic_forms`` and ``hvp_many``).
+Writes ``benchmarks/results/hessian_vs_pyhessian.json`` and
 ``docs/figures/hessian_time_vs_error.png``. Run:
 ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/hessian_vs_pyhessian.py --threads 1``.
 """
@@ -411,11 +414,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trace-tols", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
     ap.add_argument("--pyh-trace-samples", type=int, nargs="+", default=[100, 400],
                     help="PyHessian Hutchinson run to a fixed number of samples")
-    ap.add_argument("--trace-budgets", type=int, nargs="+", default=[32, 64, 128, 256])
-    ap.add_argument("--hutchpp-budgets", type=int, nargs="+", default=[128, 256])
-    ap.add_argument("--hutchinson-budgets", type=int, nargs="+", default=[100, 200, 400])
+    ap.add_argument("--trace-budgets", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--hutchpp-budgets", type=int, nargs="+", default=[32, 128, 256])
+    ap.add_argument("--hutchinson-budgets", type=int, nargs="+",
+                    default=[4, 8, 16, 32, 100, 200, 400])
     ap.add_argument("--pyh-slq-steps", type=int, nargs="+", default=[100, 30, 20])
-    ap.add_argument("--slq-steps", type=int, nargs="+", default=[10, 20, 30])
+    ap.add_argument("--slq-steps", type=int, nargs="+", default=[10, 15, 20, 25, 30])
     ap.add_argument("--skip-resnet", action="store_true", help="trace and density only")
     ap.add_argument("--quantities", nargs="+", choices=QUANTITIES, default=list(QUANTITIES),
                     help="a subset: results go to hessian_vs_pyhessian_<subset>.json, no figure")

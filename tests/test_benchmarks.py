@@ -140,4 +140,6 @@ def test_hessian_vs_pyhessian_quick(tmp_path):
         assert {r["tool"] for r in q["rows"]} == {"pyhessian", "pnnh"}
         assert all(math.isfinite(r["error"]) and r["best"] > 0 for r in q["rows"])
         assert len(q["equal_error"]) == sum(r["tool"] == "pyhessian" for r in q["rows"])
+    trace_settings = {r["setting"] for r in data["small"]["trace"]["rows"] if r["tool"] == "pnnh"}
+    assert {"hutchinson 8", "xtrace 16", "hutch++ 12"} <= trace_settings
     assert (tmp_path / "hessian_quick.png").stat().st_size > 1000

@@ -420,3 +420,58 @@ def test_auto_hvp_picks_double_backward_and_data_loader_path_is_exact():
     assert "double backward" in full.hvp_method and "fallback" not in full.hvp_method
     tr = split.trace(num_samples=64, method="xtrace")
     assert abs(tr["trace"] - float(torch.trace(full.dense()))) <= tr["error_bound"] + 1e-9
+
+
+def test_quadratic_forms_match_exact_hessian_and_fall_back():
+    """Forward-over-forward ``vᵀHv`` (also over several batches) equals ``vᵀ H_exact v``; with
+    the fallback forced it is ``v·(Hv)``; Hutchinson's trace is the same either way."""
+    model, (x, y) = small_net(), batch()
+    h = reference_hessian(model, x, y)
+    v = torch.randn(7, h.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    exact = ((v @ h) * v).sum(1)
+    op = HessianOperator(model, (x, y), "ce")
+    q = op.quadratic_forms(v, chunk_size=3)
+    assert op.quadratic_kind == "fwd-fwd" and op.hvp_calls == 7
+    torch.testing.assert_close(q, exact, rtol=1e-10, atol=1e-10)
+    loader = [(x[:20], y[:20]), (x[20:], y[20:])]
+    torch.testing.assert_close(HessianOperator(model, loader, "ce").quadratic_forms(v), exact,
+                               rtol=1e-10, atol=1e-10)
+    slow = HessianOperator(model, (x, y), "ce")
+    slow.quadratic_kind = "hvp"
+    torch.testing.assert_close(slow.quadratic_forms(v), exact, rtol=1e-10, atol=1e-10)
+    a = op.trace(40, seed=2, method="hutchinson")
+    b = slow.trace(40, seed=2, method="hutchinson")
+    assert a["quadratic_forms"] == "fwd-fwd" and b["quadratic_forms"] == "hvp"
+    assert a["samples"] == b["samples"] == 40
+    assert abs(a["trace"] - b["trace"]) < 1e-9 * abs(b["trace"])
+
+
+def test_slq_without_per_step_ritz_values_matches_full_tridiagonal():
+    """The SLQ path (no eigh per step) returns the Ritz pairs of the whole tridiagonal matrix:
+    its first ``m`` Ritz values match a run that computes them every step."""
+    model, (x, y) = small_net(), batch()
+    op = HessianOperator(model, (x, y), "ce")
+    hd = op.dense().double()
+    v0 = torch.ones(op.dim, dtype=torch.float64)
+    a = lanczos(lambda v: hd @ v, op.dim, 25, v0=v0, stop="none")
+    b = lanczos(lambda v: hd @ v, op.dim, 25, v0=v0, stop="extremes", tol=0.0)
+    assert a["steps"] == b["steps"] == 25
+    torch.testing.assert_close(a["ritz"], b["ritz"], rtol=1e-10, atol=1e-10)
+    lam = torch.linalg.eigvalsh(hd)
+    assert abs(float(a["ritz"][-1]) - float(lam[-1])) < 1e-6 * float(lam.abs().max())
+
+
+def test_hvp_blocks_forward_over_reverse_match_exact_hessian():
+    """hvp_many's CPU blocks (>= 8 rows) run vmapped forward-over-reverse while single HVPs
+    stay double backward; both agree with the exact Hessian, over one batch and a loader."""
+    model, (x, y) = small_net(), batch()
+    h = reference_hessian(model, x, y)
+    v = torch.randn(11, h.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for data in ((x, y), [(x[:12], y[:12]), (x[12:], y[12:])]):
+        op = HessianOperator(model, data, "ce")
+        out = op.hvp_many(v)
+        assert op.hvp_kind == "rev-rev" and op.block_kind == "fwd-rev" and op.hvp_calls == 11
+        torch.testing.assert_close(out, v @ h, rtol=1e-9, atol=1e-10)
+    small = HessianOperator(model, (x, y), "ce")
+    torch.testing.assert_close(small.hvp_many(v[:5]), v[:5] @ h, rtol=1e-9, atol=1e-10)
+    assert small.block_kind is None

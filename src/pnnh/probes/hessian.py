@@ -65,6 +65,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 HVP_MODES = ("auto", "fwd-rev", "rev-rev")
 BATCHED_CPU_DIM = 50_000  # hvp_many batches vectors on a CPU up to this many parameters
+BLOCK_FWD_REV = 8  # hvp_many: CPU blocks of this many rows or more go forward-over-reverse
 HVP_KINDS = {
     "fwd-rev": "fwd-rev (torch.func forward-over-reverse, jvp of grad: no graph kept)",
     "rev-rev": "rev-rev (double backward over a gradient graph built once per batch)",
@@ -150,6 +151,8 @@ class HessianOperator:
             raise ConfigError("hessian: the data has no samples", field="data")
         self.hvp_calls = 0
         self.batched: bool | None = None  # hvp_many: batched passes (None: on accelerators)
+        self.quadratic_kind: str | None = None  # quadratic_forms: "fwd-fwd" or "hvp" once run
+        self.block_kind: str | None = None  # hvp_many's CPU blocks: "fwd-rev" once it ran
 
     @property
     def theta(self) -> torch.Tensor:
@@ -327,11 +330,70 @@ class HessianOperator:
                 if block.shape[0] == 0:
                     continue
             try:
-                outs.append(self._hvp_data(block))
+                outs.append(self._hvp_block(block))
             except RuntimeError:  # an op without a batching rule: one HVP at a time
                 outs.append(torch.stack([self._hvp_data(v) for v in block]))
         self.hvp_calls += vs.shape[0]
         return torch.cat(outs) if outs else torch.zeros_like(vs)
+
+    def _hvp_block(self, block: torch.Tensor) -> torch.Tensor:
+        """A ``(k, dim)`` block of HVPs in one batched pass. On a CPU, for blocks of
+        ``BLOCK_FWD_REV`` or more rows, a vmapped forward-over-reverse pass (the rows ride
+        along as a larger batch through the convolutions and matmuls) is used even where
+        double backward is the single-HVP kind: on the 938-parameter conv net of
+        ``benchmarks/hessian_vs_pyhessian.py`` it cost 0.6-0.7x the batched double backward
+        per vector; :attr:`block_kind` records it (``None`` when the block went through
+        :attr:`hvp_kind`). Falls back to :attr:`hvp_kind` where forward-mode AD is missing."""
+        if (self.hvp_kind == "rev-rev" and self.theta.device.type == "cpu"
+                and block.shape[0] >= BLOCK_FWD_REV and self.block_kind != "failed"):
+            try:
+                out = torch.zeros_like(block)
+                for x, y in self._iter():
+                    with self._attention():
+                        hb = vmap(self._hvp_batch, in_dims=(0, None, None))(block, x, y)
+                    out += (x.shape[0] / self.num_samples) * hb
+                self.block_kind = "fwd-rev"
+                return out
+            except (NotImplementedError, RuntimeError):
+                self.block_kind = "failed"
+        return self._hvp_data(block)
+
+    def _quadratic_fwd_fwd(self, vs: torch.Tensor) -> torch.Tensor:
+        """``vᵀ H v = d²/dε² L(θ + ε v)|_{ε=0}`` for every row, by forward-over-forward AD
+        (``jvp`` of ``jvp``, vmapped over the rows): no backward pass, no graph."""
+        out = torch.zeros(vs.shape[0], dtype=vs.dtype, device=vs.device)
+        for x, y in self._iter():
+            def second(v, x=x, y=y):
+                def first(t):
+                    return jvp(lambda u: self._loss(u, x, y), (t,), (v,))[1]
+                return jvp(first, (self.theta,), (v,))[1]
+            with self._attention():
+                out += (x.shape[0] / self.num_samples) * vmap(second)(vs)
+        return out
+
+    def quadratic_forms(self, vs: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
+        """``vᵀ H v`` for every row ``v`` of ``vs`` (float64): all Hutchinson needs.
+
+        Where :meth:`hvp_many` would batch (small models on a CPU, accelerators) they come
+        from forward-over-forward AD in blocks of ``chunk_size`` rows (one vmapped second-order
+        forward pass per block, several times cheaper than double backward per vector on the
+        development CPU for a 938-parameter conv net); else, or where an op has no
+        forward-mode derivative, from ``v · (H v)``. :attr:`quadratic_kind` says which ran."""
+        vs = vs.to(self.theta)
+        batched = self.batched
+        if batched is None:
+            batched = self.theta.device.type != "cpu" or self.dim <= BATCHED_CPU_DIM
+        if batched and self.quadratic_kind in (None, "fwd-fwd"):
+            try:
+                out = torch.cat([self._quadratic_fwd_fwd(vs[i:i + chunk_size])
+                                 for i in range(0, vs.shape[0], chunk_size)])
+                self.quadratic_kind = "fwd-fwd"
+                self.hvp_calls += vs.shape[0]
+                return out.double()
+            except (NotImplementedError, RuntimeError):
+                pass
+        self.quadratic_kind = "hvp"
+        return (vs.double() * self.hvp_many(vs).double()).sum(1)
 
     def dense(self, chunk_size: int = 256) -> torch.Tensor:
         """The exact ``dim × dim`` Hessian: ``H e_j`` for every basis vector (vmapped HVPs)."""
@@ -404,8 +466,10 @@ class HessianOperator:
                               field="trace_method")
         calls0 = self.hvp_calls
         out = estimate_trace(self.hvp_many, self.dim, num_samples, method=method, seed=seed,
-                             rel_tol=rel_tol, z=z, chunk=chunk, device=self.theta.device)
-        out.update(hvps=self.hvp_calls - calls0, hvp=self.hvp_kind, method=self.hvp_method)
+                             rel_tol=rel_tol, z=z, chunk=chunk, device=self.theta.device,
+                             quadform=self.quadratic_forms)
+        out.update(hvps=self.hvp_calls - calls0, hvp=self.hvp_kind, method=self.hvp_method,
+                   quadratic_forms=self.quadratic_kind, block_hvp=self.block_kind)
         return out
 
     def spectral_density(self, num_runs: int = 5, num_steps: int = 40, seed: int = 0) -> dict:
@@ -445,6 +509,16 @@ def ritz_error_bounds(ritz: torch.Tensor, s: torch.Tensor, beta: float,
         if gmin > 0:
             out["min"] = min(out["min"], float(r[0]) ** 2 / gmin)
     return out
+
+
+def _tridiagonal_eigh(alphas: list[float], betas: list[float]):
+    """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal ``T`` with
+    diagonal ``alphas`` and off-diagonal ``betas``."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        b = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        t = t + torch.diag(b, 1) + torch.diag(b, -1)
+    return torch.linalg.eigh(t)
 
 
 def lanczos(
@@ -487,18 +561,21 @@ def lanczos(
             w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
         alphas.append(alpha)
         beta = float(w.norm())
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            b = torch.tensor(betas, dtype=torch.float64)
-            T = T + torch.diag(b, 1) + torch.diag(b, -1)
-        ritz, s = torch.linalg.eigh(T)
-        scale = max(float(ritz.abs().max()), 1e-300)
-        if beta <= 1e-12 * scale:
-            break
-        if stop in ("extremes", "max") and j >= 1:
-            e = ritz_error_bounds(ritz, s, beta, bound)
-            if e["max"] <= tol * scale and (stop == "max" or e["min"] <= tol * scale):
+        last = j + 1 >= max_steps
+        if stop == "none" and not last:  # SLQ: no eigh per step; max|α| <= max|θ| serves
+            scale = max(abs(a) for a in alphas)  # to detect an invariant subspace (β ≈ 0)
+            if beta <= 1e-12 * max(scale, 1e-300):
+                ritz, s = _tridiagonal_eigh(alphas, betas)
                 break
+        else:
+            ritz, s = _tridiagonal_eigh(alphas, betas)
+            scale = max(float(ritz.abs().max()), 1e-300)
+            if beta <= 1e-12 * scale or last:
+                break
+            if stop in ("extremes", "max") and j >= 1:
+                e = ritz_error_bounds(ritz, s, beta, bound)
+                if e["max"] <= tol * scale and (stop == "max" or e["min"] <= tol * scale):
+                    break
         betas.append(beta)
         if j + 1 >= Q.shape[0]:
             grown = torch.empty(min(2 * Q.shape[0], max_steps + 1), dim, dtype=Q.dtype,
@@ -631,9 +708,14 @@ def _xtrace(matmat, dim: int, budget: int, gen, rel_tol, z: float, chunk: int, d
         m = min(2 * m, m_max)
 
 
-def _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device, basis=None) -> dict:
+def _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device, basis=None,
+                quadform=None) -> dict:
     """``(1/n) Σ vᵀ P A P v`` over Rademacher ``v`` with ``P = I − QQᵀ`` (``P = I`` without a
-    basis), ``chunk`` probes per batched call, stopping when ``z·stderr <= rel_tol·|total|``."""
+    basis), ``chunk`` probes per batched call, stopping when ``z·stderr <= rel_tol·|total|``.
+    ``quadform(rows)``, when given, returns ``vᵀAv`` per row directly (else ``v·(Av)``); without
+    a stopping rule all probes go to it at once."""
+    if quadform is not None and rel_tol is None:
+        chunk = budget
     base = 0.0 if basis is None else basis[1]
     vals: list[float] = []
     t, err = base, float("inf")
@@ -641,7 +723,8 @@ def _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device, basis=None)
         v = _rademacher(min(chunk, budget - len(vals)), dim, gen, device)
         if basis is not None:
             v = v - (v @ basis[0]) @ basis[0].T
-        vals += (v * matmat(v).double()).sum(1).tolist()
+        vals += (quadform(v) if quadform is not None
+                 else (v * matmat(v).double()).sum(1)).tolist()
         t, err = _mean_stderr(torch.tensor(vals, dtype=torch.float64))
         t += base
         if len(vals) >= 8 and _stop(t, err, rel_tol, z):
@@ -654,6 +737,7 @@ def estimate_trace(
     matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, budget: int,
     method: str = "xtrace", seed: int = 0, rel_tol: float | None = None, z: float = 2.0,
     chunk: int = 16, device: torch.device | str = "cpu",
+    quadform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Trace of a symmetric ``A`` given by ``matmat(rows) = rows @ A`` with at most ``budget``
     products.
@@ -666,8 +750,10 @@ def estimate_trace(
       sketch and the residual estimate, by leave-one-out (:func:`xtrace_estimates`).
 
     With ``budget >= dim`` the trace is exact from the basis vectors (``dim`` products).
-    Returns ``trace``, ``trace_stderr`` (standard error of the random part), ``samples`` (the
-    products used) and ``converged`` (``z·stderr <= rel_tol·|trace|``).
+    ``quadform(rows)``, when given, supplies Hutchinson's ``vᵀAv`` directly (e.g. by
+    forward-over-forward AD, cheaper than ``v·(Av)``). Returns ``trace``, ``trace_stderr``
+    (standard error of the random part), ``samples`` (the products used) and ``converged``
+    (``z·stderr <= rel_tol·|trace|``).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     budget = max(2, int(budget))
@@ -684,10 +770,11 @@ def estimate_trace(
         q = torch.linalg.qr(_apply(matmat, _rademacher(k, dim, gen, device), chunk).T)[0]
         top = float(torch.trace(q.T @ _apply(matmat, q.T, chunk).T))
         out = _hutchinson(matmat, dim, max(2, budget - 2 * k), gen, rel_tol, z, chunk, device,
-                          basis=(q, top))
+                          basis=(q, top), quadform=quadform)
         out["samples"] += 2 * k
     else:
-        out = _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device)
+        out = _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device,
+                          quadform=quadform)
     out.update(trace_method=method, error_bound=z * out["trace_stderr"], z=z)
     return out
 

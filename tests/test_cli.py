@@ -73,3 +73,32 @@ def test_train_command_end_to_end_in_a_subprocess(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_val_acc"] > 0.3
     assert (out / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("asked", ["cpu", "paper"])
+def test_pnnh_quick_runs_reproduce_at_the_quick_scale(asked, monkeypatch):
+    from pnnh.cli import apply_quick, build_parser
+
+    argv = ["reproduce", "dissipation", "--scale", asked]
+    args = build_parser(argv).parse_args(argv)
+    monkeypatch.delenv("PNNH_QUICK", raising=False)
+    apply_quick(args)
+    assert args.scale == asked  # unset: the scale asked for
+    monkeypatch.setenv("PNNH_QUICK", "1")
+    apply_quick(args)
+    assert args.scale == "quick"
+
+
+def test_every_experiment_has_the_three_scales_and_others_are_refused(tmp_path):
+    from pnnh import reproduce
+    from pnnh.errors import ConfigError
+
+    for name in reproduce.EXPERIMENTS:
+        mod = reproduce.experiment(name)
+        scales = getattr(mod, "SCALES", None)
+        if isinstance(scales, dict):
+            assert set(scales) == set(reproduce.SCALES), name
+        else:  # modules with their own QUICK / CPU / PAPER configs
+            assert hasattr(mod, "QUICK") and hasattr(mod, "CPU"), name
+    with pytest.raises(ConfigError, match="scale: must be one of quick, cpu, paper"):
+        reproduce.run("dissipation", tmp_path, scale="tiny")

@@ -157,21 +157,13 @@ def test_imagenet_stem_follows_input_size():
     assert large(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
-def test_pnnh_accuracy_experiment_smoke(tmp_path, monkeypatch):
-    """The experiment's plumbing on a tiny budget: rows, table, ablation, plot, reuse."""
+def test_pnnh_accuracy_experiment_smoke(tmp_path):
+    """The experiment's plumbing at its quick scale: rows, table, ablation, plot, reuse."""
     import json
 
     from pnnh.reproduce import pnnh_accuracy as exp
 
-    cpu = {**exp.CPU, "families": {"mlp": {"width": 8}}, "depths": (8,),
-           "train": {**exp.CPU["train"], "epochs": 1, "max_steps_per_epoch": 2,
-                     "num_samples": 200},
-           "extra_seeds": {"depth": 8, "seeds": (1,)},
-           "ablation": {"model": "pnnh_mlp", "depth": 8, "width": 8,
-                        "variants": {"fixed (default)": {}, "none":
-                                     {"coder_constraint": "none"}}}}
-    monkeypatch.setattr(exp, "CPU", cpu)
-    summary = exp.run(tmp_path, "cpu", "cpu", 0)
+    summary = exp.run(tmp_path, "quick", "cpu", 0)
     assert [r["kind"] for r in summary["rows"]] == ["plain", "resnet", "pnnh"]
     # default PNNH (fixed coder, learner width = width) has the zero-init ResNet's parameters
     assert summary["rows"][2]["params"] == summary["rows"][1]["params"]

@@ -192,19 +192,10 @@ def test_procrustes_cifar_resnet20():
     assert isinstance(model.head[-1].zca, ZCAWhitening)
 
 
-def test_reproduce_norm_preservation_tiny(tmp_path, monkeypatch):
+def test_reproduce_norm_preservation_quick(tmp_path):
     from pnnh.reproduce import norm_preservation as exp
 
-    tiny = dict(
-        mlp_width=8, init_mlp_depths=[4], init_cnn_depths=[20], cnn_width=2, cnn_batch=4,
-        probe_samples=64, num_samples=400, train_depths=[4], train_epochs=1, track_every=1,
-        proc=dict(dataset="mnist1d", model="procrustes_resnet_mlp", depth=8, width=16, epochs=1,
-                  batch_size=64, lr=1e-3, optimizer="adamw", track_every=2,
-                  variants={"resnet": dict(procrustes=False, zca=False),
-                            "procrustes+zca": dict(procrustes=True, zca=True)}),
-    )
-    monkeypatch.setitem(exp.SCALES, "cpu", tiny)
-    summary = exp.run(tmp_path, scale="cpu", device="cpu", seed=0)
+    summary = exp.run(tmp_path, scale="quick", device="cpu", seed=0)
     for f in ("init_ratios.csv", "init_summary.json", "train_summary.csv", "train_curves.json",
               "procrustes_summary.csv", "init_ratios.png", "train_ratios.png", "procrustes.png"):
         assert (tmp_path / f).stat().st_size > 0, f

@@ -104,7 +104,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run a paper experiment (see --list)")
     p.add_argument("name", nargs="?", choices=sorted(reproduce.EXPERIMENTS), metavar="NAME")
     p.add_argument("--list", action="store_true", help="list experiments with expected run time")
-    p.add_argument("--scale", choices=["cpu", "paper"], default="cpu")
+    p.add_argument("--scale", choices=list(reproduce.SCALES), default="cpu",
+                   help="quick: seconds, test size; cpu: minutes on a CPU (default); "
+                        "paper: the paper's setting")
     p.add_argument("--out", help="output directory (default runs/reproduce/NAME)")
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     p.add_argument("--seed", type=int, default=0)
@@ -310,7 +312,9 @@ def apply_quick(args: argparse.Namespace) -> None:
     """``PNNH_QUICK=1``: every command finishes in seconds with the same code paths (the
     docs-commands test runs README's and docs/'s commands this way). ``train``: 1 epoch of at
     most 2 steps on at most 512 MNIST-1D/synthetic samples; ``probe``: at most 64 samples and
-    short Hessian/Jacobian iterations; ``demo``: ``--quick``. Depths and widths are kept."""
+    short Hessian/Jacobian iterations; ``demo``: ``--quick``. Depths and widths are kept.
+    ``reproduce``: ``--scale quick``, whatever scale was asked for (each experiment's test-sized
+    form, :mod:`pnnh.reproduce`)."""
     if os.environ.get(QUICK_ENV, "0") in ("", "0"):
         return
     if args.command == "train":
@@ -324,6 +328,8 @@ def apply_quick(args: argparse.Namespace) -> None:
                 setattr(args, name, min(getattr(args, name), cap))
     elif args.command == "demo":
         args.quick = True
+    elif args.command == "reproduce":
+        args.scale = "quick"
 
 
 def main(argv: list[str] | None = None) -> int:

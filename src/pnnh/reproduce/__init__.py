@@ -1,4 +1,4 @@
-"""Paper experiments, runnable as ``pnnh reproduce NAME [--scale cpu|paper] --out DIR``.
+"""Paper experiments, runnable as ``pnnh reproduce NAME [--scale quick|cpu|paper] --out DIR``.
 
 Each experiment is a module in this package exposing:
 
@@ -6,6 +6,13 @@ Each experiment is a module in this package exposing:
 - ``CPU_MINUTES``: expected run time at ``--scale cpu`` on 2 CPU cores;
 - ``run(out: Path, scale: str, device: str, seed: int) -> dict``: writes its CSV/JSON/PNG files
   under ``out`` (atomically) and returns a summary dict (also written as ``out/summary.json``).
+
+Every experiment has the three :data:`SCALES`: ``paper`` (the paper's setting, usually a GPU),
+``cpu`` (the default: minutes on 2 CPU cores, the numbers in docs/) and ``quick`` (test size:
+seconds, every part of the experiment and every output file, numbers meaningless). ``quick``
+is what ``PNNH_QUICK=1`` selects (:func:`pnnh.cli.apply_quick`), so the documented
+``pnnh reproduce`` commands, and ``pnnh report`` on their output, run in the test suite
+(tests/test_docs_commands.py).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from pathlib import Path
 
 from pnnh.errors import ConfigError
 from pnnh.io import atomic_write_json
+
+SCALES = ("quick", "cpu", "paper")
 
 EXPERIMENTS = {
     "dissipation": "pnnh.reproduce.dissipation",
@@ -42,8 +51,9 @@ def describe() -> str:
 
 
 def run(name: str, out: str | Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> dict:
-    if scale not in ("cpu", "paper"):
-        raise ConfigError(f"scale: must be cpu or paper, got {scale!r}", field="scale")
+    if scale not in SCALES:
+        raise ConfigError(f"scale: must be one of {', '.join(SCALES)}, got {scale!r}",
+                          field="scale")
     mod = experiment(name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -163,7 +163,7 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
     from pnnh.data import get_dataset
     from pnnh.reproduce.pnnh_accuracy import _run as train_or_reuse
 
-    out, cfg = Path(out), CPU
+    out, cfg = Path(out), QUICK if scale == "quick" else CPU
     rows, curves = [], []
     for depth in cfg["depths"]:
         lr, blr = cfg["train"]["lr"], block_lr(cfg, depth)

@@ -52,6 +52,9 @@ KINDS = {  # kind -> (registered model, model_args, theory kind, theory options)
 }
 
 SCALES = {
+    # test-sized: seconds, every kind and code path (``PNNH_QUICK=1``, the docs-commands test)
+    "quick": {"depths": [4, 6], "width": 16, "epochs": 1, "num_samples": 1000,
+              "probe_samples": 64, "batch_size": 128, "lr": 1e-3},
     "cpu": {"depths": [8, 34, 102, 202], "width": 128, "epochs": 5, "num_samples": 5000,
             "probe_samples": 512, "batch_size": 128, "lr": 1e-3},
     "paper": {"depths": [8, 34, 102, 202, 402], "width": 128, "epochs": 15,

@@ -32,6 +32,15 @@ DESCRIPTION = "paper 2: per-block gradient-norm ratio (plain/ResNet/PNNH); ResNe
 CPU_MINUTES = 8
 
 SCALES = {
+    # test-sized: seconds, every part and plot (``PNNH_QUICK=1``, the docs-commands test)
+    "quick": dict(
+        mlp_width=8, init_mlp_depths=[4], init_cnn_depths=[20], cnn_width=2, cnn_batch=4,
+        probe_samples=64, num_samples=400, train_depths=[4], train_epochs=1, track_every=1,
+        proc=dict(dataset="mnist1d", model="procrustes_resnet_mlp", depth=8, width=16, epochs=1,
+                  batch_size=64, lr=1e-3, optimizer="adamw", track_every=2,
+                  variants={"resnet": dict(procrustes=False, zca=False),
+                            "procrustes+zca": dict(procrustes=True, zca=True)}),
+    ),
     "cpu": dict(
         mlp_width=64, init_mlp_depths=[10, 34, 66], init_cnn_depths=[20, 56, 110], cnn_width=16,
         cnn_batch=32, probe_samples=512, num_samples=10000, train_depths=[10, 34, 66],

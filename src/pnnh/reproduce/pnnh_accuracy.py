@@ -13,6 +13,9 @@ the seed-to-seed spread the table should be read with. Writes
 ``accuracy_vs_depth.png``; every run's directory (metrics, checkpoints) is under ``runs/``,
 and a finished run is reused when the experiment is run again.
 
+``--scale quick``: the CPU study at test size (one MLP family at depth 8, width 8, one epoch
+of two steps on 200 samples, a two-variant ablation, one extra seed): seconds.
+
 ``--scale paper``: CIFAR-10 and CIFAR-100 (python-pickle batches under
 ``$PNNH_DATA_DIR/cifar10`` and ``$PNNH_DATA_DIR/cifar100``, ``PNNH_DATA_DIR`` default
 ``data``), plain/ResNet/PNNH at 20, 56 and 110 layers; SGD (lr 0.1, momentum 0.9,
@@ -58,6 +61,12 @@ CPU = {
         },
     },
 }
+# test-sized (seconds; ``PNNH_QUICK=1``, the docs-commands test): every part of the CPU study
+QUICK = {**CPU, "families": {"mlp": {"width": 8}}, "depths": (8,),
+         "train": {**CPU["train"], "epochs": 1, "max_steps_per_epoch": 2, "num_samples": 200},
+         "extra_seeds": {"depth": 8, "seeds": (1,)},
+         "ablation": {"model": "pnnh_mlp", "depth": 8, "width": 8,
+                      "variants": {"fixed (default)": {}, "none": {"coder_constraint": "none"}}}}
 PAPER = {
     "datasets": ("cifar10", "cifar100"),
     "depths": (20, 56, 110),
@@ -137,48 +146,50 @@ def table(rows: list[dict]) -> str:
 
 def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> dict:
     out = Path(out)
-    return _run_paper(out, device, seed) if scale == "paper" else _run_cpu(out, device, seed)
+    if scale == "paper":
+        return _run_paper(out, device, seed)
+    return _run_cpu(out, device, seed, QUICK if scale == "quick" else CPU)
 
 
-def _run_cpu(out: Path, device: str, seed: int) -> dict:
+def _run_cpu(out: Path, device: str, seed: int, cfg: dict) -> dict:
     rows = []
-    for family, fam_args in CPU["families"].items():
-        for depth in CPU["depths"]:
+    for family, fam_args in cfg["families"].items():
+        for depth in cfg["depths"]:
             for kind in KINDS:
                 model = _name(family, kind)
-                cfg = {"model": model, "dataset": CPU["dataset"], "depth": depth,
-                       "width": fam_args["width"], "model_args": dict(MODEL_ARGS[kind]),
-                       **CPU["train"]}
-                s = _run(out / "runs" / f"{model}{SUFFIX[kind]}_d{depth}", cfg, device, seed)
+                run_cfg = {"model": model, "dataset": cfg["dataset"], "depth": depth,
+                           "width": fam_args["width"], "model_args": dict(MODEL_ARGS[kind]),
+                           **cfg["train"]}
+                s = _run(out / "runs" / f"{model}{SUFFIX[kind]}_d{depth}", run_cfg, device, seed)
                 rows.append(_row(s, family=family, depth=depth, kind=kind, model=model))
                 write_records(rows, out, "results")
     _plot(rows, out / "accuracy_vs_depth.png", "MNIST-1D")
 
-    ab = CPU["ablation"]
+    ab = cfg["ablation"]
     ablation = []
     for label, model_args in ab["variants"].items():
-        cfg = {"model": ab["model"], "dataset": CPU["dataset"], "depth": ab["depth"],
-               "width": ab["width"], "model_args": model_args, **CPU["train"]}
+        run_cfg = {"model": ab["model"], "dataset": cfg["dataset"], "depth": ab["depth"],
+                   "width": ab["width"], "model_args": model_args, **cfg["train"]}
         slug = f"ablation_{label.split(' ')[0].replace('=', '')}"
-        if not model_args and ab["depth"] in CPU["depths"]:  # the main study's PNNH run
+        if not model_args and ab["depth"] in cfg["depths"]:  # the main study's PNNH run
             slug = f"{ab['model']}_d{ab['depth']}"
-        s = _run(out / "runs" / slug, cfg, device, seed)
+        s = _run(out / "runs" / slug, run_cfg, device, seed)
         ablation.append(_row(s, variant=label, model=ab["model"], depth=ab["depth"]))
         write_records(ablation, out, "ablation")
 
     spread = []
-    es = CPU["extra_seeds"]
-    for family, fam_args in CPU["families"].items():
+    es = cfg["extra_seeds"]
+    for family, fam_args in cfg["families"].items():
         for kind in KINDS:
             model = _name(family, kind)
-            cfg = {"model": model, "dataset": CPU["dataset"], "depth": es["depth"],
-                   "width": fam_args["width"], "model_args": dict(MODEL_ARGS[kind]),
-                   **CPU["train"]}
+            run_cfg = {"model": model, "dataset": cfg["dataset"], "depth": es["depth"],
+                       "width": fam_args["width"], "model_args": dict(MODEL_ARGS[kind]),
+                       **cfg["train"]}
             accs = [r["final_test_acc"] for r in rows
                     if (r["family"], r["kind"], r["depth"]) == (family, kind, es["depth"])]
             for sd in es["seeds"]:
                 run_dir = out / "runs" / f"{model}{SUFFIX[kind]}_d{es['depth']}_seed{sd}"
-                accs.append(_run(run_dir, cfg, device, sd)["final_val_acc"])
+                accs.append(_run(run_dir, run_cfg, device, sd)["final_val_acc"])
             spread.append({"family": family, "kind": kind, "depth": es["depth"],
                            "seeds": [seed, *es["seeds"]], "final_test_acc": accs,
                            "mean": sum(accs) / len(accs), "min": min(accs), "max": max(accs)})

@@ -35,6 +35,11 @@ DESCRIPTION = ("paper 3: Hessian condition number at zero init vs depth for shor
 CPU_MINUTES = 10
 
 SCALES = {
+    # test-sized: seconds, both studies and plots (``PNNH_QUICK=1``, the docs-commands test)
+    "quick": {
+        "dim": 4, "samples": 64, "blocks": [1, 2], "train_depth": 8, "train_width": 8,
+        "steps": 20, "eval_every": 10, "hess_batch": 64, "lanczos_iters": 10,
+    },
     "cpu": {
         "dim": 8, "samples": 256, "blocks": [1, 2, 4, 8, 16],
         "train_depth": 38, "train_width": 32, "steps": 1000, "eval_every": 100,

@@ -16,3 +16,15 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
                 m.weight.add_(0.3 * torch.randn(m.weight.shape, generator=g))
     return model.eval()
+
+
+class Crash:
+    """A training callback that fails abruptly at a given step: no handler runs and nothing is
+    saved on the way out (a power cut, as far as the run directory can tell)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, step, **_):
+        if step == self.step:
+            raise RuntimeError("power cut")

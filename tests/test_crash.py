@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import Crash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -263,21 +264,10 @@ def test_norm_tracking_survives_a_mid_epoch_stop(tmp_path):
     assert len(a) > 0 and a == b
 
 
-class _Crash:
-    """An abrupt failure at a given step (no handler runs, nothing is saved on the way out)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, step, **_):
-        if step == self.step:
-            raise RuntimeError("power cut")
-
-
 def test_periodic_mid_epoch_checkpoints_bound_the_loss_of_an_abrupt_crash(tmp_path):
     full = pnnh.train(_small(tmp_path / "full"))
     with pytest.raises(RuntimeError, match="power cut"):
-        pnnh.train(_small(tmp_path / "part", checkpoint_steps=4), callbacks=[_Crash(19)])
+        pnnh.train(_small(tmp_path / "part", checkpoint_steps=4), callbacks=[Crash(19)])
     ckpt = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
     assert ckpt["step"] == 16 and ckpt["partial_epoch"] == {**ckpt["partial_epoch"], "epoch": 2,
                                                             "steps": 6}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import Crash
 
 import pnnh
 from pnnh.checkpoint import load_checkpoint, load_latest, save_checkpoint
@@ -46,17 +47,6 @@ def _files(folder: Path) -> dict:
     return {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()}
 
 
-class _Crash:
-    """An abrupt failure at a given step (nothing is saved on the way out)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, step, **_):
-        if step == self.step:
-            raise RuntimeError("power cut")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
@@ -67,7 +57,7 @@ def reference(tmp_path_factory):
 def _crashed(out: Path, step: int = 25, **kw) -> None:
     """A run of ``_small`` that died at ``step`` (mid-epoch 3) with checkpoints every 4 steps."""
     with pytest.raises(RuntimeError, match="power cut"):
-        pnnh.train(_small(out, checkpoint_steps=4, **kw), callbacks=[_Crash(step)])
+        pnnh.train(_small(out, checkpoint_steps=4, **kw), callbacks=[Crash(step)])
 
 
 # ----------------------------------------------------------------------------- resume auto
@@ -184,7 +174,7 @@ def test_a_fresh_start_removes_the_resume_state_of_an_earlier_run(tmp_path):
     out = tmp_path / "r"
     _crashed(out)
     with pytest.raises(RuntimeError, match="power cut"):  # a new run, dying in its first epoch
-        pnnh.train(_small(out, lr=1e-2), callbacks=[_Crash(3)])
+        pnnh.train(_small(out, lr=1e-2), callbacks=[Crash(3)])
     assert not (out / "checkpoints" / "last.pt").exists()
     assert not (out / "checkpoints" / "prev.pt").exists()
 

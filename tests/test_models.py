@@ -242,3 +242,21 @@ def test_register_model_checks_the_options_parameter():
 
     with pytest.raises(ValueError, match="no parameter defaulting to a CoderOptions"):
         register_model(family="mlp", kind="pnnh", options=CoderOptions)(no_options)
+
+
+def test_an_experiment_reuses_a_finished_run_only_of_the_same_configuration(tmp_path):
+    """``pnnh_accuracy._run`` (also deep-plain's runner) returns a finished run's summary when
+    the stored configuration is the one asked for, and trains afresh when any field that
+    changes the numbers differs (here the learning rate), never returning the old result."""
+    from pnnh.reproduce.pnnh_accuracy import _run
+
+    config = {"model": "plain_mlp", "depth": 4, "width": 8, "epochs": 1, "num_samples": 200,
+              "max_steps_per_epoch": 2, "lr": 1e-3}
+    first = _run(tmp_path / "r", config, "cpu", 0)
+    again = _run(tmp_path / "r", config, "cpu", 0)
+    assert again == first  # reused: the very same summary, time included
+    other = _run(tmp_path / "r", {**config, "lr": 0.05}, "cpu", 0)
+    assert other["time_s"] != first["time_s"] and other["status"] == "finished"
+    stored = (tmp_path / "r" / "config.yaml").read_text()
+    assert "lr: 0.05" in stored
+    assert _run(tmp_path / "r", {**config, "lr": 0.05}, "cpu", 0) == other

@@ -3,8 +3,9 @@
 Sub-commands plug in from their own modules:
 
 - ``pnnh probe NAME``: ``pnnh.probes.NAME`` exposes ``add_cli_arguments(parser)`` and
-  ``run_cli(args)``; the common arguments (``--model``, ``--checkpoint``, ``--dataset``, ...)
-  are added here (see :func:`add_probe_common_arguments`).
+  ``run(targets, args, out)``, run by the one runner :func:`pnnh.probes.run_cli`; the common
+  arguments (``--model``, ``--checkpoint``, ``--dataset``, ...) are added here (see
+  :func:`add_probe_common_arguments`).
 - ``pnnh reproduce NAME``: experiments listed in :mod:`pnnh.reproduce`.
 """
 
@@ -256,7 +257,9 @@ def cmd_probe(args) -> int:
 
     check_model_flags(args)
     args.model_args = dict(parse_model_arg(t) for t in args.model_arg)
-    _probe_module(args.probe).run_cli(args)
+    from pnnh.probes import run_cli
+
+    run_cli(args.probe, args)
     return 0
 
 

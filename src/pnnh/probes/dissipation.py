@@ -601,10 +601,3 @@ def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> 
     notes.append(f"wrote {out / 'dissipation.csv'}, dissipation.json, dissipation.png")
     columns = (["model"] if several else []) + list(COLUMNS)
     return ProbeResult(records, columns, notes, [figure])
-
-
-def run_cli(args: argparse.Namespace) -> ProbeResult:
-    """``pnnh probe dissipation``: the shared runner :func:`pnnh.probes.run_cli` on this probe."""
-    from pnnh.probes import run_cli as run_probe
-
-    return run_probe(NAME, args)

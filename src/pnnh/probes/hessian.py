@@ -314,9 +314,7 @@ class HessianOperator:
         (on the development CPU the batched backward was slower per vector than single HVPs
         on ResNet-20, 272k parameters, and faster on a 938-parameter conv net)."""
         vs = vs.to(self.theta)
-        batched = self.batched
-        if batched is None:
-            batched = self.theta.device.type != "cpu" or self.dim <= BATCHED_CPU_DIM
+        batched = self._use_batched()
         if not batched:
             self.hvp_calls += vs.shape[0]
             return torch.stack([self._hvp_data(v) for v in vs]) if len(vs) else vs.clone()
@@ -335,6 +333,13 @@ class HessianOperator:
                 outs.append(torch.stack([self._hvp_data(v) for v in block]))
         self.hvp_calls += vs.shape[0]
         return torch.cat(outs) if outs else torch.zeros_like(vs)
+
+    def _use_batched(self) -> bool:
+        """Whether several vectors go through one batched pass: :attr:`batched` if set, else on
+        accelerators and on a CPU for at most ``BATCHED_CPU_DIM`` parameters."""
+        if self.batched is not None:
+            return self.batched
+        return self.theta.device.type != "cpu" or self.dim <= BATCHED_CPU_DIM
 
     def _hvp_block(self, block: torch.Tensor) -> torch.Tensor:
         """A ``(k, dim)`` block of HVPs in one batched pass. On a CPU, for blocks of
@@ -380,9 +385,7 @@ class HessianOperator:
         development CPU for a 938-parameter conv net); else, or where an op has no
         forward-mode derivative, from ``v · (H v)``. :attr:`quadratic_kind` says which ran."""
         vs = vs.to(self.theta)
-        batched = self.batched
-        if batched is None:
-            batched = self.theta.device.type != "cpu" or self.dim <= BATCHED_CPU_DIM
+        batched = self._use_batched()
         if batched and self.quadratic_kind in (None, "fwd-fwd"):
             try:
                 out = torch.cat([self._quadratic_fwd_fwd(vs[i:i + chunk_size])
@@ -1037,10 +1040,3 @@ def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> 
                   f"({b['num_params']} params)" for b in block_records]
     notes.append(f"hessian: {out / 'hessian.json'}")
     return ProbeResult(records, None, notes, files)
-
-
-def run_cli(args: argparse.Namespace) -> ProbeResult:
-    """``pnnh probe hessian``: the shared runner :func:`pnnh.probes.run_cli` on this probe."""
-    from pnnh.probes import run_cli as run_probe
-
-    return run_probe(NAME, args)

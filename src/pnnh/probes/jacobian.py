@@ -163,10 +163,3 @@ def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> 
     figure = plot_singular_values(svs, out / "jacobian.png")
     notes.append(f"jacobian: {out / 'jacobian.csv'}")
     return ProbeResult(records, None, notes, [values, figure])
-
-
-def run_cli(args: argparse.Namespace) -> ProbeResult:
-    """``pnnh probe jacobian``: the shared runner :func:`pnnh.probes.run_cli` on this probe."""
-    from pnnh.probes import run_cli as run_probe
-
-    return run_probe(NAME, args)

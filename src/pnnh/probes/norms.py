@@ -250,10 +250,3 @@ def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> 
     notes.append(f"norms: {out / 'norms.csv'}")
     columns = (["model"] if several else []) + CSV_COLUMNS
     return ProbeResult(records, columns, notes, [figure])
-
-
-def run_cli(args: argparse.Namespace) -> ProbeResult:
-    """``pnnh probe norms``: the shared runner :func:`pnnh.probes.run_cli` on this probe."""
-    from pnnh.probes import run_cli as run_probe
-
-    return run_probe(NAME, args)

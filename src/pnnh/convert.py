@@ -39,15 +39,19 @@ from pnnh.export import plain_layers
 from pnnh.models import count_parameters
 
 
-def _layer_like(proto: nn.Module, cin: int, cout: int, w: torch.Tensor, b: torch.Tensor):
-    if isinstance(proto, nn.Linear):
-        out = nn.Linear(cin, cout)
+def _layer_like(like: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+    """A new layer of ``like``'s type and geometry holding weight ``w`` (its shape gives the
+    channels) and bias ``b`` (None: no bias)."""
+    cout, cin = w.shape[0], w.shape[1]
+    if isinstance(like, nn.Linear):
+        out = nn.Linear(cin, cout, bias=b is not None)
     else:
-        out = type(proto)(cin, cout, proto.kernel_size, proto.stride, proto.padding)
+        out = type(like)(cin, cout, like.kernel_size, like.stride, like.padding, bias=b is not None)
     out = out.to(w)
     with torch.no_grad():
         out.weight.copy_(w)
-        out.bias.copy_(b)
+        if b is not None:
+            out.bias.copy_(b)
     return out
 
 
@@ -163,9 +167,7 @@ def convert_block(block: nn.Module, nonneg_input: bool = True) -> list[nn.Module
         e = _eye_like(w2, n_out)
         w1c, b1c = torch.cat([w1, ws, -ws]), torch.cat([b1, bs, -bs])
         w2c = torch.cat([w2, e, -e], dim=1)
-    hidden = w1c.shape[0]
-    return [_layer_like(l1, n_in, hidden, w1c, b1c), nn.ReLU(),
-            _layer_like(l2, hidden, n_out, w2c, b2), nn.ReLU()]
+    return [_layer_like(l1, w1c, b1c), nn.ReLU(), _layer_like(l2, w2c, b2), nn.ReLU()]
 
 
 def _stem_nonneg(stem: nn.Module) -> bool:
@@ -259,23 +261,6 @@ def _coder_is_identity(coder: nn.Module, atol: float = 1e-4) -> bool:
     return float((a.t() @ a - torch.eye(coder.dim, dtype=a.dtype)).abs().max()) <= atol
 
 
-def _copy_layer(src: nn.Module, dst_like: nn.Module, bias: torch.Tensor | None) -> nn.Module:
-    """A new layer of ``dst_like``'s type/geometry with ``src``'s weight and the given bias."""
-    cin, cout = src.weight.shape[1], src.weight.shape[0]
-    if isinstance(dst_like, nn.Linear):
-        out = nn.Linear(cin, cout, bias=bias is not None)
-    else:
-        out = type(dst_like)(cin, cout, dst_like.kernel_size, dst_like.stride, dst_like.padding,
-                             bias=bias is not None)
-    out = out.to(src.weight)
-    with torch.no_grad():
-        out.weight.copy_(src.weight)
-        if bias is not None:
-            out.bias.copy_(bias)
-    out.weight.requires_grad_(src.weight.requires_grad)
-    return out
-
-
 class FixedProjection(nn.Module):
     """The shortcut ``P x`` of a PNNH transition: zero-pad (0, 1, 0, 1), 2x2 stride-2 conv.
 
@@ -331,8 +316,8 @@ def pnnh_block_to_residual(block: nn.Module) -> nn.Module:
                         "(AᵀA != I: coder_ratio < 1, a k x k coder or a drifted coder change "
                         "the function)", field="model")
     l1, l2 = (res.conv1, res.conv2) if block.dims else (res.fc1, res.fc2)
-    l1 = _copy_layer(block.enc, l1, None if block.enc.bias is None else block.enc.bias)
-    l2 = _copy_layer(block.dec, l2, None if block.bias is None else block.bias.detach())
+    l1 = _layer_like(l1, block.enc.weight.detach(), block.enc.bias)
+    l2 = _layer_like(l2, block.dec.weight.detach(), block.bias)
     if block.dims:
         res.conv1, res.conv2 = l1, l2
     else:

@@ -30,7 +30,6 @@ call with both families assembles the table and the plot without training.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from _util import RESULTS, machine_info, save_results  # noqa: E402
 
 from pnnh.io import save_figure  # noqa: E402
 from pnnh.models import count_parameters, create_model  # noqa: E402
-from pnnh.train import train  # noqa: E402
+from pnnh.train import train_or_reuse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = {
@@ -64,19 +63,8 @@ def model_args(kind: str, knob: int) -> dict:
 
 
 def train_once(run_dir: Path, cfg: dict) -> dict:
-    """Train one configuration into ``run_dir``, or reuse its finished summary."""
-    path = run_dir / "summary.json"
-    if path.exists() and (run_dir / "config.yaml").exists():
-        import yaml
-
-        old = {**yaml.safe_load((run_dir / "config.yaml").read_text()),
-               **json.loads(path.read_text())}  # the summary has no seed / num_samples
-        keys = ("model", "depth", "width", "epochs", "seed", "num_samples", "model_args",
-                "max_steps_per_epoch")
-        if old.get("status") == "finished" and all(old.get(k) == cfg.get(k) for k in keys):
-            return old
-    return train({**cfg, "out": str(run_dir), "device": "cpu", "progress": False,
-                  "resume": True})
+    """Train one configuration into ``run_dir``, or reuse its finished run."""
+    return train_or_reuse({**cfg, "out": str(run_dir), "device": "cpu", "progress": False})
 
 
 def run_cell(args, runs: Path, family: str, kind: str, scale: float, max_steps) -> dict:

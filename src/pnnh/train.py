@@ -237,6 +237,31 @@ def train(config=None, callbacks: list | None = None, **overrides) -> dict:
         dist.close(agreed)
 
 
+def train_or_reuse(config: dict) -> dict:
+    """:func:`train` ``config`` into ``config["out"]``, or return the summary of the finished run
+    already there when the configuration it stored (``config.yaml``) equals this one in every
+    field that changes the numbers (the rule of ``--resume auto``:
+    :func:`pnnh.config.config_differences`). An unfinished run of the same configuration
+    continues from its last checkpoint; a run of another configuration is started over in its
+    folder, never returned. Experiments and benchmarks that keep their runs use it."""
+    import json
+
+    import yaml
+
+    cfg = {**config, "resume": True}  # an interrupted run continues from its last epoch
+    out = Path(cfg["out"])
+    summary_path, stored_path = out / "summary.json", out / "config.yaml"
+    if summary_path.exists() and stored_path.exists():
+        stored = yaml.safe_load(stored_path.read_text()) or {}
+        differences = config_mod.config_differences(stored, config_mod.resolve(cfg))
+        summary = json.loads(summary_path.read_text())
+        if summary.get("status") == "finished" and not differences:
+            return summary
+        if differences:
+            cfg["resume"] = False
+    return train(cfg)
+
+
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} exists and is not a directory", field="out")

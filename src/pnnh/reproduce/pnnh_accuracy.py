@@ -80,32 +80,11 @@ def _name(family: str, kind: str) -> str:
 
 
 def _run(run_dir: Path, config: dict, device: str, seed: int) -> dict:
-    """Train one configuration, or reuse its finished summary.
+    """Train one configuration, or reuse its finished run (:func:`pnnh.train.train_or_reuse`)."""
+    from pnnh.train import train_or_reuse
 
-    A finished run is reused only when the configuration it stored (``config.yaml``) equals the
-    one asked for in every field that changes the numbers (the rule of ``--resume auto``:
-    :func:`pnnh.config.config_differences`), so a changed learning rate, seed or sample count
-    trains again instead of returning an old result."""
-    import json
-
-    import yaml
-
-    from pnnh import config as config_mod
-    from pnnh.train import train
-
-    cfg = {**config, "out": str(run_dir), "device": device, "seed": seed, "progress": False,
-           "resume": True}  # an interrupted run continues from its last epoch
-    summary_path, stored_path = run_dir / "summary.json", run_dir / "config.yaml"
-    if summary_path.exists() and stored_path.exists():
-        summary = json.loads(summary_path.read_text())
-        stored = yaml.safe_load(stored_path.read_text()) or {}
-        wanted = config_mod.resolve(cfg)
-        differences = config_mod.config_differences(stored, wanted)
-        if summary.get("status") == "finished" and not differences:
-            return summary
-        if differences:  # another configuration's run: start over in its folder
-            cfg["resume"] = False
-    return train(cfg)
+    return train_or_reuse({**config, "out": str(run_dir), "device": device, "seed": seed,
+                           "progress": False})
 
 
 def _row(summary: dict, **extra) -> dict:

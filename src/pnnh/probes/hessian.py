@@ -253,14 +253,19 @@ class HessianOperator:
         self.hvp_kind = None
         raise errors[0]
 
-    def _hvp_data(self, v: torch.Tensor) -> torch.Tensor:
-        """``Σ_b (n_b/N) H_b v`` over the batches, one batch's graph alive at a time."""
-        out = torch.zeros_like(v)
+    def _batch_mean(self, fn) -> torch.Tensor:
+        """``Σ_b (n_b/N) fn(x_b, y_b)``: a per-batch quantity averaged exactly over all the data,
+        one batch's graph alive at a time."""
+        out = None
         for x, y in self._iter():
-            w = x.shape[0] / self.num_samples
-            hb = self._resolve(v, x, y) if self.hvp_kind is None else self._hvp_kind_batch(v, x, y)
-            out += w * hb
+            term = (x.shape[0] / self.num_samples) * fn(x, y)
+            out = term if out is None else out + term
         return out
+
+    def _hvp_data(self, v: torch.Tensor) -> torch.Tensor:
+        """``Σ_b (n_b/N) H_b v`` over the batches."""
+        return self._batch_mean(lambda x, y: self._resolve(v, x, y) if self.hvp_kind is None
+                                else self._hvp_kind_batch(v, x, y))
 
     # -- public API -----------------------------------------------------------------------
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
@@ -352,11 +357,9 @@ class HessianOperator:
         if (self.hvp_kind == "rev-rev" and self.theta.device.type == "cpu"
                 and block.shape[0] >= BLOCK_FWD_REV and self.block_kind != "failed"):
             try:
-                out = torch.zeros_like(block)
-                for x, y in self._iter():
-                    with self._attention():
-                        hb = vmap(self._hvp_batch, in_dims=(0, None, None))(block, x, y)
-                    out += (x.shape[0] / self.num_samples) * hb
+                with self._attention():
+                    out = self._batch_mean(
+                        lambda x, y: vmap(self._hvp_batch, in_dims=(0, None, None))(block, x, y))
                 self.block_kind = "fwd-rev"
                 return out
             except (NotImplementedError, RuntimeError):
@@ -366,15 +369,15 @@ class HessianOperator:
     def _quadratic_fwd_fwd(self, vs: torch.Tensor) -> torch.Tensor:
         """``vᵀ H v = d²/dε² L(θ + ε v)|_{ε=0}`` for every row, by forward-over-forward AD
         (``jvp`` of ``jvp``, vmapped over the rows): no backward pass, no graph."""
-        out = torch.zeros(vs.shape[0], dtype=vs.dtype, device=vs.device)
-        for x, y in self._iter():
-            def second(v, x=x, y=y):
+        def forms(x, y):
+            def second(v):
                 def first(t):
                     return jvp(lambda u: self._loss(u, x, y), (t,), (v,))[1]
                 return jvp(first, (self.theta,), (v,))[1]
-            with self._attention():
-                out += (x.shape[0] / self.num_samples) * vmap(second)(vs)
-        return out
+            return vmap(second)(vs)
+
+        with self._attention():
+            return self._batch_mean(forms)
 
     def quadratic_forms(self, vs: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
         """``vᵀ H v`` for every row ``v`` of ``vs`` (float64): all Hutchinson needs.

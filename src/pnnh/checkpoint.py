@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pnnh.errors import CheckpointError, PnnhError
-from pnnh.io import _MODE, content_digest
+from pnnh.io import _MODE, content_digest, verify_digest
 from pnnh.io import DIGEST_HEADER as _HEADER
 
 FORMAT = "pnnh-checkpoint"
@@ -134,13 +134,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "pnnh checkpoint)", field="checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pnnh checkpoint", field="checkpoint")
-    stored = ckpt.get("sha256")
-    if not isinstance(stored, str):
-        raise CheckpointError(f"{path} has no checksum (written by pnnh < 0.1 or by hand); "
-                              "refusing to load it unverified", field="checkpoint")
-    if content_digest(ckpt) != stored:
-        raise CheckpointError(f"{path} is corrupted: its content does not match its sha256 "
-                              "checksum", field="checkpoint")
+    verify_digest(path, ckpt, "(written by pnnh < 0.1 or by hand); refusing to load it unverified")
     return ckpt
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from pnnh.coder import fold_bn
 from pnnh.errors import CheckpointError, PnnhError
-from pnnh.io import atomic_write_bytes, content_digest
+from pnnh.io import atomic_write_bytes, content_digest, verify_digest
 
 PLAIN_FORMAT = "pnnh-plain"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -250,17 +250,6 @@ def save_plain(plain: nn.Sequential, path: str | Path, meta: dict | None = None)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _check_digest(path: Path, payload: dict) -> None:
-    stored = payload.get("sha256")
-    if stored is None:
-        raise CheckpointError(f"{path} has no checksum (written by an older pnnh or by hand); "
-                              "export it again", field="checkpoint")
-    body = {k: v for k, v in payload.items() if k not in ("format", "sha256")}
-    if content_digest(body) != stored:
-        raise CheckpointError(f"{path} is corrupted: its content does not match its sha256 "
-                              "checksum", field="checkpoint")
-
-
 def load_plain(path: str | Path) -> nn.Sequential:
     """Rebuild the ``nn.Sequential`` written by :func:`save_plain` (``weights_only`` load)."""
     path = Path(path)
@@ -270,7 +259,7 @@ def load_plain(path: str | Path) -> nn.Sequential:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("format") != PLAIN_FORMAT:
             raise ValueError("wrong format tag")
-        _check_digest(path, payload)
+        verify_digest(path, payload, "(written by an older pnnh or by hand); export it again")
         layers = []
         for spec in payload["layers"]:
             cls = getattr(nn, spec["type"])

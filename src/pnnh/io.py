@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from pnnh.errors import CheckpointError
+
 
 def _file_mode() -> int:
     mask = os.umask(0)
@@ -178,3 +180,15 @@ def content_digest(payload: dict) -> str:
     h = hashlib.sha256()
     _feed(h, {k: v for k, v in payload.items() if k not in DIGEST_HEADER})
     return h.hexdigest()
+
+
+def verify_digest(path: Path | str, payload: dict, missing: str) -> None:
+    """Raise a one-line :class:`~pnnh.errors.CheckpointError` unless ``payload`` carries a
+    ``sha256`` that matches :func:`content_digest`; ``missing`` ends the message for a file
+    without one (where it came from, what to do)."""
+    stored = payload.get("sha256")
+    if not isinstance(stored, str):
+        raise CheckpointError(f"{path} has no checksum {missing}", field="checkpoint")
+    if content_digest(payload) != stored:
+        raise CheckpointError(f"{path} is corrupted: its content does not match its sha256 "
+                              "checksum", field="checkpoint")

@@ -358,8 +358,10 @@ def run(argv: list[str] | None = None) -> NoReturn:
     which under load could still abort a finished rank ("terminate called without an active
     exception", SIGABRT) and turn a finished job into a failed one (docs/RELIABILITY.md).
     """
+    from pnnh.device import under_torchrun
+
     code = main(argv)
-    if "TORCHELASTIC_RESTART_COUNT" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if under_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -30,6 +30,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def under_torchrun() -> bool:
+    """True in a worker started by ``torchrun``: its agent sets ``TORCHELASTIC_RESTART_COUNT``
+    on every worker (0 on the first attempt)."""
+    return "TORCHELASTIC_RESTART_COUNT" in os.environ
+
+
 class Distributed:
     """Rank/world from torchrun's environment; a no-op for a single process.
 

@@ -53,7 +53,12 @@ from torch import nn
 from pnnh import config as config_mod
 from pnnh.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from pnnh.data import TensorData, augment_batch, get_dataset
-from pnnh.device import Distributed, pick_device, seed_everything  # also re-exported from here
+from pnnh.device import (  # also re-exported from here
+    Distributed,
+    pick_device,
+    seed_everything,
+    under_torchrun,
+)
 from pnnh.errors import ConfigError, PnnhError, TrainingDiverged
 from pnnh.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
 from pnnh.models import count_parameters, create_model
@@ -546,7 +551,7 @@ def _find_resume_checkpoint(cfg, ckpt_dir: Path, main: bool) -> tuple[Path, dict
     """
     mode = cfg.resume
     if mode is None:  # under torchrun (its agent sets this, 0 on the first attempt): auto
-        mode = "auto" if "TORCHELASTIC_RESTART_COUNT" in os.environ else False
+        mode = "auto" if under_torchrun() else False
     if not mode:
         return None
     found = load_latest(ckpt_dir, log=_log if main else None)

@@ -28,7 +28,8 @@ Contenders:
   moves by < tol relative; also run to a fixed ``maxIter`` with the early stop disabled);
   pnnh ``trace(method, num_samples=budget)`` for XTrace, Hutch++ and (batched) Hutchinson.
   Errors are
-  root-mean-square over ``--seeds`` seeds, time per run averaged over the seeds.
+  root-mean-square over ``--seeds`` seeds; the time is that of all the seeds' runs together,
+  estimation only (the errors are scored after the clock stops).
 - density — PyHessian ``hessian.density(iter, n_v=1)`` (SLQ; its final ``torch.eig``, gone from
   torch 2.x, is replaced by ``torch.linalg.eigh`` of the same tridiagonal matrix); pnnh
   ``spectral_density(num_runs=1, num_steps)``. Error: L1 distance between the Gaussian-smoothed
@@ -255,15 +256,21 @@ def run_quantity(name: str, contenders: dict, score: Callable[[dict], float], re
     return {"rows": rows, "equal_error": ratios}
 
 
-def averaged(fn: Callable[[int], dict], seeds: int, score: Callable[[dict], float]):
-    """Run ``fn`` for seeds 0..n-1: the output's error is the RMS error over the seeds."""
+def averaged(fn: Callable[[int], dict], seeds: int) -> Callable[[], dict]:
+    """Run ``fn`` for seeds 0..n-1 (the timed work: estimation only, no scoring)."""
     def run() -> dict:
         outs = [fn(s) for s in range(seeds)]
-        errs = [score(o) for o in outs]
         hv = [o.get("hvps") for o in outs]
-        return {"rms_error": math.sqrt(sum(e * e for e in errs) / len(errs)),
-                "hvps": (sum(hv) / len(hv)) if None not in hv else None}
+        return {"outs": outs, "hvps": (sum(hv) / len(hv)) if None not in hv else None}
     return run
+
+
+def rms_error(score: Callable[[dict], float]) -> Callable[[dict], float]:
+    """The RMS over seeds of ``score``, applied after timing to an :func:`averaged` output."""
+    def rms(o: dict) -> float:
+        errs = [score(x) for x in o["outs"]]
+        return math.sqrt(sum(e * e for e in errs) / len(errs))
+    return rms
 
 
 # -- the four quantities --------------------------------------------------------------------------
@@ -324,18 +331,18 @@ def bench_trace_density(args) -> dict:
     cont = {}
     for tol in (args.trace_tols if "trace" in args.quantities else []):
         cont[f"pyhessian tol {tol:g}"] = averaged(
-            lambda s, tol=tol: pyh_trace(model, x, y, d, tol, s), seeds, tr_err)
+            lambda s, tol=tol: pyh_trace(model, x, y, d, tol, s), seeds)
     for n in args.pyh_trace_samples:  # its Hutchinson without the early stop (tol = -inf)
         cont[f"pyhessian {n} samples"] = averaged(
-            lambda s, n=n: pyh_trace(model, x, y, d, float("-inf"), s, n), seeds, tr_err)
+            lambda s, n=n: pyh_trace(model, x, y, d, float("-inf"), s, n), seeds)
     for method, budgets in (("xtrace", args.trace_budgets), ("hutch++", args.hutchpp_budgets),
                             ("hutchinson", args.hutchinson_budgets)):
         for b in (budgets if "trace" in args.quantities else []):
             cont[f"pnnh {method} {b}"] = averaged(
-                lambda s, b=b, m=method: ours_trace(model, x, y, b, s, m), seeds, tr_err)
+                lambda s, b=b, m=method: ours_trace(model, x, y, b, s, m), seeds)
     if cont:
         out["trace"] = run_quantity(f"trace (exact {tr:.6g}), RMS over {seeds} seeds", cont,
-                                    lambda o: o["rms_error"], args.repeats, d)
+                                    rms_error(tr_err), args.repeats, d)
 
     def den_err(o):
         return density_error(o, exact, sigma, grid)
@@ -345,12 +352,12 @@ def bench_trace_density(args) -> dict:
     cont = {}
     for steps in args.pyh_slq_steps:
         cont[f"pyhessian iter {steps}"] = averaged(
-            lambda s, steps=steps: pyh_density(model, x, y, d, steps, s), seeds, den_err)
+            lambda s, steps=steps: pyh_density(model, x, y, d, steps, s), seeds)
     for steps in args.slq_steps:
         cont[f"pnnh steps {steps}"] = averaged(
-            lambda s, steps=steps: ours_density(model, x, y, steps, s), seeds, den_err)
+            lambda s, steps=steps: ours_density(model, x, y, steps, s), seeds)
     out["density"] = run_quantity("density (L1 to the smoothed exact spectrum; error column = "
-                                  "L1)", cont, lambda o: o["rms_error"], args.repeats, d)
+                                  "L1)", cont, rms_error(den_err), args.repeats, d)
     return out
 
 

@@ -163,6 +163,23 @@ def test_synthetic_is_configurable_and_learnable():
     assert (pred == vy).float().mean() > 0.9
 
 
+def test_holdout_carves_validation_from_the_training_split():
+    full, test = get_dataset("mnist1d", num_samples=500)
+    train, held = get_dataset("mnist1d", num_samples=500, holdout=0.25)
+    assert (len(train), len(held)) == (300, 100)
+    # both parts come from the training split, disjoint and together all of it
+    rows = {tuple(r.flatten().tolist()) for r in full.tensors[0]}
+    parts = [{tuple(r.flatten().tolist()) for r in d.tensors[0]} for d in (train, held)]
+    assert parts[0] | parts[1] == rows and not parts[0] & parts[1]
+    assert not parts[1] & {tuple(r.flatten().tolist()) for r in test.tensors[0]}
+    # the split does not depend on the training seed
+    again, _ = get_dataset("mnist1d", num_samples=500, holdout=0.25, seed=7)
+    assert torch.equal(again.tensors[0], train.tensors[0])
+    for bad in (0.0 + 1e-9, 1.0, -0.5, 2):
+        with pytest.raises(DataError, match="holdout"):
+            get_dataset("mnist1d", num_samples=500, holdout=bad)
+
+
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown dataset 'mnist2d'"):
         get_dataset("mnist2d")

@@ -304,8 +304,12 @@ def get_dataset(
     num_classes: int = 10,
     noise: float = 1.0,
     seed: int = 0,
+    holdout: float = 0.0,
 ):
     """Return ``(train, val)`` for a dataset name.
+
+    ``holdout`` in (0, 1): ``val`` is instead that fraction of the *training* split
+    (:func:`holdout_split`), for choosing settings without looking at the test split.
 
     - ``mnist1d``: generated offline (``num_samples`` in all, default 10,000 → 8,000/2,000),
       cached under :func:`cache_dir`; inputs (1, 40).
@@ -316,6 +320,11 @@ def get_dataset(
       folder of classes split 80/20), resized to ``image_size``.
     - ``synthetic``: prototypes + noise, ``input_shape`` / ``num_classes`` / ``num_samples``.
     """
+    if holdout:
+        train, _ = get_dataset(name, data_dir, num_samples=num_samples, image_size=image_size,
+                               input_shape=input_shape, num_classes=num_classes, noise=noise,
+                               seed=seed)
+        return holdout_split(train, holdout)
     input_shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else (input_shape,)
     if name == "mnist1d":
         return _mnist1d(num_samples)
@@ -328,6 +337,26 @@ def get_dataset(
     if name == "synthetic":
         return _synthetic(num_samples, input_shape, num_classes, noise, seed)
     raise DataError(f"unknown dataset {name!r} (field 'dataset'); known: {', '.join(DATASETS)}")
+
+
+def holdout_split(train: Dataset, fraction: float) -> tuple[TensorData, TensorData]:
+    """``(rest, held out)``: the last ``fraction`` of a fixed permutation of ``train`` (drawn
+    with seed 0, so every training seed sees the same split) as a validation set. Inputs keep
+    the standardisation of the whole training split (its mean and std only: no label leaks)."""
+    if not isinstance(train, TensorData):
+        raise DataError(f"holdout: needs an in-memory dataset (mnist1d, digits, cifar, "
+                        f"synthetic), not {type(train).__name__}")
+    fraction = float(fraction)
+    n = len(train)
+    k = round(fraction * n)
+    if not 0.0 < fraction < 1.0 or not 0 < k < n:
+        raise DataError(f"holdout: a fraction in (0, 1) leaving both parts non-empty, got "
+                        f"{fraction!r} of {n} samples")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    x, y = train.tensors
+    keep, held = perm[:n - k], perm[n - k:]
+    return tuple(TensorData(x[i], y[i], train.name, train.num_classes, train.augmentable)
+                 for i in (keep, held))
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int | None = None,

@@ -69,10 +69,12 @@ def test_check_export_can_fail(monkeypatch):
 def test_depth_lr_rule_and_reuse_only_at_same_lr(tmp_path, monkeypatch):
     """The blocks' lr follows the documented rule, and a finished run is reused only at the
     lrs the rule now gives (a run trained at another lr is never taken for it)."""
-    p = exp.CPU["lr_depth_power"]
-    assert exp.block_lr(exp.CPU, 100) == exp.CPU["train"]["lr"]
-    assert exp.block_lr(exp.CPU, 1000) == pytest.approx(exp.CPU["train"]["lr"] * 0.1 ** p)
-    assert exp.block_lr({**exp.CPU, "lr_depth_power": 0.0}, 1000) == exp.CPU["train"]["lr"]
+    p, b = exp.CPU["lr_depth_power"], exp.CPU["block_lr"]
+    assert exp.block_lr(exp.CPU, 100) == b
+    assert exp.block_lr(exp.CPU, 1000) == pytest.approx(b * 0.1 ** p)
+    assert exp.block_lr({**exp.CPU, "lr_depth_power": 0.0}, 1000) == b
+    no_base = {k: v for k, v in exp.CPU.items() if k != "block_lr"}  # default: the stem's lr
+    assert exp.block_lr(no_base, 100) == exp.CPU["train"]["lr"]
 
     monkeypatch.setattr(exp, "CPU", exp.QUICK)
     first = exp.run(tmp_path, "cpu", "cpu", 0)
@@ -80,7 +82,8 @@ def test_depth_lr_rule_and_reuse_only_at_same_lr(tmp_path, monkeypatch):
                                                      for d in exp.QUICK["depths"]]
     assert all(r["lr"] == exp.QUICK["train"]["lr"] for r in first["rows"])
     deep_cfg = yaml.safe_load((tmp_path / first["rows"][1]["run"] / "config.yaml").read_text())
-    assert deep_cfg["lr_multipliers"] == {"blocks": pytest.approx((8 / 40) ** p)}
+    b_over_lr = exp.QUICK["block_lr"] / exp.QUICK["train"]["lr"]
+    assert deep_cfg["lr_multipliers"] == {"blocks": pytest.approx(b_over_lr * (8 / 40) ** p)}
     monkeypatch.setattr(exp, "CPU", {**exp.QUICK, "lr_depth_power": p + 1.0})
     again = exp.run(tmp_path, "cpu", "cpu", 0)
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())

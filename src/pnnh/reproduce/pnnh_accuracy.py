@@ -31,7 +31,7 @@ from pathlib import Path
 from pnnh.io import atomic_write_json, read_jsonl, save_figure, write_records
 
 DESCRIPTION = "plain vs ResNet vs PNNH on MNIST-1D (MLP, 1-D CNN; 8/32/100 layers) + coder ablation"
-CPU_MINUTES = 45
+CPU_MINUTES = 18
 
 KINDS = ("plain", "resnet", "pnnh")
 # The ResNets start with a zero last layer in each residual branch (zero_init_residual, Goyal

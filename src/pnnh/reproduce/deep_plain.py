@@ -55,7 +55,10 @@ adds 9 points at 100 layers and 10 at 1000.
 
 Then the width, at these lrs: 64 gives 0.7675 (100 layers) and 0.7325 (1000 layers), 128 gives
 0.7925 and 0.7881 (``--width 128``): better at both depths, and the 1000-layer net's deficit
-goes from 3.5 points to 0.4. Width 128 is the protocol (``CPU["width"]``).
+goes from 3.5 points to 0.4. Width 128 is the protocol (``CPU["width"]``). At width 128 the
+depth rule was checked once more over three seeds (held out, 1000 layers): blocks at 1e-4 gave
+0.7881 / 0.7831 / 0.7669 (mean 0.779), at 1.41e-4 (``100/L`` to the power 0.85) 0.7700 / 0.7631
+/ 0.7738 (mean 0.769): the linear rule stays.
 
 **Result on the test set**, ``OMP_NUM_THREADS=1 pnnh reproduce deep-plain --device cpu --seed N
 --out runs/deep-plain-sN`` for seeds 0, 1, 2 (the three side by side on the 2 cores: ~10 min

@@ -320,11 +320,12 @@ def get_dataset(
       folder of classes split 80/20), resized to ``image_size``.
     - ``synthetic``: prototypes + noise, ``input_shape`` / ``num_classes`` / ``num_samples``.
     """
-    if holdout:
-        train, _ = get_dataset(name, data_dir, num_samples=num_samples, image_size=image_size,
-                               input_shape=input_shape, num_classes=num_classes, noise=noise,
-                               seed=seed)
-        return holdout_split(train, holdout)
+    pair = _load(name, data_dir, num_samples, image_size, input_shape, num_classes, noise, seed)
+    return holdout_split(pair[0], holdout) if holdout else pair
+
+
+def _load(name, data_dir, num_samples, image_size, input_shape, num_classes, noise, seed):
+    """:func:`get_dataset`'s dispatch on the name: ``(train, val)``."""
     input_shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else (input_shape,)
     if name == "mnist1d":
         return _mnist1d(num_samples)

@@ -107,9 +107,8 @@ CPU = {
 }
 # the same experiment at a size the test suite can afford
 QUICK = {
-    "model": "pnnh_mlp", "dataset": "mnist1d", "width": 8, "depths": (8, 40),
+    **CPU, "width": 8, "depths": (8, 40),
     "train": {**CPU["train"], "epochs": 1, "num_samples": 400, "max_steps_per_epoch": 2},
-    "block_lr": CPU["block_lr"], "lr_depth_power": CPU["lr_depth_power"], "atol": 1e-5,
 }
 
 
@@ -184,7 +183,7 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
     """Train both depths, export and check the deepest, write the files; returns the summary."""
     from pnnh.checkpoint import load_model
     from pnnh.data import get_dataset
-    from pnnh.reproduce.pnnh_accuracy import _run as train_or_reuse
+    from pnnh.train import train_or_reuse
 
     out, cfg = Path(out), QUICK if scale == "quick" else CPU
     rows, curves = [], []
@@ -193,9 +192,10 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
         # the lrs and the seed are in the name: a run is reused only at the same lrs and seed
         run_dir = out / "runs" / (f"{cfg['model']}_w{cfg['width']}_d{depth}_lr{lr:.3g}_b{blr:.3g}"
                                   + (f"_s{seed}" if seed else ""))
-        s = train_or_reuse(run_dir, {"model": cfg["model"], "dataset": cfg["dataset"],
-                                     "depth": depth, "width": cfg["width"], **cfg["train"],
-                                     "lr_multipliers": {"blocks": blr / lr}}, device, seed)
+        s = train_or_reuse({"model": cfg["model"], "dataset": cfg["dataset"], "depth": depth,
+                            "width": cfg["width"], **cfg["train"],
+                            "lr_multipliers": {"blocks": blr / lr}, "out": str(run_dir),
+                            "device": device, "seed": seed, "progress": False})
         rows.append({"depth": depth, "width": cfg["width"], "lr": lr, "block_lr": blr,
                      "params": s["params"],
                      "final_test_acc": s["final_val_acc"], "best_test_acc": s["best_val_acc"],

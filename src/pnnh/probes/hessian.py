@@ -9,7 +9,9 @@ Everything is built on one primitive, the Hessian-vector product of the loss
 
 ``hvp_mode="auto"`` runs rev-rev (the faster on CPU) and falls back to the other kind, then to
 attention on the math SDPA backend, where a derivative is missing (:meth:`HessianOperator
-._resolve`); the result's ``method`` says which ran. On top of it:
+._resolve`); the result's ``method`` says which ran. Eval-mode BatchNorms are folded into the
+layer before them inside the loss (:mod:`pnnh.probes.bnfold`: the same Hessian, a cheaper
+graph). On top of it:
 
 - :func:`lanczos` — the Lanczos iteration with full re-orthogonalisation. After ``m`` steps
   ``Vᵀ H V = T`` (tridiagonal); the Ritz values (eigenvalues of ``T``) converge to the extreme
@@ -55,6 +57,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from pnnh.errors import ConfigError
 from pnnh.io import save_figure, write_records
+from pnnh.probes.bnfold import foldable_pairs, folded
 from pnnh.probes.common import ProbeResult, ProbeTarget
 
 NAME = "hessian"
@@ -113,6 +116,10 @@ class HessianOperator:
     several batches the loss is the exact mean over all samples. Vectors are flat tensors of
     length :attr:`dim` in the order of :attr:`names`. The model is used as it is (call
     ``model.eval()`` first for BatchNorm running statistics).
+
+    ``fold_batchnorm=True``: eval-mode BatchNorms are folded into the convolution or linear
+    layer before them inside the loss (:mod:`pnnh.probes.bnfold`: the same function of every
+    parameter, so the same Hessian, with a cheaper graph); :attr:`folded` lists the pairs.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class HessianOperator:
         loss_fn: LossFn | str = "ce",
         params: str | Sequence[str] | None = None,
         hvp_mode: str = "auto",
+        fold_batchnorm: bool = True,
     ):
         if hvp_mode not in HVP_MODES:
             raise ConfigError(f"hvp_mode: one of {', '.join(HVP_MODES)}, got {hvp_mode!r}",
@@ -149,6 +157,13 @@ class HessianOperator:
         self.num_samples = sum(int(x.shape[0]) for x, _ in self._iter())
         if self.num_samples == 0:
             raise ConfigError("hessian: the data has no samples", field="data")
+        self.folded: list[tuple[str, str]] = []
+        self.fold_note = "off" if not fold_batchnorm else ""
+        if fold_batchnorm:
+            try:  # one sample shows the graph; a model that cannot run on it is not folded
+                self.folded = foldable_pairs(model, next(iter(self._iter()))[0][:1])
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                self.fold_note = f"not folded: {type(e).__name__}: {str(e).strip()[:120]}"
         self.hvp_calls = 0
         self.batched: bool | None = None  # hvp_many: batched passes (None: on accelerators)
         self.quadratic_kind: str | None = None  # quadratic_forms: "fwd-fwd" or "hvp" once run
@@ -174,6 +189,11 @@ class HessianOperator:
         if self.math_attention:
             text += ("; attention on the math SDPA backend (the fused CPU kernel has no "
                      "forward-mode or double-backward derivative)")
+        if self.folded:
+            text += (f"; eval-mode BatchNorm folded into the layer before it ({len(self.folded)} "
+                     "pairs, an exact reparametrization)")
+        elif self.fold_note.startswith("not folded"):
+            text += f"; BatchNorm {self.fold_note}"
         return text
 
     # -- plumbing -----------------------------------------------------------------------
@@ -187,7 +207,8 @@ class HessianOperator:
         return {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes)}
 
     def _loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.model, {**self._fixed, **self._unflatten(flat)}, (x,))
+        with folded(self.model, self.folded):
+            out = functional_call(self.model, {**self._fixed, **self._unflatten(flat)}, (x,))
         return self.loss_fn(out, y)
 
     def _attention(self):
@@ -880,7 +901,7 @@ def hessian_summary(
             num_params=op.dim,
             extra={"hvp": op.hvp_kind, "zero_tol": zero_tol, "num_zero": cn["num_zero"],
                    "num_negative": cn["num_negative"], "num_positive": cn["num_positive"],
-                   "num_samples": op.num_samples},
+                   "num_samples": op.num_samples, "batchnorm_folded": len(op.folded)},
         )
         return summary, {"eigenvalues": lam}
     ext = op.extreme_eigenvalues(tol=tol, max_iter=max_iter, seed=seed)
@@ -905,7 +926,7 @@ def hessian_summary(
                "lanczos_iterations": ext["iterations"],
                "lanczos_converged": ext["converged"], "hutchinson_samples": tr["samples"],
                "trace_method": trace_method,
-               "num_samples": op.num_samples},
+               "num_samples": op.num_samples, "batchnorm_folded": len(op.folded)},
     )
     return summary, spec
 
@@ -963,6 +984,9 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     a("--hvp", choices=list(HVP_MODES), default="auto",
       help="HVP kind: auto = double backward over a kept graph, falling back where a "
            "derivative is missing; fwd-rev keeps no graph between HVPs (less memory)")
+    a("--no-fold-batchnorm", dest="fold_batchnorm", action="store_false",
+      help="keep eval-mode BatchNorms as they are (by default each is folded into the layer "
+           "before it inside the loss: the same Hessian, a cheaper graph)")
     a("--blocks", default=None,
       help="per-block curvature, e.g. 'stage1=blocks.0,blocks.1,blocks.2;head': λmax, λmin, "
            "trace of each diagonal Hessian block, in hessian_blocks.csv/json")
@@ -1001,7 +1025,8 @@ def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, d
     """One model's ``hessian.json`` record and its spectral density (for the plot)."""
     targets = _loss_targets(t.model, t.inputs, t.targets, args.loss)
     op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params,
-                         hvp_mode=getattr(args, "hvp", "auto"))
+                         hvp_mode=getattr(args, "hvp", "auto"),
+                         fold_batchnorm=getattr(args, "fold_batchnorm", True))
     summary, spec = hessian_summary(
         op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
         zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,

@@ -1,0 +1,132 @@
+"""Eval-mode BatchNorm folding inside the Hessian's loss: which pairs fold, and that the
+Hessian (dense, float64) is unchanged by it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pnnh.models import create_model
+from pnnh.probes.bnfold import foldable_pairs, folded
+from pnnh.probes.hessian import HessianOperator
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Running statistics and affine parameters far from the identity (a fresh BatchNorm is
+    nearly the identity in eval mode, which would hide a wrong fold)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            if m.affine:
+                m.weight.data.copy_(1 + 0.5 * torch.randn(n, generator=g))
+                m.bias.data.copy_(0.3 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+class ConvBN(nn.Module):
+    """conv→BN (folds), conv(bias)→BN(no affine) (folds), a conv whose output feeds a BN *and*
+    a skip (must not fold), linear→BatchNorm1d (folds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.c2, self.b2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3, affine=False)
+        self.c3, self.b3 = nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3)
+        self.fc, self.b4 = nn.Linear(3, 4), nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.b1(self.c1(x)))
+        h = torch.tanh(self.b2(self.c2(h)))
+        z = self.c3(h)
+        h = torch.tanh(self.b3(z) + 0.5 * z)  # z has two readers
+        h = h.mean((2, 3))
+        return self.head(torch.tanh(self.b4(self.fc(h))))
+
+
+class Shared(nn.Module):
+    """One conv called twice, once before a BN: must not fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.c(x)))
+        return self.head(torch.tanh(self.c(h)).mean((2, 3)))
+
+
+def _data(dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(6, 2, 5, 5, generator=g, dtype=dtype), torch.randint(0, 3, (6,), generator=g)
+
+
+def test_pairs_found_and_refused():
+    torch.manual_seed(0)
+    model = _randomize_bn(ConvBN())
+    x, _ = _data(torch.float32)
+    assert foldable_pairs(model, x[:1]) == [("c1", "b1"), ("c2", "b2"), ("fc", "b4")]
+    assert foldable_pairs(_randomize_bn(Shared()), x[:1]) == []
+    assert foldable_pairs(model.train(), x[:1]) == []  # batch statistics: not affine
+
+
+def test_folded_hessian_equals_the_original_exactly():
+    torch.manual_seed(0)
+    model = _randomize_bn(ConvBN()).double()
+    x, y = _data()
+    ref = HessianOperator(model, (x, y), fold_batchnorm=False)
+    op = HessianOperator(model, (x, y))
+    assert len(op.folded) == 3 and not ref.folded
+    assert "folded into the layer before it (3 pairs" in (op.hvp(torch.ones(op.dim)), op.hvp_method)[1]
+    h_ref, h = ref.dense(), op.dense()
+    assert torch.allclose(h, h_ref, atol=1e-10, rtol=0)
+    exact = torch.autograd.functional.hessian(lambda t: ref._loss(t, x, y), ref.theta)
+    assert torch.allclose(h, 0.5 * (exact + exact.T), atol=1e-10, rtol=0)
+    with folded(model, op.folded):  # the swap is undone after the block
+        pass
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_registry_resnet_folds_every_conv_bn_pair():
+    torch.manual_seed(0)
+    model = _randomize_bn(create_model("resnet20", in_shape=(3, 8, 8), num_classes=10)).double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    op, ref = HessianOperator(model, (x, y)), HessianOperator(model, (x, y), fold_batchnorm=False)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert len(op.folded) == convs
+    v = torch.randn(op.dim, dtype=torch.float64)
+    assert torch.allclose(op.hvp(v), ref.hvp(v), rtol=1e-9, atol=1e-12)
+
+
+def test_weight_standardized_conv_subclass_is_not_folded():
+    class StdConv(nn.Conv2d):  # timm's StdConv2d pattern: the forward changes the weight
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True))
+            return self._conv_forward(x, w, self.bias)
+
+    model = _randomize_bn(nn.Sequential(StdConv(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(),
+                                        nn.Linear(27, 3)))
+    x, _ = _data(torch.float32)
+    assert foldable_pairs(model, x[:1]) == []
+
+
+def test_cli_folds_by_default_and_the_flag_turns_it_off(tmp_path):
+    import json
+
+    from pnnh.cli import main
+
+    common = ["probe", "hessian", "--model", "resnet20", "--width", "4", "--num-samples", "8",
+              "--dense", "never", "--tol", "1e-3", "--hutchinson-samples", "4", "--slq-runs",
+              "1", "--slq-steps", "3"]
+    assert main([*common, "--out", str(tmp_path / "on")]) == 0
+    assert main([*common, "--no-fold-batchnorm", "--out", str(tmp_path / "off")]) == 0
+    (on,) = json.loads((tmp_path / "on" / "hessian.json").read_text())
+    (off,) = json.loads((tmp_path / "off" / "hessian.json").read_text())
+    assert on["batchnorm_folded"] == 21 and "21 pairs" in on["method"]
+    assert off["batchnorm_folded"] == 0 and "folded" not in off["method"]
+    assert abs(on["lambda_max"] - off["lambda_max"]) <= 1e-3 * abs(off["lambda_max"])

@@ -82,8 +82,11 @@ def test_folded_hessian_equals_the_original_exactly():
     op = HessianOperator(model, (x, y))
     assert len(op.folded) == 3 and not ref.folded
     assert "folded into the layer before it (3 pairs" in (op.hvp(torch.ones(op.dim)), op.hvp_method)[1]
-    h_ref, h = ref.dense(), op.dense()
+    h_ref, h = ref.dense(), op.dense()  # vmapped forward-over-reverse blocks
     assert torch.allclose(h, h_ref, atol=1e-10, rtol=0)
+    vs = torch.randn(5, op.dim, dtype=torch.float64)  # forward-over-forward vᵀHv
+    assert torch.allclose(op.quadratic_forms(vs), ref.quadratic_forms(vs), atol=1e-10, rtol=0)
+    assert op.quadratic_kind == "fwd-fwd"
     exact = torch.autograd.functional.hessian(lambda t: ref._loss(t, x, y), ref.theta)
     assert torch.allclose(h, 0.5 * (exact + exact.T), atol=1e-10, rtol=0)
     with folded(model, op.folded):  # the swap is undone after the block

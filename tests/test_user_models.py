@@ -118,6 +118,23 @@ def test_hessian_extremes_on_each(name):
     assert ext["lambda_max"] >= ext["lambda_min"]
 
 
+@pytest.mark.parametrize("block", ["BasicBlock", "Bottleneck", "PreActBlock", "SEBlock"])
+def test_batchnorm_folding_in_torchvision_layouts(block):
+    """Every conv→BN pair folds (torchvision's in-place ReLU after the BN included); a
+    pre-activation BN, which reads the block input (also the identity path), does not; and
+    the Hessian is the same (float64 HVPs)."""
+    torch.manual_seed(0)
+    model = trained_like(um.ResNet(block=getattr(um, block), layers=(1, 1, 1, 1))).double()
+    x, y = _batch("tv_resnet", 4)
+    x = x.double()
+    op, ref = HessianOperator(model, (x, y)), HessianOperator(model, (x, y), fold_batchnorm=False)
+    bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    pre = {n for n in bns if block == "PreActBlock" and n.endswith(".bn1")}
+    assert {b for _, b in op.folded} == bns - pre and len(pre) == (4 if pre else 0)
+    v = torch.randn(op.dim, dtype=torch.float64)
+    assert torch.allclose(op.hvp(v), ref.hvp(v), rtol=1e-9, atol=1e-12)
+
+
 def test_a_module_called_twice_is_probed_per_call():
     """torchvision's one `self.relu` runs twice per block: two records, not a hard stop."""
     model, (x, _) = _model("tv_resnet"), _batch("tv_resnet")

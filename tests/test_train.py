@@ -238,3 +238,25 @@ def test_lr_multipliers_scale_a_submodules_step(tmp_path):
         build_optimizer(make_config(_small(tmp_path, lr_multipliers={"body": 0.1})), model)
     with pytest.raises(ConfigError, match="lr_multipliers: blocks: must be a positive number"):
         make_config(_small(tmp_path, lr_multipliers={"blocks": 0}))
+
+
+def test_lr_multiplier_patterns_most_specific_wins(tmp_path):
+    """``blocks.*.enc`` (a dotted pattern) overrides ``blocks`` for the encoders only."""
+    from pnnh.config import resolve as make_config
+    from pnnh.errors import ConfigError
+    from pnnh.models import create_model
+    from pnnh.train import build_optimizer, module_lr_factor
+
+    mult = {"blocks": 0.01, "blocks.*.enc": 0.03}
+    assert module_lr_factor("blocks.3.enc.weight", mult) == 0.03
+    assert module_lr_factor("blocks.3.dec.weight", mult) == 0.01
+    assert module_lr_factor("blocks.3.bias", mult) == 0.01 and module_lr_factor("head.weight", mult) == 1.0
+    model = create_model("pnnh_mlp", depth=6, width=8)
+    opt = build_optimizer(make_config(_small(tmp_path, lr=1.0, lr_multipliers=mult)), model)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        want = 0.03 if ".enc." in n else 0.01 if n.startswith("blocks.") else 1.0
+        assert lr_of[id(p)] == pytest.approx(want), n
+    with pytest.raises(ConfigError, match="no submodule 'blocks.\\*.coder2'"):
+        build_optimizer(make_config(_small(tmp_path, lr_multipliers={"blocks.*.coder2": 2})),
+                        model)

@@ -146,7 +146,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
       help="plain models: leaky-ReLU TAT activations and orthogonal/Delta init (eta 0.9; "
       "--model-arg tat_eta=X)")
     a("--lr-multiplier", action="append", default=[], metavar="MODULE=X",
-      help="train a top-level submodule at lr * X, e.g. blocks=0.1 (repeatable)")
+      help="train a submodule at lr * X: a top-level name (blocks=0.1) or a dotted pattern "
+           "(blocks.*.enc=0.3); the most specific key wins (repeatable)")
     a("--config", help="YAML file of training options (flags override it)")
     a("--resume", nargs="?", const=True, default=None, choices=("auto", "true", "false"),
       help="continue from OUT/checkpoints/last.pt (prev.pt if last.pt is damaged); "

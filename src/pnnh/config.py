@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ class TrainConfig:
     epochs: int = _opt(10, "training epochs")
     batch_size: int = _opt(128, "global batch (split across torchrun processes)")
     lr: float = _opt(1e-3, "peak learning rate")
-    lr_multipliers: dict = _opt({}, "lr factor per top-level submodule, by name (e.g. blocks=0.1: "
-                                    "the blocks at lr / 10; flag --lr-multiplier)", flag=False)
+    lr_multipliers: dict = _opt({}, "lr factor per submodule, by name or dotted pattern (e.g. "
+                                    "blocks=0.1: the blocks at lr / 10; blocks.*.enc=0.3; the most "
+                                    "specific key wins; flag --lr-multiplier)", flag=False)
     optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
     momentum: float = _opt(0.9, "SGD momentum (Nesterov when > 0)")
     weight_decay: float = _opt(0.0, "weight decay (not on biases and norm parameters)")
@@ -155,7 +157,7 @@ def _check_type(name: str, value: Any) -> Any:
         if t.startswith("dict"):
             if not isinstance(value, dict):
                 raise ValueError
-            bad_keys = [k for k in value if not (isinstance(k, str) and k.isidentifier())]
+            bad_keys = [k for k in value if not _valid_key(name, k)]
             if bad_keys:
                 raise ConfigError(f"{name}: option names must be identifiers, got {bad_keys[0]!r}",
                                   field=name)
@@ -297,6 +299,19 @@ def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+MODULE_PATTERN = re.compile(r"[\w*?\[\]]+(\.[\w*?\[\]]+)*")
+
+
+def _valid_key(field_name: str, key: Any) -> bool:
+    """Option names are identifiers; ``lr_multipliers`` keys are module paths, whose dotted
+    parts may be ``fnmatch`` patterns (``blocks.*.enc``)."""
+    if not isinstance(key, str):
+        return False
+    if field_name == "lr_multipliers":
+        return MODULE_PATTERN.fullmatch(key) is not None
+    return key.isidentifier()
+
+
 def parse_model_arg(text: str, flag: str = "--model-arg") -> tuple[str, Any]:
     """``KEY=VALUE`` → (key, YAML-parsed value), for ``--model-arg`` / ``--dataset-arg`` /
     ``--lr-multiplier``."""
@@ -306,7 +321,7 @@ def parse_model_arg(text: str, flag: str = "--model-arg") -> tuple[str, Any]:
         raise ConfigError(f"{flag} expects KEY=VALUE, got {text!r}", field=field_name)
     key, value = text.split("=", 1)
     key = key.strip().replace("-", "_")
-    if not key.isidentifier():
+    if not _valid_key(field_name, key):
         raise ConfigError(f"{flag}: {key!r} is not a valid option name", field=field_name)
     try:
         parsed = yaml.safe_load(value) if value.strip() else None

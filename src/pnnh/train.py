@@ -35,6 +35,7 @@ starts writing), ``_wrap_for_training``, then per epoch ``_train_one_epoch`` (ca
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import math
 import os
@@ -82,19 +83,33 @@ def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def module_lr_factor(name: str, multipliers: dict) -> float:
+    """The lr factor of parameter ``name``: that of the most specific key (most dotted parts)
+    naming a module it lies in; a key is a module path whose parts may be ``fnmatch``
+    patterns (``blocks``, ``head``, ``blocks.*.enc``); 1 when none matches."""
+    best, parts = 1.0, -1
+    for key, factor in multipliers.items():
+        if fnmatch.fnmatchcase(name, key + ".*") and key.count(".") > parts:
+            best, parts = float(factor), key.count(".")
+    return best
+
+
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """SGD or AdamW; no weight decay on biases and normalisation parameters (1-D tensors); the
-    parameters of a top-level submodule named in ``cfg.lr_multipliers`` at ``lr * factor``."""
+    parameters of a module named in ``cfg.lr_multipliers`` (a top-level name such as
+    ``blocks``, or a dotted path with patterns such as ``blocks.*.enc``: :func:`module_lr_factor`)
+    at ``lr * factor``."""
     mult = dict(getattr(cfg, "lr_multipliers", None) or {})
-    children = dict(model.named_children())
-    for name in mult:
-        if name not in children:
-            raise ConfigError(f"lr_multipliers: {cfg.model} has no submodule {name!r} "
-                              f"(it has {', '.join(children)})", field="lr_multipliers")
+    names = [n for n, _ in model.named_parameters()]
+    for key in mult:
+        if not any(fnmatch.fnmatchcase(n, key + ".*") for n in names):
+            raise ConfigError(f"lr_multipliers: {cfg.model} has no submodule {key!r} "
+                              f"(it has {', '.join(dict(model.named_children()))})",
+                              field="lr_multipliers")
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            factor = float(mult.get(name.split(".", 1)[0], 1.0))
+            factor = module_lr_factor(name, mult)
             groups.setdefault((p.ndim > 1, factor), []).append(p)
     groups = [{"params": ps, "lr": cfg.lr * factor,
                "weight_decay": cfg.weight_decay if decay else 0.0}

@@ -118,6 +118,17 @@ def test_weight_standardized_conv_subclass_is_not_folded():
     assert foldable_pairs(model, x[:1]) == []
 
 
+def test_a_hook_that_changes_the_layer_output_blocks_the_fold():
+    """The graph shows one reader, but folding would move the hook after the BatchNorm: the
+    output check on one sample refuses the pair."""
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(),
+                                        nn.Linear(27, 3)))
+    x, _ = _data(torch.float32)
+    assert foldable_pairs(model, x[:1]) == [("0", "1")]
+    model[0].register_forward_hook(lambda _m, _i, out: out * 2 + 1)
+    assert foldable_pairs(model, x[:1]) == []
+
+
 def test_cli_folds_by_default_and_the_flag_turns_it_off(tmp_path):
     import json
 

@@ -118,16 +118,16 @@ def foldable_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
                 and layer_out.shape[1] == bn.num_features
                 and (type(mods[layer_name]) is not nn.Linear or layer_out.dim() == 2)):
             pairs.append((layer_name, bn_name))
-    if pairs and not _same_outputs(model, pairs, x):
+    if pairs and not _same_outputs(model, pairs, x, [t.detach() for t in _tensors(out)]):
         return []
     return pairs
 
 
-def _same_outputs(model: nn.Module, pairs: Sequence[tuple[str, str]], x: torch.Tensor) -> bool:
-    with torch.no_grad():
-        ref = _tensors(model(x))
-        with folded(model, pairs):
-            new = _tensors(model(x))
+def _same_outputs(model: nn.Module, pairs: Sequence[tuple[str, str]], x: torch.Tensor,
+                  ref: list[torch.Tensor]) -> bool:
+    """Whether the folded model gives the outputs ``ref`` of the model as it is."""
+    with torch.no_grad(), folded(model, pairs):
+        new = _tensors(model(x))
     return len(ref) == len(new) and all(
         a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + float(a.abs().max())))
         for a, b in zip(ref, new) if a.is_floating_point())

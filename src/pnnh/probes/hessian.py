@@ -581,11 +581,13 @@ def lanczos(
     beta = 0.0
     ritz = s = None
     for j in range(max_steps):
-        w = matvec(Q[j]).double()
+        w = matvec(Q[j]).double()  # in place from here: no new dim-sized buffers per step
         alpha = float(Q[j] @ w)
-        w = w - alpha * Q[j] - (beta * Q[j - 1] if j > 0 else 0.0)
+        w.sub_(Q[j], alpha=alpha)
+        if j > 0:
+            w.sub_(Q[j - 1], alpha=beta)
         for _ in range(2):
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+            w.addmv_(Q[: j + 1].T, Q[: j + 1] @ w, alpha=-1.0)
         alphas.append(alpha)
         beta = float(w.norm())
         last = j + 1 >= max_steps
@@ -609,7 +611,7 @@ def lanczos(
                                 device=device)
             grown[: Q.shape[0]] = Q
             Q = grown
-        Q[j + 1] = w / beta
+        torch.div(w, beta, out=Q[j + 1])
     return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas)}
 
 

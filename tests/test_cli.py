@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pnnh.cli import main
+from pnnh.errors import ConfigError
 
 
 def run_cli(capsys, *argv):
@@ -49,8 +50,13 @@ def test_lr_multiplier_flags_reach_the_config():
     from pnnh.cli import build_parser, train_config_from_args
 
     args = build_parser().parse_args(["train", "--lr-multiplier", "blocks=0.1",
-                                      "--lr-multiplier", "head=2"])
-    assert train_config_from_args(args).lr_multipliers == {"blocks": 0.1, "head": 2}
+                                      "--lr-multiplier", "head=2",
+                                      "--lr-multiplier", "blocks.*.enc=0.3"])
+    assert train_config_from_args(args).lr_multipliers == {"blocks": 0.1, "head": 2,
+                                                           "blocks.*.enc": 0.3}
+    bad = build_parser().parse_args(["train", "--lr-multiplier", "blocks/0=0.3"])
+    with pytest.raises(ConfigError, match="not a valid option name"):
+        train_config_from_args(bad)
 
 
 def test_argparse_errors_exit_2(capsys):

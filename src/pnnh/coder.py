@@ -549,14 +549,30 @@ class PNNHBlock(nn.Module):
         return [l1, nn.ReLU(), l2, nn.ReLU()]
 
 
+def folded_weight_bias(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module,
+                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W', b')`` with ``bn(layer(x; W, b)) = layer(x; W', b')`` for an eval-mode BatchNorm:
+    ``W' = s·W`` (``s = γ/√(σ² + ε)`` scaling output channel ``c``), ``b' = (b − μ)·s + β``.
+    Differentiable in every argument; computed in ``dtype`` (default: the weight's) and
+    returned in the weight's dtype."""
+    dt = weight.dtype if dtype is None else dtype
+    b = bias.to(dt) if bias is not None else weight.new_zeros(weight.shape[0], dtype=dt)
+    gamma = bn.weight.to(dt) if bn.weight is not None else 1.0
+    scale = gamma / torch.sqrt(bn.running_var.to(dt) + bn.eps)
+    w = weight.to(dt) * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+    b = (b - bn.running_mean.to(dt)) * scale
+    if bn.bias is not None:
+        b = b + bn.bias.to(dt)
+    return w.to(weight.dtype), b.to(weight.dtype)
+
+
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module):
     """``bn(layer(x))`` as one layer (eval statistics): returns ``(weight, bias)`` copies."""
     weight = weight.detach().clone()
     bias = bias.detach().clone() if bias is not None else weight.new_zeros(weight.shape[0])
     if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-        weight = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
-        bias = (bias - bn.running_mean) * scale + bn.bias.detach()
+        with torch.no_grad():
+            weight, bias = folded_weight_bias(weight, bias, bn)
     return weight, bias
 
 

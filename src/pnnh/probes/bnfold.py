@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from pnnh.coder import folded_weight_bias
+
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -134,24 +136,15 @@ def _same_outputs(model: nn.Module, pairs: Sequence[tuple[str, str]], x: torch.T
 
 
 def _fold_forward(layer: nn.Module, bn: nn.Module):
-    """The layer's forward with ``bn`` folded into it, reading every tensor at call time. The
-    folded weight and bias are computed in float64 (weight-sized work) and cast back: in float32
-    the product ``s·W`` cost a tenth of λmax's accuracy on ResNet-20 (see the module doc)."""
+    """The layer's forward with ``bn`` folded into it (:func:`pnnh.coder.folded_weight_bias`),
+    reading every tensor at call time. The folded weight and bias are computed in float64
+    (weight-sized work) and cast back: in float32 the product ``s·W`` cost a tenth of λmax's
+    accuracy on ResNet-20 (see docs/BENCHMARKS.md)."""
     def forward(inp: torch.Tensor) -> torch.Tensor:
-        w0 = layer.weight
-        s = torch.rsqrt(bn.running_var.double() + bn.eps)
-        if bn.weight is not None:
-            s = s * bn.weight.double()
-        shift = -bn.running_mean.double() * s
-        if layer.bias is not None:
-            shift = shift + layer.bias.double() * s
-        if bn.bias is not None:
-            shift = shift + bn.bias.double()
-        w = (w0.double() * s.view(-1, *([1] * (w0.dim() - 1)))).to(w0.dtype)
-        shift = shift.to(w0.dtype)
+        w, b = folded_weight_bias(layer.weight, layer.bias, bn, dtype=torch.float64)
         if type(layer) is nn.Linear:
-            return nn.functional.linear(inp, w, shift)
-        return layer._conv_forward(inp, w, shift)
+            return nn.functional.linear(inp, w, b)
+        return layer._conv_forward(inp, w, b)
     return forward
 
 
@@ -163,7 +156,7 @@ def _identity(inp: torch.Tensor) -> torch.Tensor:
 def folded(model: nn.Module, pairs: Sequence[tuple[str, str]]) -> Iterator[None]:
     """Within the block, each pair's layer computes ``BN(layer(x))`` in one op and the
     BatchNorm passes its input through (the modules' ``forward`` are swapped, then restored)."""
-    mods = dict(model.named_modules())
+    mods = dict(model.named_modules()) if pairs else {}
     swapped = []
     try:
         for layer_name, bn_name in pairs:

@@ -154,16 +154,20 @@ class HessianOperator:
             self._batches: Iterable[Batch] = [data]
         else:
             self._batches = data
-        self.num_samples = sum(int(x.shape[0]) for x, _ in self._iter())
+        self.num_samples, first = 0, None
+        for x, _ in self._iter():  # one pass over the data: its size, and a sample to fold on
+            self.num_samples += int(x.shape[0])
+            if first is None and x.shape[0]:
+                first = x[:1].clone()
         if self.num_samples == 0:
             raise ConfigError("hessian: the data has no samples", field="data")
         self.folded: list[tuple[str, str]] = []
-        self.fold_note = "off" if not fold_batchnorm else ""
+        self.fold_error: str | None = None  # why folding was given up, if it was
         if fold_batchnorm:
             try:  # one sample shows the graph; a model that cannot run on it is not folded
-                self.folded = foldable_pairs(model, next(iter(self._iter()))[0][:1])
+                self.folded = foldable_pairs(model, first)
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                self.fold_note = f"not folded: {type(e).__name__}: {str(e).strip()[:120]}"
+                self.fold_error = f"{type(e).__name__}: {str(e).strip()[:120]}"
         self.hvp_calls = 0
         self.batched: bool | None = None  # hvp_many: batched passes (None: on accelerators)
         self.quadratic_kind: str | None = None  # quadratic_forms: "fwd-fwd" or "hvp" once run
@@ -192,8 +196,8 @@ class HessianOperator:
         if self.folded:
             text += (f"; eval-mode BatchNorm folded into the layer before it ({len(self.folded)} "
                      "pairs, an exact reparametrization)")
-        elif self.fold_note.startswith("not folded"):
-            text += f"; BatchNorm {self.fold_note}"
+        elif self.fold_error:
+            text += f"; BatchNorm not folded: {self.fold_error}"
         return text
 
     # -- plumbing -----------------------------------------------------------------------
@@ -640,6 +644,7 @@ def block_curvature(
     blocks: str | Sequence[str] | dict[str, Sequence[str]], loss_fn: LossFn | str = "ce",
     hvp_mode: str = "auto", tol: float = 1e-3, max_iter: int = 100, trace_samples: int = 64,
     trace_method: str = "xtrace", trace_rel_tol: float | None = None, seed: int = 0,
+    fold_batchnorm: bool = True,
 ) -> list[dict]:
     """Per-block curvature: for each block ``B`` of parameters, the diagonal block ``H_BB``
     of the Hessian (the Hessian of the loss in ``θ_B`` with the other parameters fixed) —
@@ -647,7 +652,8 @@ def block_curvature(
     traces add up to the whole trace). One record per block."""
     records = []
     for name, prefixes in parse_blocks(blocks).items():
-        op = HessianOperator(model, data, loss_fn, params=prefixes, hvp_mode=hvp_mode)
+        op = HessianOperator(model, data, loss_fn, params=prefixes, hvp_mode=hvp_mode,
+                             fold_batchnorm=fold_batchnorm)
         ext = op.extreme_eigenvalues(tol=tol, max_iter=max_iter, seed=seed, bound="gap")
         tr = op.trace(trace_samples, seed=seed, rel_tol=trace_rel_tol, method=trace_method)
         records.append({
@@ -1044,7 +1050,8 @@ def _block_records(t: ProbeTarget, args: argparse.Namespace) -> list[dict]:
                              hvp_mode=getattr(args, "hvp", "auto"), tol=args.tol,
                              max_iter=args.max_iter, seed=args.seed,
                              trace_samples=args.hutchinson_samples,
-                             trace_method=getattr(args, "trace_method", "xtrace"))
+                             trace_method=getattr(args, "trace_method", "xtrace"),
+                             fold_batchnorm=getattr(args, "fold_batchnorm", True))
     return [{"model": t.label, **b} for b in blocks]
 
 

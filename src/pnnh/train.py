@@ -83,13 +83,18 @@ def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _in_module(name: str, key: str) -> bool:
+    """Whether parameter ``name`` lies in a module matching the (``fnmatch``) path ``key``."""
+    return fnmatch.fnmatchcase(name, key + ".*")
+
+
 def module_lr_factor(name: str, multipliers: dict) -> float:
     """The lr factor of parameter ``name``: that of the most specific key (most dotted parts)
     naming a module it lies in; a key is a module path whose parts may be ``fnmatch``
     patterns (``blocks``, ``head``, ``blocks.*.enc``); 1 when none matches."""
     best, parts = 1.0, -1
     for key, factor in multipliers.items():
-        if fnmatch.fnmatchcase(name, key + ".*") and key.count(".") > parts:
+        if _in_module(name, key) and key.count(".") > parts:
             best, parts = float(factor), key.count(".")
     return best
 
@@ -102,7 +107,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     mult = dict(getattr(cfg, "lr_multipliers", None) or {})
     names = [n for n, _ in model.named_parameters()]
     for key in mult:
-        if not any(fnmatch.fnmatchcase(n, key + ".*") for n in names):
+        if not any(_in_module(n, key) for n in names):
             raise ConfigError(f"lr_multipliers: {cfg.model} has no submodule {key!r} "
                               f"(it has {', '.join(dict(model.named_children()))})",
                               field="lr_multipliers")

@@ -443,6 +443,19 @@ def _bn(dims: int, c: int) -> nn.Module:
     return nn.BatchNorm1d(c) if dims <= 1 else nn.BatchNorm2d(c)
 
 
+def drop_path(t: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al., 2016), per sample: ``t · m / (1 - p)`` with
+    ``m ~ Bernoulli(1 - p)`` drawn once per sample, so ``E[output] = t``; in eval mode (or at
+    ``p = 0``) ``t`` itself. Applied to a residual branch (or a PNNH learner term), it drops
+    that block's learner for the sample: the block computes ``relu(x)``, i.e. ``x`` for the
+    non-negative input that follows a ReLU."""
+    if not training or p <= 0.0:
+        return t
+    keep = 1.0 - p
+    mask = torch.empty((t.shape[0],) + (1,) * (t.dim() - 1), dtype=t.dtype, device=t.device)
+    return t * mask.bernoulli_(keep).div_(keep)
+
+
 class PNNHBlock(nn.Module):
     """Two plain layers: a weight-shared coder (the internal path) beside a learner.
 
@@ -500,6 +513,7 @@ class PNNHBlock(nn.Module):
                 else:
                     nn.init.zeros_(self.dec.weight)
         self.bias = None if batchnorm and learner_width > 0 else nn.Parameter(torch.zeros(out_dim))
+        self.drop_path = 0.0  # stochastic depth of the learner term (training only)
 
     def _bias(self, y: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
@@ -511,11 +525,13 @@ class PNNHBlock(nn.Module):
         if self.learner_width == 0:
             return torch.relu(self._bias(y))
         h = torch.relu(self.bn1(self.enc(x)))
-        if self.bias is not None:  # no BatchNorm: b2 rides in the decoder's own bias add
-            if self.dims == 0:
-                return torch.relu(y + F.linear(h, self.dec.weight, self.bias))
-            return torch.relu(y + self.dec._conv_forward(h, self.dec.weight, self.bias))
-        return torch.relu(y + self.bn2(self.dec(h)))
+        if self.bias is None:
+            t = self.bn2(self.dec(h))
+        elif self.dims == 0:  # no BatchNorm: b2 rides in the decoder's own bias add
+            t = F.linear(h, self.dec.weight, self.bias)
+        else:
+            t = self.dec._conv_forward(h, self.dec.weight, self.bias)
+        return torch.relu(y + drop_path(t, self.drop_path, self.training))
 
     # -- the plain form -------------------------------------------------------------
 

@@ -325,7 +325,19 @@ def pnnh_block_to_residual(block: nn.Module) -> nn.Module:
     if block.dims == 2:
         res.bn1.load_state_dict(block.bn1.state_dict())
         res.bn2.load_state_dict(block.bn2.state_dict())
+    _copy_drop_path(block, res)
     return res.train(block.training)
+
+
+def _copy_drop_path(src: nn.Module, dst: nn.Module) -> None:
+    """Carry stochastic depth across a conversion (the same per-sample draws in training), or
+    refuse where the target block has none: silently dropping it would change training."""
+    rate = float(getattr(src, "drop_path", 0.0))
+    if hasattr(dst, "drop_path"):
+        dst.drop_path = rate
+    elif rate > 0:
+        raise PnnhError(f"cannot convert a block with drop_path={rate:g} to "
+                        f"{type(dst).__name__}, which has no stochastic depth", field="model")
 
 
 @torch.no_grad()
@@ -367,6 +379,7 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
         out.coder.width = n_out
         out.coder.weight = nn.Parameter(p.reshape(n_out, 4 * n_in))
         out.bn2.bias.add_(bs)
+    _copy_drop_path(block, out)
     return out.train(block.training)
 
 

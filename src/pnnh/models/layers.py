@@ -8,11 +8,14 @@ from another family, so that each family depends on this module and :mod:`pnnh.c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from pnnh.coder import drop_path as drop_path  # re-exported for the families
 from pnnh.coder import fold_bn
+from pnnh.errors import ConfigError
 
 
 def blocks_for_depth(depth: int, layers_per_block: int = 2) -> int:
@@ -62,6 +65,18 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         out.weight.copy_(w)
         out.bias.copy_(b)
     return out
+
+
+def set_drop_path(blocks: Sequence[nn.Module], rate: float) -> None:
+    """Stochastic depth over ``blocks``, rising linearly with depth from 0 at the first block
+    to ``rate`` at the last (the linear decay rule of Huang et al.; timm's ``drop_path_rate``):
+    block ``i`` of ``n`` drops its branch with probability ``rate · i / (n - 1)``."""
+    if not 0.0 <= float(rate) < 1.0:
+        raise ConfigError(f"drop_path_rate: must be in [0, 1), got {rate!r}",
+                          field="drop_path_rate")
+    n = len(blocks)
+    for i, b in enumerate(blocks):
+        b.drop_path = float(rate) * i / (n - 1) if n > 1 else float(rate)
 
 
 class StemBlocksHead(nn.Module):

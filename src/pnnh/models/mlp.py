@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from pnnh.coder import DEFAULT_CODER, CoderOptions, PNNHBlock, attach_constraint
-from pnnh.models.layers import StemBlocksHead, blocks_for_depth, flat_dim, he_init_
+from pnnh.models.layers import (
+    StemBlocksHead,
+    blocks_for_depth,
+    drop_path,
+    flat_dim,
+    he_init_,
+    set_drop_path,
+)
 from pnnh.registry import register_model
 
 
@@ -60,9 +67,11 @@ class ResidualMLPBlock(nn.Module):
         he_init_(self.fc2)
         if zero_init_residual:
             nn.init.zeros_(self.fc2.weight)
+        self.drop_path = 0.0  # stochastic depth of the branch (training only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.fc2(torch.relu(self.fc1(x))))
+        branch = self.fc2(torch.relu(self.fc1(x)))
+        return torch.relu(x + drop_path(branch, self.drop_path, self.training))
 
 
 class MLP(StemBlocksHead):
@@ -89,11 +98,14 @@ def resnet_mlp(
     width: int = 128,
     zero_init_residual: bool = True,
     branch_width: int | None = None,
+    drop_path_rate: float = 0.0,
 ) -> MLP:
     """Residual MLP: identity shortcut around each block of two layers; ``branch_width`` hidden
-    units in each residual branch (default ``width``)."""
+    units in each residual branch (default ``width``); ``drop_path_rate``: stochastic depth,
+    rising linearly to that rate at the last block (:func:`~pnnh.models.layers.set_drop_path`)."""
     n = blocks_for_depth(depth)
     blocks = [ResidualMLPBlock(width, zero_init_residual, branch_width) for _ in range(n)]
+    set_drop_path(blocks, drop_path_rate)
     return MLP(in_shape, num_classes, width, blocks)
 
 
@@ -105,10 +117,13 @@ def pnnh_mlp(
     depth: int = 8,
     width: int = 128,
     learner_width: int | None = None,
+    drop_path_rate: float = 0.0,
     coder: CoderOptions = DEFAULT_CODER,
 ) -> MLP:
-    """PNNH MLP: plain blocks of a weight-shared coder (internal path) + a learner; no skips."""
+    """PNNH MLP: plain blocks of a weight-shared coder (internal path) + a learner; no skips.
+    ``drop_path_rate``: stochastic depth of the learner terms, as in :func:`resnet_mlp`."""
     n = blocks_for_depth(depth)
     lw = width if learner_width is None else int(learner_width)
     blocks = [PNNHBlock(width, lw, dims=0, **coder.block_kwargs()) for _ in range(n)]
+    set_drop_path(blocks, drop_path_rate)
     return attach_constraint(MLP(in_shape, num_classes, width, blocks), coder)

@@ -1,0 +1,93 @@
+"""Stochastic depth (``drop_path_rate``) on the MLP families: the per-sample rule, the linear
+rise over depth, eval mode untouched, exact export, and conversion that keeps the draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pnnh.convert import pnnh_to_resnet, resnet_to_pnnh
+from pnnh.errors import ConfigError, PnnhError
+from pnnh.export import to_plain
+from pnnh.models import create_model
+from pnnh.models.layers import drop_path, set_drop_path
+
+
+def test_drop_path_keeps_or_drops_whole_samples_and_is_unbiased():
+    t = torch.randn(4000, 3, 5)
+    torch.manual_seed(0)
+    out = drop_path(t, 0.25, training=True)
+    scale = (out / t).reshape(4000, -1)
+    # each sample is either dropped (0) or kept and rescaled by 1 / (1 - p), as a whole
+    assert torch.allclose(scale, scale[:, :1].expand_as(scale))
+    kept = scale[:, 0] != 0
+    assert torch.allclose(scale[kept, 0], torch.tensor(1 / 0.75))
+    dropped = 1 - float(kept.float().mean())
+    assert abs(dropped - 0.25) < 0.03  # 4000 draws: 3 standard deviations is 0.021
+    assert drop_path(t, 0.25, training=False) is t
+    assert drop_path(t, 0.0, training=True) is t
+
+
+def test_rates_rise_linearly_to_the_last_block():
+    model = create_model("pnnh_mlp", depth=12, width=8, drop_path_rate=0.3)
+    assert [round(b.drop_path, 6) for b in model.blocks] == [0.0, 0.075, 0.15, 0.225, 0.3]
+    with pytest.raises(ConfigError, match="drop_path_rate") as e:
+        create_model("resnet_mlp", depth=12, width=8, drop_path_rate=1.0)
+    assert e.value.field == "drop_path_rate"
+    with pytest.raises(ConfigError, match="drop_path_rate"):
+        set_drop_path(list(model.blocks), -0.1)
+
+
+@pytest.mark.parametrize("name", ["pnnh_mlp", "resnet_mlp"])
+def test_training_draws_change_the_output_and_eval_does_not(name):
+    torch.manual_seed(0)
+    model = create_model(name, depth=10, width=16, drop_path_rate=0.5)
+    for b in model.blocks:  # non-zero branches, so that dropping one is visible
+        torch.nn.init.normal_(b.dec.weight if name == "pnnh_mlp" else b.fc2.weight, std=0.1)
+    ref = create_model(name, depth=10, width=16)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(64, 1, 40)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), ref.eval()(x))
+        model.train()
+        a, b = model(x), model(x)
+    assert not torch.allclose(a, b)  # fresh draws each pass
+    ref.train()
+    assert not torch.allclose(a, ref(x))
+
+
+def test_pnnh_with_drop_path_exports_exactly():
+    torch.manual_seed(0)
+    model = create_model("pnnh_mlp", depth=10, width=16, drop_path_rate=0.4)
+    for b in model.blocks:
+        torch.nn.init.normal_(b.dec.weight, std=0.1)
+    x = torch.randn(32, 1, 40)
+    plain = to_plain(model.eval())
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model(x), atol=1e-5)
+
+
+def test_conversion_keeps_the_rates_and_the_same_draws_in_training():
+    torch.manual_seed(0)
+    pnnh = create_model("pnnh_mlp", depth=10, width=16, drop_path_rate=0.5)
+    for b in pnnh.blocks:
+        torch.nn.init.normal_(b.dec.weight, std=0.1)
+    resnet = pnnh_to_resnet(pnnh)
+    assert [b.drop_path for b in resnet.blocks] == [b.drop_path for b in pnnh.blocks]
+    back = resnet_to_pnnh(resnet)
+    assert [b.drop_path for b in back.blocks] == [b.drop_path for b in pnnh.blocks]
+    x = torch.randn(64, 1, 40)
+    pnnh.train()
+    resnet.train()
+    torch.manual_seed(1)
+    a = pnnh(x)
+    torch.manual_seed(1)
+    b = resnet(x)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_conversion_refuses_a_target_without_stochastic_depth():
+    model = create_model("pnnh_cnn1d", depth=8, width=8)
+    model.blocks[1].drop_path = 0.2
+    with pytest.raises(PnnhError, match="drop_path"):
+        pnnh_to_resnet(model)

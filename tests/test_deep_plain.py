@@ -93,3 +93,44 @@ def test_depth_lr_rule_and_reuse_only_at_same_lr(tmp_path, monkeypatch):
     other_seed = exp.run(tmp_path, "cpu", "cpu", 1)
     assert len(list((tmp_path / "runs").iterdir())) == 5  # another seed is never reused
     assert {r["run"] for r in other_seed["rows"]}.isdisjoint(r["run"] for r in again["rows"])
+
+
+def test_seed_statistics_match_each_run_and_count_the_test_sample(tmp_path, monkeypatch):
+    """The multi-seed gap is the runs' own gaps (checkpoints re-scored on the test set), the
+    tree may be moved, and a directory that is not a finished run is named in the error."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from pnnh import reproduce
+    from pnnh.errors import ConfigError
+
+    monkeypatch.setattr(exp, "CPU", exp.QUICK)
+    dirs = []
+    for s in (0, 1):
+        d = tmp_path / f"deep-plain-s{s}"
+        reproduce.run("deep-plain", d, "cpu", "cpu", s)  # as `pnnh reproduce` writes it
+        dirs.append(d)
+    moved = tmp_path / "moved-s1"
+    shutil.move(dirs[1], moved)  # results.json still names the old run paths
+    dirs[1] = moved
+    st = exp.seed_statistics(dirs, boots=200)
+    for d, gap in zip(dirs, st["gaps_points"]):
+        summary = json.loads((d / "summary.json").read_text())
+        assert gap == pytest.approx(summary["gap_points"], abs=1e-9)
+    assert st["mean_gap_points"] == pytest.approx(sum(st["gaps_points"]) / 2)
+    lo, hi = st["bootstrap_95"]
+    assert lo <= st["mean_gap_points"] <= hi
+    assert st["disagreement"] > 0 and st["gaps_points"] != [0.0, 0.0]  # a non-vacuous check
+    assert st["test_sampling_se_points"] > 0 and st["bootstrap_se_points"] > 0
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "deep_plain_seeds.py"
+    spec = importlib.util.spec_from_file_location("bench_deep_plain_seeds", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main([str(d) for d in dirs] + ["--boots", "50", "--out",
+                                                          str(tmp_path / "res")])
+    assert out["gaps_points"] == st["gaps_points"]
+    assert (tmp_path / "res" / "deep_plain_seeds.json").exists()
+    with pytest.raises(ConfigError, match="summary.json"):
+        exp.seed_statistics([tmp_path / "nothing-here"])

@@ -70,17 +70,28 @@ is depth-µP's Adam rule, its ``1/√L`` branch multiplier moved into the decode
 0.7937 / 0.7756 (mean 0.779, the protocol's 0.779). It fits faster (train accuracy 0.994–0.996
 against 0.984–0.990) but is no more accurate (held-out loss 1.12–1.16 against 1.02–1.07):
 not adopted.
+Stochastic depth (``--model-arg drop_path_rate=R``: each sample skips a block's learner with a
+probability rising linearly to ``R`` at the last block; Huang et al.'s remedy for a 1202-layer
+ResNet that generalized worse than a 110-layer one), pre-registered with its rule (adopt the
+better ``R`` if its 1000-layer mean reaches 0.784, the protocol's + 0.5, with the held-out gap
+no worse than -0.5), three seeds held out at both depths: ``R = 0.1`` gives 0.7850 / 0.7812 /
+0.7819 (100 layers, mean 0.783) and 0.7981 / 0.7769 / 0.7662 (1000 layers, mean 0.780); ``R =
+0.3`` 0.7944 / 0.7850 / 0.7806 (0.787) and 0.7881 / 0.7825 / 0.7706 (0.780): not adopted.
 
 **Result on the test set**, ``OMP_NUM_THREADS=1 pnnh reproduce deep-plain --device cpu --seed N
 --out runs/deep-plain-sN`` for seeds 0, 1, 2 (the three side by side on the 2 cores: ~10 min
 each, 533 s of it the 1000-layer net), then seeds 3 and 4 (two side by side), added after
 seeing the first three to tell the gap from noise, all five reported: 100 layers 0.8150 /
 0.8180 / 0.8095 / 0.8095 / 0.8240, 1000 layers 0.7965 / 0.8055 / 0.8020 / 0.7885 / 0.8025,
-gaps −1.85 / −1.25 / −0.75 / −2.10 / −2.15 points; means 0.8152 and 0.7990, gap −1.62 points
-(standard deviation of the paired gaps 0.60, so a standard error of 0.27 and a 95% interval
-of −2.4 to −0.9). The 1-point target is met on seed 2 only, and five seeds say the gap is
-real: about 1.6 points, not noise around 1 (on the held-out split, 3 seeds: −0.2 on average,
-above; those runs train on 6,400 samples, not 8,000). The 1000-layer net fits less in 15
+gaps −1.85 / −1.25 / −0.75 / −2.10 / −2.15 points; means 0.8152 and 0.7990, gap −1.62 points.
+Its noise has two sources: the seeds (standard error 0.27 points) and the test set itself,
+since every net is scored on the same 2,000 examples and the two depths disagree on 16.5% of
+them (standard error 0.44). Counting both (a bootstrap over seeds and examples), the 95%
+interval is −2.85 to −0.43 points, and 15% of the draws are within 1 point:
+``.venv/bin/python benchmarks/deep_plain_seeds.py runs/deep-plain-s0 ... runs/deep-plain-s4``
+(:func:`seed_statistics`). So the target is not met on the measured mean, met on seed 2 only,
+and the data can neither confirm nor exclude a true gap within 1 point (on the held-out split,
+3 seeds: −0.2 on average, above; those runs train on 6,400 samples, not 8,000). The 1000-layer net fits less in 15
 epochs (train accuracy 0.983–0.987 against 1.000); its test loss is about the same
 (0.85–0.95 against 0.89–0.95). At width 64 with the same lrs: 0.7700 / 0.7815 / 0.7780 against
 0.7635 / 0.7595 / 0.7550 (gap −1.7 on average); under the earlier protocol (width 64, every lr
@@ -97,10 +108,12 @@ count, output difference, skips) and ``training_curves.png``; each run's directo
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
 
+from pnnh.errors import ConfigError
 from pnnh.io import atomic_write_json, read_jsonl, save_figure, write_records
 
 DESCRIPTION = "1000-layer PNNH MLP on MNIST-1D vs 100 layers, exported to a plain nn.Sequential"
@@ -238,3 +251,65 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
           f"skips found {len(export['skips'])} (training form: "
           f"{export['training_form_skips']}, the fused reparametrization)")
     return summary
+
+
+def _run_dir(seed_dir: Path, row: dict) -> Path:
+    """A row's run directory: as recorded, or under ``seed_dir/runs`` if the tree was moved."""
+    run = Path(row["run"])
+    return run if run.exists() else seed_dir / "runs" / run.name
+
+
+def _correct(seed_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per test example, 1.0 where the shallowest / the deepest net of one seed's run is right."""
+    from pnnh.checkpoint import load_model
+    from pnnh.data import get_dataset
+
+    path = seed_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        cfg, rows = summary["config"], summary["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a finished deep-plain run ({type(e).__name__}: {e})",
+                          field="seed_dirs") from e
+    _, test = get_dataset(cfg["dataset"], num_samples=cfg["train"].get("num_samples"))
+    x, y = test.tensors
+    out = []
+    for row in (rows[0], rows[-1]):
+        model, _ = load_model(_run_dir(seed_dir, row) / "checkpoints" / "last.pt")
+        with torch.no_grad():
+            out.append((model.eval()(x).argmax(1) == y).double())
+    return out[0], out[1]
+
+
+def seed_statistics(seed_dirs: list[Path], boots: int = 4000, seed: int = 0) -> dict:
+    """The depth gap over several seeds' runs, with both of its sources of noise.
+
+    Per seed ``s`` and test example ``i``, ``d_si = c_deep,si - c_shallow,si`` (1 = correct). The
+    gap is ``100 · mean(d)`` points. Its standard error over seeds, ``std_s(gap_s) / √S``, only
+    covers the training noise: every seed is scored on the *same* test examples, so the gap
+    also carries the test set's sampling noise, ``std_i(mean_s d_si) / √n`` (two models that
+    disagree on 1 example in 6 differ by ~0.9 points per 2,000 examples by chance alone). The
+    two-way bootstrap (seeds and examples resampled independently, ``boots`` times) gives the
+    interval that counts both, and the share of draws with the gap at or above -1 point."""
+    pairs = [_correct(Path(d)) for d in seed_dirs]
+    shallow = torch.stack([p[0] for p in pairs])
+    deep = torch.stack([p[1] for p in pairs])
+    d = deep - shallow
+    S, n = d.shape
+    gaps = 100 * d.mean(1)
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.empty(boots, dtype=torch.float64)
+    for b in range(boots):
+        si = torch.randint(0, S, (S,), generator=gen)
+        ei = torch.randint(0, n, (n,), generator=gen)
+        draws[b] = 100 * d[si][:, ei].mean()
+    seed_se = float(gaps.std() / S ** 0.5) if S > 1 else float("nan")
+    return {"seeds": [str(x) for x in seed_dirs], "examples": n,
+            "shallow_acc": shallow.mean(1).tolist(), "deep_acc": deep.mean(1).tolist(),
+            "gaps_points": gaps.tolist(), "mean_gap_points": float(gaps.mean()),
+            "seed_se_points": seed_se,
+            "test_sampling_se_points": float(100 * d.mean(0).std() / n ** 0.5),
+            "bootstrap_se_points": float(draws.std()),
+            "bootstrap_95": [float(draws.quantile(0.025)), float(draws.quantile(0.975))],
+            "bootstrap_share_within_1pt": float((draws >= -1.0).double().mean()),
+            "disagreement": float((shallow != deep).double().mean()), "boots": boots}

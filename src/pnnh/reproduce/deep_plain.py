@@ -82,21 +82,21 @@ no worse than -0.5), three seeds held out at both depths: ``R = 0.1`` gives 0.78
 --out runs/deep-plain-sN`` for seeds 0, 1, 2 (the three side by side on the 2 cores: ~10 min
 each, 533 s of it the 1000-layer net), then seeds 3 and 4 (two side by side), added after
 seeing the first three to tell the gap from noise, all five reported: 100 layers 0.8150 /
-0.8180 / 0.8095 / 0.8095 / 0.8240, 1000 layers 0.7965 / 0.8055 / 0.8020 / 0.7885 / 0.8025,
-gaps −1.85 / −1.25 / −0.75 / −2.10 / −2.15 points; means 0.8152 and 0.7990, gap −1.62 points.
-Its noise has two sources: the seeds (standard error 0.27 points) and the test set itself,
-since every net is scored on the same 2,000 examples and the two depths disagree on 16.5% of
-them (standard error 0.44). Counting both (a bootstrap over seeds and examples), the 95%
-interval is −2.85 to −0.43 points, and 15% of the draws are within 1 point:
-``.venv/bin/python benchmarks/deep_plain_seeds.py runs/deep-plain-s0 ... runs/deep-plain-s4``
+0.8180 / 0.8095 / 0.8095 / 0.8240, 1000 layers 0.7965 / 0.8055 / 0.8020 / 0.7885 / 0.8025, gaps
+−1.85 / −1.25 / −0.75 / −2.10 / −2.15 points; means 0.8152 and 0.7990, gap −1.62 points. Its
+noise has two sources: the seeds (standard error 0.27 points) and the test set itself, since
+every net is scored on the same 2,000 examples and the two depths disagree on 16.5% of them
+(standard error 0.44). Counting both (a bootstrap over seeds and examples), the 95% interval is
+−2.85 to −0.43 points, and 15% of the draws are within 1 point: ``.venv/bin/python
+benchmarks/deep_plain_seeds.py runs/deep-plain-s0 ... runs/deep-plain-s4``
 (:func:`seed_statistics`). So the target is not met on the measured mean, met on seed 2 only,
 and the data can neither confirm nor exclude a true gap within 1 point (on the held-out split,
-3 seeds: −0.2 on average, above; those runs train on 6,400 samples, not 8,000). The 1000-layer net fits less in 15
-epochs (train accuracy 0.983–0.987 against 1.000); its test loss is about the same
-(0.85–0.95 against 0.89–0.95). At width 64 with the same lrs: 0.7700 / 0.7815 / 0.7780 against
-0.7635 / 0.7595 / 0.7550 (gap −1.7 on average); under the earlier protocol (width 64, every lr
-1e-3 but the 1000-layer blocks): 0.687 against 0.663 (gap −2.4). Adam's ``eps`` (1e-8) is not
-what slows the deep blocks: in the last checkpoint of seed 3 the median ``√v`` of every
+3 seeds: −0.2 on average, above; those runs train on 6,400 samples, not 8,000). The 1000-layer
+net fits less in 15 epochs (train accuracy 0.983–0.987 against 1.000); its test loss is about
+the same (0.85–0.95 against 0.89–0.95). At width 64 with the same lrs: 0.7700 / 0.7815 / 0.7780
+against 0.7635 / 0.7595 / 0.7550 (gap −1.7 on average); under the earlier protocol (width 64,
+every lr 1e-3 but the 1000-layer blocks): 0.687 against 0.663 (gap −2.4). Adam's ``eps`` (1e-8)
+is not what slows the deep blocks: in the last checkpoint of seed 3 the median ``√v`` of every
 parameter tensor is ≥ 3e-7 (2% of the entries below 1e-7).
 
 Writes ``results.csv/json`` (one row per depth: parameters, final and best test accuracy,

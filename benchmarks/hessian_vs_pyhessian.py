@@ -34,8 +34,12 @@ Contenders:
   estimation only (the errors are scored after the clock stops).
 - density — PyHessian ``hessian.density(iter, n_v=1)`` (SLQ; its final ``torch.eig``, gone from
   torch 2.x, is replaced by ``torch.linalg.eigh`` of the same tridiagonal matrix); pnnh
-  ``spectral_density(num_runs=1, num_steps)``. Error: L1 distance between the Gaussian-smoothed
-  estimate and the smoothed exact spectrum (σ = 2% of the spectral span, same grid).
+  ``spectral_density(num_runs=1, num_steps)`` with its default averaged Gauss quadrature (the
+  same HVPs; :func:`pnnh.probes.hessian.slq_quadrature`) and, for the record, with the Gauss
+  rule PyHessian uses (``gauss steps N``). Error: L1 distance between the Gaussian-smoothed
+  estimate and the smoothed exact spectrum (σ = 2% of the spectral span, same grid); both tools
+  draw the same Rademacher start vectors, so at enough steps both reach the same floor, that
+  one random vector's own error.
 
 HVPs: PyHessian's double backward over a graph built once; pnnh ``hvp_mode="auto"`` (resolves
 to the same double backward for single HVPs; Hutchinson's ``vᵀHv`` by vmapped
@@ -191,8 +195,9 @@ def ours_trace(model, x, y, budget: int, seed: int, method: str = "xtrace") -> d
     return {"value": r["trace"], "hvps": r["hvps"]}
 
 
-def ours_density(model, x, y, steps: int, seed: int) -> dict:
-    return HessianOperator(model, (x, y), "ce").spectral_density(1, steps, seed=seed)
+def ours_density(model, x, y, steps: int, seed: int, quadrature: str = "averaged") -> dict:
+    return HessianOperator(model, (x, y), "ce").spectral_density(1, steps, seed=seed,
+                                                                 quadrature=quadrature)
 
 
 # -- timing and scoring -------------------------------------------------------------------------
@@ -365,6 +370,9 @@ def bench_trace_density(args) -> dict:
     for steps in args.slq_steps:
         cont[f"pnnh steps {steps}"] = averaged(
             lambda s, steps=steps: ours_density(model, x, y, steps, s), seeds)
+    for steps in args.slq_gauss_steps:  # the Gauss rule (PyHessian's), for the record
+        cont[f"pnnh gauss steps {steps}"] = averaged(
+            lambda s, steps=steps: ours_density(model, x, y, steps, s, "gauss"), seeds)
     out["density"] = run_quantity("density (L1 to the smoothed exact spectrum; error column = "
                                   "L1)", cont, rms_error(den_err), args.repeats, d)
     return out
@@ -435,7 +443,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hutchinson-budgets", type=int, nargs="+",
                     default=[4, 8, 16, 32, 100, 200, 400])
     ap.add_argument("--pyh-slq-steps", type=int, nargs="+", default=[100, 30, 20])
-    ap.add_argument("--slq-steps", type=int, nargs="+", default=[10, 15, 20, 25, 30])
+    ap.add_argument("--slq-steps", type=int, nargs="+",
+                    default=[10, 12, 14, 16, 18, 20, 22, 25, 30],
+                    help="pnnh SLQ steps, averaged Gauss quadrature (its default)")
+    ap.add_argument("--slq-gauss-steps", type=int, nargs="+", default=[15, 20, 25],
+                    help="pnnh SLQ steps with the Gauss rule")
     ap.add_argument("--skip-resnet", action="store_true", help="trace and density only")
     ap.add_argument("--quantities", nargs="+", choices=QUANTITIES, default=list(QUANTITIES),
                     help="a subset: results go to hessian_vs_pyhessian_<subset>.json, no figure")
@@ -462,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.pyh_min_iters = [3]
         args.trace_tols, args.trace_budgets, args.pyh_trace_samples = [1e-2], [16], [8]
         args.hutchpp_budgets, args.hutchinson_budgets = [12], [8]
-        args.pyh_slq_steps, args.slq_steps = [10], [10]
+        args.pyh_slq_steps, args.slq_steps, args.slq_gauss_steps = [10], [10], [10]
     torch.set_num_threads(args.threads)
     info = machine_info()
     info["loadavg_before"] = info["loadavg_1_5_15"]

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pnnh.errors import PnnhError
 from pnnh.reproduce.deep_plain import seed_statistics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
     ap.add_argument("--name", default="deep_plain_seeds", help="results file name")
     args = ap.parse_args(argv)
-    st = seed_statistics(args.runs, boots=args.boots)
+    try:
+        st = seed_statistics(args.runs, boots=args.boots)
+    except PnnhError as e:  # a directory that is not a finished run: one line, exit 2
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     print(f"{'seed run':<28} {'shallow':>8} {'deep':>8} {'gap (pts)':>10}")
     for run, a, b, g in zip(st["seeds"], st["shallow_acc"], st["deep_acc"], st["gaps_points"]):
         print(f"{Path(run).name:<28} {a:>8.4f} {b:>8.4f} {g:>+10.2f}")

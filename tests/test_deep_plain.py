@@ -134,3 +134,6 @@ def test_seed_statistics_match_each_run_and_count_the_test_sample(tmp_path, monk
     assert (tmp_path / "res" / "deep_plain_seeds.json").exists()
     with pytest.raises(ConfigError, match="summary.json"):
         exp.seed_statistics([tmp_path / "nothing-here"])
+    with pytest.raises(SystemExit) as e:
+        bench.main([str(tmp_path / "nothing-here")])
+    assert e.value.code == 2

@@ -540,3 +540,16 @@ def test_averaged_quadrature_is_closer_to_the_exact_density_at_few_steps():
     with pytest.raises(ConfigError, match="quadrature") as e:
         op.spectral_density(1, 8, quadrature="radau")
     assert e.value.field == "quadrature"
+
+
+def test_slq_keeps_the_exact_ritz_values_when_lanczos_ends_early():
+    """Two distinct eigenvalues: Lanczos finds an invariant subspace after 2 steps, its Ritz
+    values are the eigenvalues, and the density keeps them (no averaged rule on top)."""
+    model = nn.Linear(4, 1, bias=False).double()
+    x = torch.diag(torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64))  # H = XᵀX / N
+    y = torch.zeros(4, 1, dtype=torch.float64)
+    op = HessianOperator(model, (x, y), mse_loss)
+    spec = op.spectral_density(num_runs=2, num_steps=4)
+    for nodes, weights in zip(spec["nodes"], spec["weights"]):
+        assert torch.allclose(nodes, torch.tensor([0.25, 1.0], dtype=torch.float64))
+        assert torch.allclose(weights, torch.tensor([0.5, 0.5], dtype=torch.float64))

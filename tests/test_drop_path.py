@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pnnh.convert import pnnh_to_resnet, resnet_to_pnnh
-from pnnh.errors import ConfigError, PnnhError
+from pnnh.errors import ConfigError
 from pnnh.export import to_plain
 from pnnh.models import create_model
 from pnnh.models.layers import drop_path, set_drop_path
@@ -86,8 +86,45 @@ def test_conversion_keeps_the_rates_and_the_same_draws_in_training():
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_conversion_refuses_a_target_without_stochastic_depth():
-    model = create_model("pnnh_cnn1d", depth=8, width=8)
-    model.blocks[1].drop_path = 0.2
-    with pytest.raises(PnnhError, match="drop_path"):
-        pnnh_to_resnet(model)
+@pytest.mark.parametrize("name,in_shape", [("pnnh_cnn1d", (1, 40)), ("pnnh20", (3, 16, 16))])
+def test_conv_families_carry_it_through_conversion(name, in_shape):
+    """The conv PNNH nets (a transition block included) and their ResNets: the same rates
+    after conversion, the same outputs in training under the same draws."""
+    torch.manual_seed(0)
+    pnnh = create_model(name, in_shape=in_shape, depth=8 if name == "pnnh_cnn1d" else 20,
+                        width=8, drop_path_rate=0.5)
+    for b in pnnh.blocks:  # non-zero learner terms (they start at zero), so drops show
+        if isinstance(b.bn2, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(b.bn2.weight)
+        else:
+            torch.nn.init.normal_(b.dec.weight, std=0.1)
+    rates = [b.drop_path for b in pnnh.blocks]
+    assert rates[0] == 0.0 and rates[-1] == 0.5
+    resnet = pnnh_to_resnet(pnnh)
+    assert [b.drop_path for b in resnet.blocks] == rates
+    assert [b.drop_path for b in resnet_to_pnnh(resnet.eval()).blocks] == rates
+    x = torch.randn(16, *in_shape)
+    pnnh.train()
+    resnet.train()
+    torch.manual_seed(3)
+    a = pnnh(x)
+    torch.manual_seed(3)
+    b = resnet(x)
+    assert torch.allclose(a, b, atol=1e-4)
+    torch.manual_seed(4)
+    assert not torch.allclose(pnnh(x), a)  # other draws, another output
+
+
+def test_every_resnet_and_pnnh_factory_takes_the_rate_and_plain_ones_do_not():
+    from pnnh.models import list_models
+
+    for name in ("resnet_cnn1d", "resnet20", "resnet56", "resnet110", "pnnh56", "pnnh110"):
+        model = create_model(name, drop_path_rate=0.2)
+        assert max(b.drop_path for b in model.blocks) == pytest.approx(0.2), name
+    model = create_model("resnet18", in_shape=(3, 32, 32), drop_path_rate=0.2)
+    assert model.blocks[-1].drop_path == pytest.approx(0.2)
+    model = create_model("pnnh18", in_shape=(3, 32, 32), drop_path_rate=0.2)
+    assert model.blocks[-1].drop_path == pytest.approx(0.2)
+    assert "plain20" in list_models()
+    with pytest.raises(Exception, match="drop_path_rate"):
+        create_model("plain20", drop_path_rate=0.2)

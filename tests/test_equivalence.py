@@ -11,7 +11,7 @@ from _helpers import trained_like
 from torch import nn
 
 from pnnh import create_model
-from pnnh.convert import FixedProjection, pnnh_to_resnet, resnet_to_pnnh
+from pnnh.convert import FixedProjection, pnnh_to_resnet, resnet_to_plain, resnet_to_pnnh
 from pnnh.errors import PnnhError
 
 PNNH_CASES = [
@@ -86,6 +86,27 @@ def test_resnet_to_pnnh_same_outputs(name, in_shape, kw):
     back = pnnh_to_resnet(pnnh.eval())
     with torch.no_grad():
         assert torch.allclose(back.eval()(x), y, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,in_shape,kw", [c for c in PNNH_CASES
+                                               if c[0] in ("pnnh20", "pnnh18")])
+def test_round_trip_through_the_resnet_keeps_transitions(name, in_shape, kw):
+    """PNNH -> ResNet -> PNNH and ResNet -> plain: a FixedProjection shortcut (a transition's
+    ``P x``) comes back as its coder, fixed as it was, and embeds in the plain 3x3 kernel."""
+    torch.manual_seed(0)
+    pnnh = trained_like(create_model(name, in_shape=in_shape, **kw)).eval()
+    resnet = pnnh_to_resnet(pnnh)
+    back = resnet_to_pnnh(resnet)
+    x = torch.randn(4, *in_shape)
+    with torch.no_grad():
+        y = pnnh(x)
+        assert y.abs().max() > 0.1
+        assert torch.allclose(back.eval()(x), y, atol=1e-5)
+        assert torch.allclose(resnet_to_plain(resnet)(x), y, atol=1e-5)
+    for b, orig in zip(back.blocks, pnnh.blocks):
+        if orig.transition:
+            assert torch.equal(b.coder.weight, orig.coder.weight)
+            assert not b.coder.weight.requires_grad  # the default coder is fixed
 
 
 def test_a_coder_that_is_not_orthogonal_is_refused():

@@ -83,6 +83,14 @@ def _parts(block: nn.Module):
     sc = getattr(block, "shortcut", None) or getattr(block, "downsample", None) or nn.Identity()
     if isinstance(sc, nn.Identity):
         return l1, w1, l2, w2, None
+    if isinstance(sc, FixedProjection):  # a PNNH transition's P x, as pnnh_to_resnet writes it
+        if l1.kernel_size != (3, 3) or l1.padding != (1, 1) or l1.stride != (2, 2):
+            raise PnnhError("a 2x2 stride-2 projection shortcut needs a 3x3 stride-2 conv1",
+                            field="model")
+        p = sc.conv.weight.detach()
+        ws = p.new_zeros(*p.shape[:2], 3, 3)
+        ws[:, :, 1:, 1:] = p  # inputs 2i, 2i+1: taps 1 and 2 of a 3x3 stride-2 padding-1 conv
+        return l1, w1, l2, w2, (ws, p.new_zeros(p.shape[0]))
     conv, bn = sc[0], sc[1] if len(sc) > 1 else nn.Identity()
     ws, bs = fold_bn(conv.weight, conv.bias, bn)
     if (ws.shape[2:] != (1, 1) or l1.kernel_size != (3, 3) or l1.padding != (1, 1)
@@ -330,14 +338,9 @@ def pnnh_block_to_residual(block: nn.Module) -> nn.Module:
 
 
 def _copy_drop_path(src: nn.Module, dst: nn.Module) -> None:
-    """Carry stochastic depth across a conversion (the same per-sample draws in training), or
-    refuse where the target block has none: silently dropping it would change training."""
-    rate = float(getattr(src, "drop_path", 0.0))
-    if hasattr(dst, "drop_path"):
-        dst.drop_path = rate
-    elif rate > 0:
-        raise PnnhError(f"cannot convert a block with drop_path={rate:g} to "
-                        f"{type(dst).__name__}, which has no stochastic depth", field="model")
+    """Carry stochastic depth across a conversion: every converted block type has it, and the
+    same rate gives the same per-sample draws in training (a block from elsewhere has none)."""
+    dst.drop_path = float(getattr(src, "drop_path", 0.0))
 
 
 @torch.no_grad()
@@ -349,7 +352,9 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
     ``P = scale · S`` at tap (0, 0) of its 2x2 kernel (the same input pixel ``2i``) and the
     BN shift added to ``bn2``'s bias — exact in eval mode only (in train mode the shortcut's
     BN normalizes by batch statistics, which no fixed ``P`` reproduces). ``P`` then is a
-    learned projection (``P Pᵀ != I`` in general) and stays a trainable parameter.
+    learned projection (``P Pᵀ != I`` in general) and stays a trainable parameter. A
+    :class:`FixedProjection` (what :func:`pnnh_block_to_residual` makes of a transition)
+    comes back as the coder it was, trainable only if it was.
     """
     from pnnh.coder import PNNHBlock, freeze_coder_
 
@@ -373,11 +378,12 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
     if sc is None:
         freeze_coder_(out.coder)
     else:
-        ws, bs = sc  # folded, embedded at the centre of a 3x3 kernel: tap (1, 1)
-        p = out.coder.weight.new_zeros(n_out, n_in, 2, 2)
-        p[:, :, 0, 0] = ws[:, :, 1, 1]
+        ws, bs = sc  # folded, embedded in a 3x3 kernel: a 1x1 at tap (1, 1), a 2x2 at [1:, 1:]
+        p = ws[:, :, 1:, 1:].to(out.coder.weight)  # the 2x2 coder reads inputs 2i, 2i+1
         out.coder.width = n_out
-        out.coder.weight = nn.Parameter(p.reshape(n_out, 4 * n_in))
+        fixed = getattr(block, "shortcut", None)
+        trainable = not isinstance(fixed, FixedProjection) or fixed.conv.weight.requires_grad
+        out.coder.weight = nn.Parameter(p.reshape(n_out, 4 * n_in), requires_grad=trainable)
         out.bn2.bias.add_(bs)
     _copy_drop_path(block, out)
     return out.train(block.training)

@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from pnnh.coder import DEFAULT_CODER, CoderOptions, PNNHBlock, attach_constraint
-from pnnh.models.layers import StemBlocksHead, conv3x3, conv_bn, init_conv_bn_
+from pnnh.models.layers import (
+    StemBlocksHead,
+    conv3x3,
+    conv_bn,
+    drop_path,
+    init_conv_bn_,
+    set_drop_path,
+)
 from pnnh.registry import register_model
 
 
@@ -64,10 +71,11 @@ class BasicBlock(nn.Module):
         init_conv_bn_(self)
         if zero_init_residual:
             nn.init.zeros_(self.bn2.weight)
+        self.drop_path = 0.0  # stochastic depth of the branch (training only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(out + self.shortcut(x))
+        return torch.relu(drop_path(out, self.drop_path, self.training) + self.shortcut(x))
 
 
 class ConvNet(StemBlocksHead):
@@ -76,11 +84,14 @@ class ConvNet(StemBlocksHead):
 
 def make_blocks(kind: str, widths: list[int], counts: list[int], first_stride: list[int],
                 cin: int, zero_init_residual: bool = False, learner_ratio: float = 1.0,
-                coder: CoderOptions = DEFAULT_CODER) -> list[nn.Module]:
+                coder: CoderOptions = DEFAULT_CODER,
+                drop_path_rate: float = 0.0) -> list[nn.Module]:
     """Blocks of every stage, in order; the first block of a stage may be a transition.
 
     ``kind`` is ``"plain"``, ``"resnet"`` (``zero_init_residual``) or ``"pnnh"`` (learner
-    ``round(learner_ratio · width)`` channels, coder per ``coder``).
+    ``round(learner_ratio · width)`` channels, coder per ``coder``); ``drop_path_rate``:
+    stochastic depth of the residual branches / learner terms over all stages (not
+    ``"plain"``: without a shortcut, dropping a block would add one).
     """
     blocks: list[nn.Module] = []
     for width, count, stride in zip(widths, counts, first_stride):
@@ -95,6 +106,8 @@ def make_blocks(kind: str, widths: list[int], counts: list[int], first_stride: l
                 blocks.append(PNNHBlock(cin, lw, dims=2, out_dim=width, stride=s, kernel_size=3,
                                         batchnorm=True, **coder.block_kwargs()))
             cin = width
+    if kind != "plain":
+        set_drop_path(blocks, drop_path_rate)
     return blocks
 
 
@@ -119,10 +132,10 @@ def cifar_net(kind: str, in_shape=(3, 32, 32), num_classes: int = 10, depth: int
 
 
 def cifar_pnnh(in_shape, num_classes: int, depth: int, width: int, learner_ratio: float,
-               coder: CoderOptions) -> ConvNet:
+               coder: CoderOptions, drop_path_rate: float = 0.0) -> ConvNet:
     """:func:`cifar_net` of PNNH blocks with the coder constraint attached."""
     model = cifar_net("pnnh", in_shape, num_classes, depth, width, learner_ratio=learner_ratio,
-                      coder=coder)
+                      coder=coder, drop_path_rate=drop_path_rate)
     return attach_constraint(model, coder)
 
 
@@ -150,44 +163,47 @@ def plain110(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 110,
 
 @register_model(family="cifar", kind="resnet")
 def resnet20(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20, width: int = 16,
-             zero_init_residual: bool = False) -> ConvNet:
+             zero_init_residual: bool = False, drop_path_rate: float = 0.0) -> ConvNet:
     """CIFAR ResNet-20 (3 stages, BatchNorm, 1x1 projection at transitions)"""
     return cifar_net("resnet", in_shape, num_classes, depth, width,
-                     zero_init_residual=zero_init_residual)
+                     zero_init_residual=zero_init_residual, drop_path_rate=drop_path_rate)
 
 
 @register_model(family="cifar", kind="resnet")
 def resnet56(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 56, width: int = 16,
-             zero_init_residual: bool = False) -> ConvNet:
+             zero_init_residual: bool = False, drop_path_rate: float = 0.0) -> ConvNet:
     """CIFAR ResNet-56 (3 stages, BatchNorm, 1x1 projection at transitions)"""
     return cifar_net("resnet", in_shape, num_classes, depth, width,
-                     zero_init_residual=zero_init_residual)
+                     zero_init_residual=zero_init_residual, drop_path_rate=drop_path_rate)
 
 
 @register_model(family="cifar", kind="resnet")
 def resnet110(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 110, width: int = 16,
-              zero_init_residual: bool = False) -> ConvNet:
+              zero_init_residual: bool = False, drop_path_rate: float = 0.0) -> ConvNet:
     """CIFAR ResNet-110 (3 stages, BatchNorm, 1x1 projection at transitions)"""
     return cifar_net("resnet", in_shape, num_classes, depth, width,
-                     zero_init_residual=zero_init_residual)
+                     zero_init_residual=zero_init_residual, drop_path_rate=drop_path_rate)
 
 
 @register_model(family="cifar", kind="pnnh", options=CoderOptions)
 def pnnh20(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 20, width: int = 16,
-           learner_ratio: float = 1.0, coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
+           learner_ratio: float = 1.0, drop_path_rate: float = 0.0,
+           coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
     """CIFAR PNNH-20: coder + learner blocks, BatchNorm on the learner, no shortcuts"""
-    return cifar_pnnh(in_shape, num_classes, depth, width, learner_ratio, coder)
+    return cifar_pnnh(in_shape, num_classes, depth, width, learner_ratio, coder, drop_path_rate)
 
 
 @register_model(family="cifar", kind="pnnh", options=CoderOptions)
 def pnnh56(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 56, width: int = 16,
-           learner_ratio: float = 1.0, coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
+           learner_ratio: float = 1.0, drop_path_rate: float = 0.0,
+           coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
     """CIFAR PNNH-56: coder + learner blocks, BatchNorm on the learner, no shortcuts"""
-    return cifar_pnnh(in_shape, num_classes, depth, width, learner_ratio, coder)
+    return cifar_pnnh(in_shape, num_classes, depth, width, learner_ratio, coder, drop_path_rate)
 
 
 @register_model(family="cifar", kind="pnnh", options=CoderOptions)
 def pnnh110(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 110, width: int = 16,
-            learner_ratio: float = 1.0, coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
+            learner_ratio: float = 1.0, drop_path_rate: float = 0.0,
+           coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
     """CIFAR PNNH-110: coder + learner blocks, BatchNorm on the learner, no shortcuts"""
-    return cifar_pnnh(in_shape, num_classes, depth, width, learner_ratio, coder)
+    return cifar_pnnh(in_shape, num_classes, depth, width, learner_ratio, coder, drop_path_rate)

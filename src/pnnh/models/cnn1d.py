@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from pnnh.coder import DEFAULT_CODER, CoderOptions, PNNHBlock, attach_constraint
-from pnnh.models.layers import StemBlocksHead, blocks_for_depth, he_init_
+from pnnh.models.layers import (
+    StemBlocksHead,
+    blocks_for_depth,
+    drop_path,
+    he_init_,
+    set_drop_path,
+)
 from pnnh.registry import register_model
 
 
@@ -55,9 +61,11 @@ class ResidualBlock1d(nn.Module):
         he_init_(self.conv2)
         if zero_init_residual:
             nn.init.zeros_(self.conv2.weight)
+        self.drop_path = 0.0  # stochastic depth of the branch (training only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+        branch = self.conv2(torch.relu(self.conv1(x)))
+        return torch.relu(x + drop_path(branch, self.drop_path, self.training))
 
 
 class CNN1d(StemBlocksHead):
@@ -85,12 +93,15 @@ def plain_cnn1d(in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: 
 def resnet_cnn1d(
     in_shape=(1, 40), num_classes: int = 10, depth: int = 8, width: int = 32,
     zero_init_residual: bool = True, branch_width: int | None = None,
+    drop_path_rate: float = 0.0,
 ) -> CNN1d:
     """Residual 1-D CNN: identity shortcut around each block of two convs; ``branch_width``
-    hidden channels in each residual branch (default ``width``)."""
+    hidden channels in each residual branch (default ``width``); ``drop_path_rate``:
+    stochastic depth (:func:`~pnnh.models.layers.set_drop_path`)."""
     n = blocks_for_depth(depth)
     blocks = [ResidualBlock1d(width, zero_init_residual=zero_init_residual,
                               branch_width=branch_width) for _ in range(n)]
+    set_drop_path(blocks, drop_path_rate)
     return CNN1d(in_shape, num_classes, width, blocks)
 
 
@@ -101,11 +112,14 @@ def pnnh_cnn1d(
     depth: int = 8,
     width: int = 32,
     learner_width: int | None = None,
+    drop_path_rate: float = 0.0,
     coder: CoderOptions = DEFAULT_CODER,
 ) -> CNN1d:
-    """PNNH 1-D CNN: plain blocks of a weight-shared coder + a 3-tap learner; no skips."""
+    """PNNH 1-D CNN: plain blocks of a weight-shared coder + a 3-tap learner; no skips.
+    ``drop_path_rate``: stochastic depth of the learner terms, as in :func:`resnet_cnn1d`."""
     n = blocks_for_depth(depth)
     lw = width if learner_width is None else int(learner_width)
     blocks = [PNNHBlock(width, lw, dims=1, kernel_size=3, **coder.block_kwargs())
               for _ in range(n)]
+    set_drop_path(blocks, drop_path_rate)
     return attach_constraint(CNN1d(in_shape, num_classes, width, blocks), coder)

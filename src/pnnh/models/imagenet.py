@@ -49,16 +49,17 @@ def plain18(in_shape=(3, 224, 224), num_classes: int = 1000, depth: int = 18,
 
 @register_model(family="imagenet", kind="resnet")
 def resnet18(in_shape=(3, 224, 224), num_classes: int = 1000, depth: int = 18, width: int = 64,
-             zero_init_residual: bool = False) -> ConvNet:
+             zero_init_residual: bool = False, drop_path_rate: float = 0.0) -> ConvNet:
     """ResNet-18 (4 stages, BatchNorm, 1x1 projection shortcuts at transitions)."""
     return imagenet_net("resnet", in_shape, num_classes, depth, width,
-                        zero_init_residual=zero_init_residual)
+                        zero_init_residual=zero_init_residual, drop_path_rate=drop_path_rate)
 
 
 @register_model(family="imagenet", kind="pnnh", options=CoderOptions)
 def pnnh18(in_shape=(3, 224, 224), num_classes: int = 1000, depth: int = 18, width: int = 64,
-           learner_ratio: float = 1.0, coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
+           learner_ratio: float = 1.0, drop_path_rate: float = 0.0,
+           coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
     """PNNH-18: ResNet-18 layout, coder + learner blocks, no shortcuts."""
     model = imagenet_net("pnnh", in_shape, num_classes, depth, width,
-                         learner_ratio=learner_ratio, coder=coder)
+                         learner_ratio=learner_ratio, coder=coder, drop_path_rate=drop_path_rate)
     return attach_constraint(model, coder)

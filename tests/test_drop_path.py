@@ -67,32 +67,14 @@ def test_pnnh_with_drop_path_exports_exactly():
         assert torch.allclose(plain(x), model(x), atol=1e-5)
 
 
-def test_conversion_keeps_the_rates_and_the_same_draws_in_training():
+@pytest.mark.parametrize("name,in_shape,depth", [("pnnh_mlp", (1, 40), 10),
+                                                  ("pnnh_cnn1d", (1, 40), 8),
+                                                  ("pnnh20", (3, 16, 16), 20)])
+def test_conversion_keeps_the_rates_and_the_same_draws_in_training(name, in_shape, depth):
+    """PNNH nets (a conv transition block included) and their ResNets: the same rates after
+    conversion both ways, the same outputs in training under the same draws."""
     torch.manual_seed(0)
-    pnnh = create_model("pnnh_mlp", depth=10, width=16, drop_path_rate=0.5)
-    for b in pnnh.blocks:
-        torch.nn.init.normal_(b.dec.weight, std=0.1)
-    resnet = pnnh_to_resnet(pnnh)
-    assert [b.drop_path for b in resnet.blocks] == [b.drop_path for b in pnnh.blocks]
-    back = resnet_to_pnnh(resnet)
-    assert [b.drop_path for b in back.blocks] == [b.drop_path for b in pnnh.blocks]
-    x = torch.randn(64, 1, 40)
-    pnnh.train()
-    resnet.train()
-    torch.manual_seed(1)
-    a = pnnh(x)
-    torch.manual_seed(1)
-    b = resnet(x)
-    assert torch.allclose(a, b, atol=1e-5)
-
-
-@pytest.mark.parametrize("name,in_shape", [("pnnh_cnn1d", (1, 40)), ("pnnh20", (3, 16, 16))])
-def test_conv_families_carry_it_through_conversion(name, in_shape):
-    """The conv PNNH nets (a transition block included) and their ResNets: the same rates
-    after conversion, the same outputs in training under the same draws."""
-    torch.manual_seed(0)
-    pnnh = create_model(name, in_shape=in_shape, depth=8 if name == "pnnh_cnn1d" else 20,
-                        width=8, drop_path_rate=0.5)
+    pnnh = create_model(name, in_shape=in_shape, depth=depth, width=8, drop_path_rate=0.5)
     for b in pnnh.blocks:  # non-zero learner terms (they start at zero), so drops show
         if isinstance(b.bn2, torch.nn.BatchNorm2d):
             torch.nn.init.ones_(b.bn2.weight)

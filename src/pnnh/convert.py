@@ -381,8 +381,9 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
         ws, bs = sc  # folded, embedded in a 3x3 kernel: a 1x1 at tap (1, 1), a 2x2 at [1:, 1:]
         p = ws[:, :, 1:, 1:].to(out.coder.weight)  # the 2x2 coder reads inputs 2i, 2i+1
         out.coder.width = n_out
-        fixed = getattr(block, "shortcut", None)
-        trainable = not isinstance(fixed, FixedProjection) or fixed.conv.weight.requires_grad
+        shortcut = getattr(block, "shortcut", None)
+        trainable = (not isinstance(shortcut, FixedProjection)
+                     or shortcut.conv.weight.requires_grad)
         out.coder.weight = nn.Parameter(p.reshape(n_out, 4 * n_in), requires_grad=trainable)
         out.bn2.bias.add_(bs)
     _copy_drop_path(block, out)

@@ -517,9 +517,7 @@ class HessianOperator:
         :func:`slq_density`) smooths them into a density of the eigenvalue distribution
         ``(1/P) Σ_i δ(λ - λ_i)``.
         """
-        if quadrature not in QUADRATURES:
-            raise ConfigError(f"quadrature: one of {', '.join(QUADRATURES)}, got "
-                              f"{quadrature!r}", field="quadrature")
+        _check_quadrature(quadrature)  # before any HVP is spent
         nodes, weights = [], []
         gen = torch.Generator(device="cpu").manual_seed(seed)
         steps = min(num_steps, self.dim)
@@ -632,6 +630,11 @@ def lanczos(
             "alphas": alphas, "betas": betas[: len(alphas) - 1]}
 
 
+def _check_quadrature(rule: str) -> None:
+    if rule not in QUADRATURES:
+        raise ConfigError(f"quadrature: one of {', '.join(QUADRATURES)}, got {rule!r}",
+                          field="quadrature")
+
 
 def slq_quadrature(alphas: Sequence[float], betas: Sequence[float],
                    rule: str = "averaged") -> tuple[torch.Tensor, torch.Tensor]:
@@ -652,9 +655,7 @@ def slq_quadrature(alphas: Sequence[float], betas: Sequence[float],
     against Gauss's 0.276, and 18 steps reach Gauss's 20-step error (docs/BENCHMARKS.md). Its
     weights are positive; its nodes may lie just outside the spectrum. With ``k < 2`` it is
     the Gauss rule."""
-    if rule not in QUADRATURES:
-        raise ConfigError(f"quadrature: one of {', '.join(QUADRATURES)}, got {rule!r}",
-                          field="quadrature")
+    _check_quadrature(rule)
     k = len(alphas)
     if rule == "gauss" or k < 2:
         theta, s = _tridiagonal_eigh(list(alphas), list(betas))

@@ -259,8 +259,9 @@ def _run_dir(seed_dir: Path, row: dict) -> Path:
     return run if run.exists() else seed_dir / "runs" / run.name
 
 
-def _correct(seed_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per test example, 1.0 where the shallowest / the deepest net of one seed's run is right."""
+def _correct(seed_dir: Path, test_sets: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per test example, 1.0 where the shallowest / the deepest net of one seed's run is right.
+    ``test_sets`` caches the test split per ``(dataset, num_samples)``: seeds share it."""
     from pnnh.checkpoint import load_model
     from pnnh.data import get_dataset
 
@@ -271,8 +272,10 @@ def _correct(seed_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not a finished deep-plain run ({type(e).__name__}: {e})",
                           field="seed_dirs") from e
-    _, test = get_dataset(cfg["dataset"], num_samples=cfg["train"].get("num_samples"))
-    x, y = test.tensors
+    key = (cfg["dataset"], cfg["train"].get("num_samples"))
+    if key not in test_sets:
+        test_sets[key] = get_dataset(key[0], num_samples=key[1])[1].tensors
+    x, y = test_sets[key]
     out = []
     for row in (rows[0], rows[-1]):
         model, _ = load_model(_run_dir(seed_dir, row) / "checkpoints" / "last.pt")
@@ -291,7 +294,8 @@ def seed_statistics(seed_dirs: list[Path], boots: int = 4000, seed: int = 0) -> 
     disagree on 1 example in 6 differ by ~0.9 points per 2,000 examples by chance alone). The
     two-way bootstrap (seeds and examples resampled independently, ``boots`` times) gives the
     interval that counts both, and the share of draws with the gap at or above -1 point."""
-    pairs = [_correct(Path(d)) for d in seed_dirs]
+    test_sets: dict = {}
+    pairs = [_correct(Path(d), test_sets) for d in seed_dirs]
     shallow = torch.stack([p[0] for p in pairs])
     deep = torch.stack([p[1] for p in pairs])
     d = deep - shallow

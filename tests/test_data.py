@@ -32,6 +32,42 @@ def test_mnist1d_leaves_global_numpy_rng_alone():
     assert np.random.rand() == expected
 
 
+def test_mnist1d_fresh_sample_is_normalised_exactly_like_the_standard_test_split():
+    """The generator loop reproduces the package's standard set, and its raw outputs go through
+    the same two normalisations: fed the standard set's own raw test rows, the result equals
+    the test split ``get_dataset`` returns."""
+    from pnnh.data import _like_standard, _mnist1d_raw
+
+    _, val = get_dataset("mnist1d", num_samples=500)
+    raw, y = _mnist1d_raw(500, 42)
+    assert torch.allclose(_like_standard(raw[400:], 500), val.tensors[0], atol=1e-6)
+    assert torch.equal(torch.from_numpy(y[400:]), val.tensors[1])
+
+
+def test_mnist1d_fresh_sample_is_new_balanced_and_checked(monkeypatch):
+    from pnnh import data
+    from pnnh.data import mnist1d_fresh_test
+
+    fresh = mnist1d_fresh_test(300, seed=3, reference=500)
+    x, y = fresh.tensors
+    assert x.shape == (300, 1, 40) and fresh.num_classes == 10
+    assert torch.bincount(y).tolist() == [30] * 10
+    train, val = get_dataset("mnist1d", num_samples=500)
+    standard = torch.cat([train.tensors[0], val.tensors[0]]).flatten(1)
+    assert torch.cdist(x.flatten(1), standard).min() > 1e-3  # no example of the standard set
+    assert abs(x.mean().item() - val.tensors[0].mean().item()) < 0.1
+    assert torch.equal(mnist1d_fresh_test(300, seed=3, reference=500).tensors[0], x)
+    assert not torch.equal(mnist1d_fresh_test(300, seed=4, reference=500).tensors[0], x)
+    with pytest.raises(DataError, match="seed: 42"):
+        mnist1d_fresh_test(300, seed=42, reference=500)
+    with pytest.raises(DataError, match="num_samples"):
+        mnist1d_fresh_test(5, reference=500)
+    stored = data._mnist1d_arrays(500)
+    monkeypatch.setattr(data, "_mnist1d_arrays", lambda n: {**stored, "x": stored["x"] + 1})
+    with pytest.raises(DataError, match="no longer reproduces"):
+        mnist1d_fresh_test(300, seed=3, reference=500)
+
+
 def test_digits():
     train, val = get_dataset("digits")
     assert len(train) + len(val) == 1797

@@ -75,6 +75,11 @@ def test_depth_lr_rule_and_reuse_only_at_same_lr(tmp_path, monkeypatch):
     assert exp.block_lr({**exp.CPU, "lr_depth_power": 0.0}, 1000) == b
     no_base = {k: v for k, v in exp.CPU.items() if k != "block_lr"}  # default: the stem's lr
     assert exp.block_lr(no_base, 100) == exp.CPU["train"]["lr"]
+    q = exp.CPU["enc_lr_depth_power"]
+    assert exp.encoder_lr(exp.CPU, 100) == b
+    assert exp.encoder_lr(exp.CPU, 1000) == pytest.approx(b * 0.1 ** q)
+    one_lr = {k: v for k, v in exp.CPU.items() if k != "enc_lr_depth_power"}
+    assert exp.encoder_lr(one_lr, 1000) == exp.block_lr(one_lr, 1000)  # default: the block's
 
     monkeypatch.setattr(exp, "CPU", exp.QUICK)
     first = exp.run(tmp_path, "cpu", "cpu", 0)
@@ -83,7 +88,23 @@ def test_depth_lr_rule_and_reuse_only_at_same_lr(tmp_path, monkeypatch):
     assert all(r["lr"] == exp.QUICK["train"]["lr"] for r in first["rows"])
     deep_cfg = yaml.safe_load((tmp_path / first["rows"][1]["run"] / "config.yaml").read_text())
     b_over_lr = exp.QUICK["block_lr"] / exp.QUICK["train"]["lr"]
-    assert deep_cfg["lr_multipliers"] == {"blocks": pytest.approx(b_over_lr * (8 / 40) ** p)}
+    assert deep_cfg["lr_multipliers"] == {"blocks": pytest.approx(b_over_lr * (8 / 40) ** p),
+                                          "blocks.*.enc": pytest.approx(b_over_lr * (8 / 40) ** q)}
+    shallow_cfg = yaml.safe_load((tmp_path / first["rows"][0]["run"] / "config.yaml").read_text())
+    assert shallow_cfg["lr_multipliers"] == {"blocks": pytest.approx(b_over_lr)}  # one lr at L0
+    # the pattern reaches exactly the encoders: E and b1 at the encoder lr, D and b2 at the block's
+    from pnnh.config import resolve as make_config
+    from pnnh.models import create_model
+    from pnnh.train import build_optimizer
+
+    model = create_model("pnnh_mlp", depth=40, width=8, in_shape=(1, 40), num_classes=10)
+    opt = build_optimizer(make_config(deep_cfg), model)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    lr = exp.QUICK["train"]["lr"]
+    for name, prm in model.named_parameters():
+        want = (exp.encoder_lr(exp.QUICK, 40) if ".enc" in name else
+                exp.block_lr(exp.QUICK, 40) if name.startswith("blocks.") else lr)
+        assert lr_of[id(prm)] == pytest.approx(want), name
     monkeypatch.setattr(exp, "CPU", {**exp.QUICK, "lr_depth_power": p + 1.0})
     again = exp.run(tmp_path, "cpu", "cpu", 0)
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
@@ -132,6 +153,10 @@ def test_seed_statistics_match_each_run_and_count_the_test_sample(tmp_path, monk
                                                           str(tmp_path / "res")])
     assert out["gaps_points"] == st["gaps_points"]
     assert (tmp_path / "res" / "deep_plain_seeds.json").exists()
+    fresh = bench.main([str(d) for d in dirs] + ["--boots", "50", "--fresh", "300",
+                                                 "--out", str(tmp_path / "res"), "--name", "f"])
+    assert fresh["examples"] == 300 and fresh["test_sample"] == "fresh mnist1d, seed 2026"
+    assert fresh["shallow_acc"] != st["shallow_acc"]  # scored on other examples
     with pytest.raises(ConfigError, match="summary.json"):
         exp.seed_statistics([tmp_path / "nothing-here"])
     with pytest.raises(SystemExit) as e:

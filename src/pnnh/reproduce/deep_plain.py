@@ -127,6 +127,9 @@ CPU = {
     # block_lr * (depths[0] / L) ** lr_depth_power (see the module docstring)
     "block_lr": 1e-3,
     "lr_depth_power": 1.0,
+    # the blocks' encoders (E, b1) at block_lr * (depths[0] / L) ** enc_lr_depth_power: with a
+    # zero-initialised decoder, depth-µP's Adam rule (see the module docstring)
+    "enc_lr_depth_power": 0.5,
     "atol": 1e-5,
 }
 # the same experiment at a size the test suite can afford
@@ -143,6 +146,14 @@ def block_lr(cfg: dict, depth: int) -> float:
     and the head learn at ``cfg["train"]["lr"]``."""
     base = cfg.get("block_lr", cfg["train"]["lr"])
     return base * (min(cfg["depths"]) / depth) ** cfg.get("lr_depth_power", 0.0)
+
+
+def encoder_lr(cfg: dict, depth: int) -> float:
+    """The blocks' encoders' (``E``, ``b1``) learning rate: as :func:`block_lr` with the power
+    ``cfg["enc_lr_depth_power"]`` (default: the blocks' own, one lr for the whole block)."""
+    base = cfg.get("block_lr", cfg["train"]["lr"])
+    power = cfg.get("enc_lr_depth_power", cfg.get("lr_depth_power", 0.0))
+    return base * (min(cfg["depths"]) / depth) ** power
 
 
 def check_export(model: torch.nn.Module, x: torch.Tensor, atol: float) -> dict:
@@ -212,15 +223,18 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
     out, cfg = Path(out), QUICK if scale == "quick" else CPU
     rows, curves = [], []
     for depth in cfg["depths"]:
-        lr, blr = cfg["train"]["lr"], block_lr(cfg, depth)
+        lr, blr, elr = cfg["train"]["lr"], block_lr(cfg, depth), encoder_lr(cfg, depth)
+        mult = {"blocks": blr / lr} | ({"blocks.*.enc": elr / lr} if elr != blr else {})
         # the lrs and the seed are in the name: a run is reused only at the same lrs and seed
         run_dir = out / "runs" / (f"{cfg['model']}_w{cfg['width']}_d{depth}_lr{lr:.3g}_b{blr:.3g}"
+                                  + (f"_e{elr:.3g}" if elr != blr else "")
                                   + (f"_s{seed}" if seed else ""))
         s = train_or_reuse({"model": cfg["model"], "dataset": cfg["dataset"], "depth": depth,
                             "width": cfg["width"], **cfg["train"],
-                            "lr_multipliers": {"blocks": blr / lr}, "out": str(run_dir),
+                            "lr_multipliers": mult, "out": str(run_dir),
                             "device": device, "seed": seed, "progress": False})
         rows.append({"depth": depth, "width": cfg["width"], "lr": lr, "block_lr": blr,
+                     "encoder_lr": elr,
                      "params": s["params"],
                      "final_test_acc": s["final_val_acc"], "best_test_acc": s["best_val_acc"],
                      "final_train_loss": s["final_train_loss"], "time_s": round(s["time_s"], 1),
@@ -259,11 +273,14 @@ def _run_dir(seed_dir: Path, row: dict) -> Path:
     return run if run.exists() else seed_dir / "runs" / run.name
 
 
-def _correct(seed_dir: Path, test_sets: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _correct(seed_dir: Path, test_sets: dict, fresh: int = 0,
+             fresh_seed: int = 2026) -> tuple[torch.Tensor, torch.Tensor]:
     """Per test example, 1.0 where the shallowest / the deepest net of one seed's run is right.
-    ``test_sets`` caches the test split per ``(dataset, num_samples)``: seeds share it."""
+    ``test_sets`` caches the test split per ``(dataset, num_samples)``: seeds share it. With
+    ``fresh`` > 0 the examples are instead that many fresh MNIST-1D draws
+    (:func:`pnnh.data.mnist1d_fresh_test`, normalised like the run's test split)."""
     from pnnh.checkpoint import load_model
-    from pnnh.data import get_dataset
+    from pnnh.data import get_dataset, mnist1d_fresh_test
 
     path = seed_dir / "summary.json"
     try:
@@ -273,8 +290,12 @@ def _correct(seed_dir: Path, test_sets: dict) -> tuple[torch.Tensor, torch.Tenso
         raise ConfigError(f"{path}: not a finished deep-plain run ({type(e).__name__}: {e})",
                           field="seed_dirs") from e
     key = (cfg["dataset"], cfg["train"].get("num_samples"))
+    if fresh and key[0] != "mnist1d":
+        raise ConfigError(f"{path}: a fresh test sample exists for mnist1d only, this run used "
+                          f"{key[0]!r}", field="fresh")
     if key not in test_sets:
-        test_sets[key] = get_dataset(key[0], num_samples=key[1])[1].tensors
+        test_sets[key] = (mnist1d_fresh_test(fresh, fresh_seed, key[1] or 10_000).tensors
+                          if fresh else get_dataset(key[0], num_samples=key[1])[1].tensors)
     x, y = test_sets[key]
     out = []
     for row in (rows[0], rows[-1]):
@@ -284,7 +305,8 @@ def _correct(seed_dir: Path, test_sets: dict) -> tuple[torch.Tensor, torch.Tenso
     return out[0], out[1]
 
 
-def seed_statistics(seed_dirs: list[Path], boots: int = 4000, seed: int = 0) -> dict:
+def seed_statistics(seed_dirs: list[Path], boots: int = 4000, seed: int = 0, fresh: int = 0,
+                    fresh_seed: int = 2026) -> dict:
     """The depth gap over several seeds' runs, with both of its sources of noise.
 
     Per seed ``s`` and test example ``i``, ``d_si = c_deep,si - c_shallow,si`` (1 = correct). The
@@ -293,9 +315,13 @@ def seed_statistics(seed_dirs: list[Path], boots: int = 4000, seed: int = 0) -> 
     also carries the test set's sampling noise, ``std_i(mean_s d_si) / √n`` (two models that
     disagree on 1 example in 6 differ by ~0.9 points per 2,000 examples by chance alone). The
     two-way bootstrap (seeds and examples resampled independently, ``boots`` times) gives the
-    interval that counts both, and the share of draws with the gap at or above -1 point."""
+    interval that counts both, and the share of draws with the gap at or above -1 point.
+
+    ``fresh`` > 0 scores the same nets on that many *new* MNIST-1D examples (generator seed
+    ``fresh_seed``; the standard set is seed 42) instead of the standard test split: the same
+    population gap, with its test-sampling noise shrunk by ``√(fresh / 2000)``."""
     test_sets: dict = {}
-    pairs = [_correct(Path(d), test_sets) for d in seed_dirs]
+    pairs = [_correct(Path(d), test_sets, fresh, fresh_seed) for d in seed_dirs]
     shallow = torch.stack([p[0] for p in pairs])
     deep = torch.stack([p[1] for p in pairs])
     d = deep - shallow
@@ -309,6 +335,7 @@ def seed_statistics(seed_dirs: list[Path], boots: int = 4000, seed: int = 0) -> 
         draws[b] = 100 * d[si][:, ei].mean()
     seed_se = float(gaps.std() / S ** 0.5) if S > 1 else float("nan")
     return {"seeds": [str(x) for x in seed_dirs], "examples": n,
+            "test_sample": f"fresh mnist1d, seed {fresh_seed}" if fresh else "standard split",
             "shallow_acc": shallow.mean(1).tolist(), "deep_acc": deep.mean(1).tolist(),
             "gaps_points": gaps.tolist(), "mean_gap_points": float(gaps.mean()),
             "seed_se_points": seed_se,

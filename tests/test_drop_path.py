@@ -107,6 +107,66 @@ def test_every_resnet_and_pnnh_factory_takes_the_rate_and_plain_ones_do_not():
     assert model.blocks[-1].drop_path == pytest.approx(0.2)
     model = create_model("pnnh18", in_shape=(3, 32, 32), drop_path_rate=0.2)
     assert model.blocks[-1].drop_path == pytest.approx(0.2)
+    for name in ("vit_tiny", "pnnh_vit_tiny"):
+        model = create_model(name, drop_path_rate=0.2)
+        assert [b.drop_path for b in model.blocks] == pytest.approx([0.0, 0.04, 0.08, 0.12, 0.16,
+                                                                    0.2]), name
     assert "plain20" in list_models()
-    with pytest.raises(Exception, match="drop_path_rate"):
-        create_model("plain20", drop_path_rate=0.2)
+    for name in ("plain20", "plain_vit_tiny"):
+        with pytest.raises(Exception, match="drop_path_rate"):
+            create_model(name, drop_path_rate=0.2)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_vit_sublayers_drop_only_the_learner_term_per_sample(fused):
+    """PNNH-ViT: in training a dropped sample carries ``AᵀA c`` alone and a kept one ``AᵀA c +
+    learner / (1 - p)`` (masks re-drawn from the same seed); the residual ViT block drops each
+    branch the same way. In eval nothing is dropped."""
+    torch.manual_seed(0)
+    model = create_model("pnnh_vit_tiny", depth=2, width=16, heads=2, fused=fused,
+                         drop_path_rate=0.5)
+    block = model.blocks[1]
+    assert block.attn.drop_path == block.mlp.drop_path == 0.5
+    attn, mlp, p = block.attn, block.mlp, 0.5
+    x = torch.randn(32, 10, 16)
+    with torch.no_grad():
+        eval_attn, eval_mlp = attn.eval()(x), mlp.eval()(x)
+        a, b = attn.coder.weight, mlp.coder.weight  # each sublayer has its own coder
+        coder_attn, coder_mlp = x @ a.t() @ a, x @ b.t() @ b  # c = x (coder_norm=False)
+        learner_attn, learner_mlp = eval_attn - coder_attn, eval_mlp - coder_mlp
+        attn.train(), mlp.train()
+        for layer, coder, learner in ((attn, coder_attn, learner_attn),
+                                      (mlp, coder_mlp, learner_mlp)):
+            torch.manual_seed(3)
+            out = layer(x)
+            torch.manual_seed(3)
+            mask = drop_path(torch.ones(32, 1, 1), p, True)
+            assert set(mask.flatten().tolist()) == {0.0, 2.0}
+            assert torch.allclose(out, coder + mask * learner, atol=1e-5)
+
+    res = create_model("vit_tiny", depth=2, width=16, heads=2, drop_path_rate=0.5).blocks[1]
+    with torch.no_grad():
+        branch = res.attn(res.ln1(x))
+        torch.manual_seed(5)
+        out = res.train()(x)
+        torch.manual_seed(5)
+        m1 = drop_path(torch.ones(32, 1, 1), p, True)
+        m2 = drop_path(torch.ones(32, 1, 1), p, True)
+        h = x + m1 * branch
+        assert torch.allclose(out, h + m2 * res.mlp(res.ln2(h)), atol=1e-5)
+
+
+def test_pnnh_vit_with_drop_path_exports_exactly():
+    from pnnh.models.vit import vit_to_plain
+
+    torch.manual_seed(0)
+    model = create_model("pnnh_vit_tiny", depth=3, width=16, heads=2, drop_path_rate=0.4)
+    ref = create_model("pnnh_vit_tiny", depth=3, width=16, heads=2)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(8, 1, 40)
+    with torch.no_grad():
+        model.eval(), ref.eval()
+        assert torch.equal(model(x), ref(x))
+        assert torch.allclose(vit_to_plain(model).eval()(x), model(x), atol=1e-5)
+        model.train()
+        assert not torch.allclose(model(x), model(x))

@@ -51,7 +51,7 @@ from torch import nn
 
 from pnnh.coder import Coder, CoderOptions, attach_constraint
 from pnnh.errors import ConfigError
-from pnnh.models.layers import StemBlocksHead
+from pnnh.models.layers import StemBlocksHead, drop_path, set_drop_path
 from pnnh.registry import register_model
 
 _ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -147,11 +147,12 @@ class ViTBlock(nn.Module):
         self.attn = Attention(width, heads, zero_init_residual)
         self.ln2 = nn.LayerNorm(width)
         self.mlp = Mlp(width, hidden, act, zero_init_residual)
+        self.drop_path = 0.0  # stochastic depth of each residual branch (training only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.residual:
-            x = x + self.attn(self.ln1(x))
-            return x + self.mlp(self.ln2(x))
+            x = x + drop_path(self.attn(self.ln1(x)), self.drop_path, self.training)
+            return x + drop_path(self.mlp(self.ln2(x)), self.drop_path, self.training)
         return self.mlp(self.ln2(self.attn(self.ln1(x))))
 
 
@@ -162,7 +163,9 @@ class CoderAttention(nn.Module):
 
     The coder units ``A c`` are concatenated to the head outputs, and the output projection's
     columns for them are ``Aᵀ`` (the same parameter): the token's own input crosses the sublayer
-    as ``AᵀA c``, through the sublayer's layers. ``zero_init_proj`` zeroes ``W_o``.
+    as ``AᵀA c``, through the sublayer's layers. ``zero_init_proj`` zeroes ``W_o``. In training,
+    ``drop_path`` > 0 drops the learner term ``W_o attn + b_o`` per sample (stochastic depth:
+    the sublayer then carries ``AᵀA c`` alone), computed as two products instead of one.
     """
 
     def __init__(self, width: int, heads: int, coder_ratio: float = 1.0,
@@ -176,6 +179,7 @@ class CoderAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.coder = Coder(width, coder_ratio, init=coder_init)
         self.proj = nn.Linear(width, width)  # W_o (head columns) and b_o
+        self.drop_path = 0.0
         _init_linear(self.qkv)
         _init_linear(self.proj, zero=zero_init_proj)
 
@@ -183,6 +187,9 @@ class CoderAttention(nn.Module):
         u = self.norm(x)
         a = self.coder.weight  # (m, d)
         c = F.linear(u if self.coder_norm else x, a)
+        if self.training and self.drop_path > 0:
+            learner = self.proj(attend(self.qkv(u), self.heads, self.scale))
+            return drop_path(learner, self.drop_path, True) + F.linear(c, a.t())
         w = torch.cat([self.proj.weight, a.t()], dim=1)
         return F.linear(torch.cat([attend(self.qkv(u), self.heads, self.scale), c], -1),
                         w, self.proj.bias)
@@ -195,6 +202,7 @@ class CoderMlp(nn.Module):
           = AᵀA c + D φ(E u + b1) + b2                               (fused, φ(z) - φ(-z) = z)
 
     ``fused=False`` computes the ``[A; -A]`` form (twice the coder units); same outputs.
+    ``drop_path`` > 0 drops the learner term ``D φ(E u + b1) + b2`` per sample in training.
     """
 
     def __init__(self, width: int, hidden: int, act: str = "gelu", coder_ratio: float = 1.0,
@@ -207,6 +215,7 @@ class CoderMlp(nn.Module):
         self.fc1 = nn.Linear(width, hidden)  # E, b1
         self.act = _ACTS[act]()
         self.fc2 = nn.Linear(hidden, width)  # D, b2
+        self.drop_path = 0.0
         _init_linear(self.fc1)
         _init_linear(self.fc2, zero=zero_init_decoder)
 
@@ -217,7 +226,7 @@ class CoderMlp(nn.Module):
             c = self.coder.decode(z)
         else:
             c = self.coder.decode(self.act(z)) - self.coder.decode(self.act(-z))
-        return c + self.fc2(self.act(self.fc1(u)))
+        return c + drop_path(self.fc2(self.act(self.fc1(u))), self.drop_path, self.training)
 
 
 class PNNHViTBlock(nn.Module):
@@ -231,6 +240,15 @@ class PNNHViTBlock(nn.Module):
                                    zero_init_decoder)
         self.mlp = CoderMlp(width, hidden, act, coder_ratio, coder_init, coder_norm,
                             zero_init_decoder, fused)
+
+    @property
+    def drop_path(self) -> float:
+        """Stochastic depth of the block's two learner terms (one rate, as timm's ViT block)."""
+        return self.mlp.drop_path
+
+    @drop_path.setter
+    def drop_path(self, rate: float) -> None:
+        self.attn.drop_path = self.mlp.drop_path = float(rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.attn(x))
@@ -263,11 +281,14 @@ def _check(depth: int, width: int, heads: int, mlp_ratio: float, act: str) -> in
 @register_model(family="vit", kind="resnet")
 def vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, width: int = 64,
              heads: int = 4, patch_size: int = 4, mlp_ratio: float = 4.0, act: str = "gelu",
-             zero_init_residual: bool = False) -> ViT:
-    """Pre-norm ViT with residual additions; depth = transformer blocks; 1-D or 2-D patches."""
+             zero_init_residual: bool = False, drop_path_rate: float = 0.0) -> ViT:
+    """Pre-norm ViT with residual additions; depth = transformer blocks; 1-D or 2-D patches.
+    ``drop_path_rate``: stochastic depth of both branches of every block, rising linearly to
+    the last block (timm's rule; :func:`~pnnh.models.layers.set_drop_path`)."""
     hidden = _check(depth, width, heads, mlp_ratio, act)
     blocks = [ViTBlock(width, heads, hidden, act, True, zero_init_residual)
               for _ in range(int(depth))]
+    set_drop_path(blocks, drop_path_rate)
     return ViT(in_shape, num_classes, width, patch_size, blocks)
 
 
@@ -290,9 +311,11 @@ VIT_CODER = CoderOptions(coder_constraint="newton_schulz", zero_init_decoder=Fal
                 omit=("coder_kernel",))
 def pnnh_vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, width: int = 64,
                   heads: int = 4, patch_size: int = 4, mlp_ratio: float = 4.0,
-                  act: str = "gelu", coder_norm: bool = False,
+                  act: str = "gelu", coder_norm: bool = False, drop_path_rate: float = 0.0,
                   coder: CoderOptions = VIT_CODER) -> ViT:
-    """PNNH-ViT: coder units in the MLP and a token-wise coder path through attention; no skips."""
+    """PNNH-ViT: coder units in the MLP and a token-wise coder path through attention; no skips.
+    ``drop_path_rate``: stochastic depth of the learner terms, as in :func:`vit_tiny` (training
+    only: the export is unchanged)."""
     hidden = _check(depth, width, heads, mlp_ratio, act)
     if coder.coder_kernel != 1:
         raise ConfigError("coder_kernel: only convolutions take a kernel", field="coder_kernel")
@@ -301,6 +324,7 @@ def pnnh_vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, width
                      bool(coder_norm), coder.zero_init_decoder, coder.fused)
         for _ in range(int(depth))
     ]
+    set_drop_path(blocks, drop_path_rate)
     return attach_constraint(ViT(in_shape, num_classes, width, patch_size, blocks), coder)
 
 

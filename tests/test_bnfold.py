@@ -144,3 +144,50 @@ def test_cli_folds_by_default_and_the_flag_turns_it_off(tmp_path):
     assert on["batchnorm_folded"] == 21 and "21 pairs" in on["method"]
     assert off["batchnorm_folded"] == 0 and "folded" not in off["method"]
     assert abs(on["lambda_max"] - off["lambda_max"]) <= 1e-3 * abs(off["lambda_max"])
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Written as timm's ``layers/norm_act.py`` writes it: a BatchNorm subclass (so that its
+    weights load as a BatchNorm's) whose forward is ``act(drop(batch_norm(x)))``, act in place."""
+
+    def __init__(self, num_features, act_layer=nn.ReLU, drop_layer=None):
+        super().__init__(num_features)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer(inplace=True)
+
+    def forward(self, x):
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        x = nn.functional.batch_norm(
+            x, self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight, self.bias, bn_training, self.momentum or 0.0, self.eps)
+        x = self.drop(x)
+        return self.act(x)
+
+
+class ActBeforeNorm(BatchNormAct2d):
+    """The same attributes, another order (``BN(act(x))``): folding it would be wrong."""
+
+    def forward(self, x):
+        return super().forward(self.act(x.clone()))
+
+
+def _timm_style(norm=BatchNormAct2d) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), norm(3, nn.SiLU),
+                         nn.Conv2d(3, 4, 3, padding=1, bias=False), norm(4),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_timm_norm_act_modules_fold_with_their_activation_kept():
+    torch.manual_seed(0)
+    model = _randomize_bn(_timm_style()).double()
+    x, y = _data()
+    assert foldable_pairs(model, x[:1]) == [("0", "1"), ("2", "3")]
+    ref, op = HessianOperator(model, (x, y), fold_batchnorm=False), HessianOperator(model, (x, y))
+    assert len(op.folded) == 2
+    assert torch.allclose(op.dense(), ref.dense(), atol=1e-10, rtol=0)
+    with folded(model, op.folded):
+        assert "forward" in model[1].__dict__
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    wrong = _randomize_bn(_timm_style(ActBeforeNorm))
+    assert foldable_pairs(wrong, x[:1].float()) == []  # the output check refuses it

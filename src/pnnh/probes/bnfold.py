@@ -17,7 +17,10 @@ CPU, become a few weight-sized ops (``s·W`` is a tensor of the weight's shape).
 :func:`foldable_pairs` finds the pairs by running the model once on one sample: a
 ``(layer, BatchNorm)`` pair qualifies when the layer is a plain ``nn.Conv1d/2d/3d`` or
 ``nn.Linear`` (exact types: a subclass may change its forward), the BatchNorm a plain
-``nn.BatchNorm1d/2d/3d`` in eval mode with running statistics, each is called once, the
+``nn.BatchNorm1d/2d/3d`` in eval mode with running statistics (or timm's norm-act layout: a
+BatchNorm subclass with an ``act`` module, and maybe a ``drop`` module, that computes
+``act(drop(BN(z)))``, as ``BatchNormAct2d`` does; folded, it computes ``act(drop(z))``), each
+is called once, the
 BatchNorm's input *is* the layer's output (nothing in between, not even in place), and the
 autograd graph shows nothing else reading that output. A final check compares the folded
 model's outputs with the original's; on any mismatch nothing is folded. :func:`folded` applies
@@ -40,9 +43,28 @@ LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def _norm_act(m: nn.Module) -> bool:
+    """timm's layout (``BatchNormAct2d``): a BatchNorm subclass that applies ``drop`` and ``act``
+    after the normalisation. Whether its forward really is that is checked by the outputs."""
+    return (isinstance(m, NORMS) and type(m) not in NORMS
+            and isinstance(getattr(m, "act", None), nn.Module)
+            and isinstance(getattr(m, "drop", nn.Identity()), nn.Module))
+
+
 def _eval_bn(m: nn.Module) -> bool:
-    return (type(m) in NORMS and not m.training and m.running_mean is not None
-            and m.running_var is not None)
+    return ((type(m) in NORMS or _norm_act(m)) and not m.training
+            and m.running_mean is not None and m.running_var is not None)
+
+
+def _tail(bn: nn.Module):
+    """What a folded BatchNorm still computes: nothing, or a norm-act module's ``act(drop(·))``."""
+    if not _norm_act(bn):
+        return _identity
+    drop = getattr(bn, "drop", None)
+
+    def forward(inp: torch.Tensor) -> torch.Tensor:
+        return bn.act(drop(inp) if drop is not None else inp)
+    return forward
 
 
 def _consumers(roots: Sequence[torch.Tensor]) -> dict:
@@ -155,14 +177,15 @@ def _identity(inp: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def folded(model: nn.Module, pairs: Sequence[tuple[str, str]]) -> Iterator[None]:
     """Within the block, each pair's layer computes ``BN(layer(x))`` in one op and the
-    BatchNorm passes its input through (the modules' ``forward`` are swapped, then restored)."""
+    BatchNorm passes its input through, or a norm-act module applies only its activation (the
+    modules' ``forward`` are swapped, then restored)."""
     mods = dict(model.named_modules()) if pairs else {}
     swapped = []
     try:
         for layer_name, bn_name in pairs:
             layer, bn = mods[layer_name], mods[bn_name]
             layer.forward = _fold_forward(layer, bn)
-            bn.forward = _identity
+            bn.forward = _tail(bn)
             swapped += [layer, bn]
         yield
     finally:

@@ -75,9 +75,11 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
 
 
 def kill_rank_after_checkpoint(proc: subprocess.Popen, out: Path, rank: int, delay: float,
-                               after_epochs: int = 0, timeout: float = 300) -> int:
+                               after_epochs: int = 0, timeout: float = 300,
+                               sig: int = signal.SIGKILL) -> int:
     """SIGKILL ``rank``'s worker ``delay`` s after ``out/checkpoints/last.pt`` first appears
-    (and ``after_epochs`` metrics lines are written)."""
+    (and ``after_epochs`` metrics lines are written); ``sig=signal.SIGSTOP`` freezes it
+    instead (a hung rank: alive, silent, unseen by torchrun's health checks)."""
     deadline = time.monotonic() + timeout
 
     def ready() -> bool:
@@ -93,7 +95,7 @@ def kill_rank_after_checkpoint(proc: subprocess.Popen, out: Path, rank: int, del
     pid = worker_pids(proc.pid).get(rank)
     if pid is None:
         raise RuntimeError(f"no worker of rank {rank} found")
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, sig)
     return pid
 
 

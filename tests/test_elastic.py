@@ -229,6 +229,58 @@ def test_save_checkpoint_failure_leaves_both_generations(tmp_path, monkeypatch):
     assert load_checkpoint(path)["n"] == 2 and load_checkpoint(tmp_path / "prev.pt")["n"] == 1
 
 
+def test_dist_timeout_reaches_the_process_group_and_is_checked(monkeypatch):
+    from pnnh import device
+    from pnnh.config import resolve
+
+    seen = {}
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    device.Distributed("cpu", 5)
+    assert seen == {"backend": "gloo", "timeout": __import__("datetime").timedelta(seconds=5)}
+    seen.clear()
+    device.Distributed("cpu")  # unset: torch's own default, not a number of ours
+    assert seen == {"backend": "gloo"}
+    with pytest.raises(ConfigError, match="dist_timeout: must be a positive") as e:
+        resolve({"dist_timeout": 0})
+    assert e.value.field == "dist_timeout"
+
+
+def test_a_collective_timeout_is_one_line_from_the_rank_that_waited(tmp_path, monkeypatch,
+                                                                     capsys):
+    """The rank whose collective timed out (here rank 1, which otherwise stays quiet) names
+    ``dist_timeout`` in one line and exits 1; nothing else is caught as a timeout."""
+    train_mod = importlib.import_module("pnnh.train")  # the module (pnnh.train is the function)
+
+    class Ranks:
+        enabled, rank = True, 1
+
+        def __init__(self, device, timeout=None):
+            self.timeout = timeout
+
+        def close(self, agreed=True):
+            pass
+
+    def timed_out(*a, **k):
+        raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms "
+                           "for recv operation to complete")
+
+    monkeypatch.setattr(train_mod, "Distributed", Ranks)
+    monkeypatch.setattr(train_mod, "_train", timed_out)
+    monkeypatch.setenv("RANK", "1")
+    code = main(["train", *SMALL_FLAGS, "--dist-timeout", "5", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("pnnh: error: rank 1: a collective waited longer than dist_timeout "
+                             "(5 s): another rank hung or died")
+    monkeypatch.setattr(train_mod, "_train", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("CUDA out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["train", *SMALL_FLAGS, "--out", str(tmp_path / "r")])
+
+
 # ----------------------------------------------------------------------------- torchrun (slow)
 def _stress():
     spec = importlib.util.spec_from_file_location("bench_torchrun_stress", BENCH / "torchrun_stress.py")
@@ -302,3 +354,24 @@ def test_twenty_consecutive_torchrun_runs_exit_0(tmp_path, capsys):
     """The README's 2-process command, 20 times in a row: every run exits 0, one `done:`."""
     assert _stress().main(["--runs", "20", "--out", str(tmp_path)]) == 0
     assert "PASS 20/20" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_a_hung_rank_fails_over_within_dist_timeout_and_the_job_resumes(tmp_path, ddp_reference):
+    """Rank 1 is frozen (SIGSTOP: alive and silent, which torchrun's health checks do not see)
+    after the first checkpoint. With ``--dist-timeout 5`` rank 0's collective gives up, rank 0
+    says so in one line and exits 1, torchrun stops the frozen rank and restarts the job, which
+    resumes by itself and ends with the uninterrupted run's metrics."""
+    stress, ref = ddp_reference
+    out = tmp_path / "run"
+    cmd = stress.torchrun_command(out, 3, DDP_FLAGS + ["--dist-timeout", "5"], restarts=1)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=stress.child_env())
+    stress.kill_rank_after_checkpoint(proc, out, rank=1, delay=0.2, sig=signal.SIGSTOP)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stderr.count("pnnh: error: rank 0: a collective waited longer than dist_timeout "
+                        "(5 s)") == 1, stderr[-3000:]
+    assert stderr.count("resuming from") == 1 and stdout.count("done:") == 1
+    assert _strip(read_jsonl(out / "metrics.jsonl")) == ref

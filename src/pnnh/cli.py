@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except PnnhError as e:
-        _say(f"pnnh: error: {e}")
+        _say(f"pnnh: error: {e}", every_rank=getattr(e, "every_rank", False))
         return e.exit_code
     except KeyboardInterrupt as e:  # pnnh.train.TrainingInterrupted carries 130 / 143
         _say(f"pnnh: {e}" if str(e) else "pnnh: interrupted")
@@ -374,8 +374,8 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _say(message: str) -> None:
-    if _is_main_rank():
+def _say(message: str, every_rank: bool = False) -> None:
+    if every_rank or _is_main_rank():
         print(" ".join(message.split("\n")), file=sys.stderr, flush=True)
 
 

@@ -80,6 +80,9 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile")
     sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across torchrun processes "
                                 "(CUDA)")
+    dist_timeout: float | None = _opt(None, "seconds a torchrun collective waits for a rank that "
+                                            "hung before the job fails (default: torch's, 30 "
+                                            "min for gloo)", metavar="S")
     tensorboard: bool = _opt(False, "also log to OUT/tensorboard")
     checkpoint_every: int = _opt(1, "epochs between checkpoints/last.pt saves", metavar="N")
     checkpoint_steps: int = _opt(0, "also save checkpoints/last.pt every N steps inside an "
@@ -96,7 +99,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # fields that change where and how a run reports, never the numbers it computes: a checkpoint
 # saved under other values of these is still "the same configuration" for resume: auto
 TRAJECTORY_FREE = ("out", "resume", "progress", "tensorboard", "data_dir", "checkpoint_every",
-                   "checkpoint_steps", "num_workers")
+                   "checkpoint_steps", "num_workers", "dist_timeout")
 
 
 def config_differences(stored: dict, cfg: TrainConfig) -> list[str]:
@@ -221,6 +224,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("track_norms", "must be >= 0")
     if cfg.num_workers < 0:
         bad("num_workers", "must be >= 0")
+    if cfg.dist_timeout is not None and not cfg.dist_timeout > 0:
+        bad("dist_timeout", "must be a positive number of seconds")
     if cfg.checkpoint_every < 1:
         bad("checkpoint_every", "must be at least 1")
     if cfg.checkpoint_steps < 0:

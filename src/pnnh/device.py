@@ -5,6 +5,7 @@ probes and the experiments can all use it without importing each other.
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 
@@ -43,10 +44,13 @@ class Distributed:
     of its own per restart (``pnnh/attempt_<TORCHELASTIC_RESTART_COUNT>``). torchrun keeps one
     store for the whole job and ``init_process_group`` alone uses the same keys on every
     attempt, so restarted workers would read the addresses of the killed ones and fail with
-    "Gloo connectFullMesh failed ... Connection refused".
+    "Gloo connectFullMesh failed ... Connection refused". ``timeout`` (seconds; ``--dist-timeout``)
+    bounds how long a collective waits for a rank that hung (None: torch's default, 30 min for
+    gloo); the rank that gives up raises, and torchrun stops or restarts the job.
     """
 
-    def __init__(self, device_name: str):
+    def __init__(self, device_name: str, timeout: float | None = None):
+        self.timeout = None if timeout is None else datetime.timedelta(seconds=float(timeout))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -59,8 +63,10 @@ class Distributed:
             self._init_group("nccl" if use_cuda else "gloo")
 
     def _init_group(self, backend: str) -> None:
+        # the collectives' timeout (None: torch's default); rendezvous keeps its own
+        limit = {"timeout": self.timeout} if self.timeout is not None else {}
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            torch.distributed.init_process_group(backend=backend)
+            torch.distributed.init_process_group(backend=backend, **limit)
             return
         from torch.distributed.constants import default_pg_timeout
 
@@ -68,7 +74,7 @@ class Distributed:
                                                         timeout=default_pg_timeout))
         store = torch.distributed.PrefixStore(f"pnnh/attempt_{self.restart}", store)
         torch.distributed.init_process_group(backend=backend, store=store, rank=self.rank,
-                                             world_size=self.world)
+                                             world_size=self.world, **limit)
 
     @property
     def is_main(self) -> bool:

@@ -28,5 +28,14 @@ class CheckpointError(PnnhError):
     """A checkpoint is missing, truncated, corrupted or not a pnnh checkpoint."""
 
 
+class CollectiveTimeout(PnnhError):
+    """A torchrun collective waited longer than ``dist_timeout``: another rank hung or died.
+    A failure of the job, not of the input: exit code 1, and every rank that meets it says so
+    (torchrun then stops the others, or restarts the job under ``--max-restarts``)."""
+
+    exit_code = 1
+    every_rank = True
+
+
 class TrainingDiverged(PnnhError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""

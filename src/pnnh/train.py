@@ -60,7 +60,7 @@ from pnnh.device import (  # also re-exported from here
     seed_everything,
     under_torchrun,
 )
-from pnnh.errors import ConfigError, PnnhError, TrainingDiverged
+from pnnh.errors import CollectiveTimeout, ConfigError, PnnhError, TrainingDiverged
 from pnnh.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
 from pnnh.models import count_parameters, create_model
 
@@ -247,7 +247,7 @@ def train(config=None, callbacks: list | None = None, **overrides) -> dict:
     """
     cfg = config_mod.resolve(config, overrides)
     _check_out_dir(Path(cfg.out))
-    dist = Distributed(cfg.device)
+    dist = Distributed(cfg.device, cfg.dist_timeout)
     state: dict = {}
     agreed = False  # every rank reached the same end (finished, interrupted, diverged)
     try:
@@ -257,6 +257,14 @@ def train(config=None, callbacks: list | None = None, **overrides) -> dict:
         return summary
     except (TrainingInterrupted, TrainingDiverged):
         agreed = True
+        raise
+    except RuntimeError as e:
+        if dist.enabled and "timed out" in str(e).lower():
+            waited = f"{cfg.dist_timeout:g} s" if cfg.dist_timeout else "torch's default"
+            raise CollectiveTimeout(
+                f"rank {dist.rank}: a collective waited longer than dist_timeout ({waited}): "
+                "another rank hung or died; under torchrun --max-restarts N the job restarts "
+                "and resumes from its last checkpoint", field="dist_timeout") from e
         raise
     finally:
         dist.close(agreed)

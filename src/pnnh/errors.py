@@ -1,4 +1,5 @@
-"""Errors a user can cause. The CLI prints them as one line and exits with code 2."""
+"""Errors a user can cause. The CLI prints them as one line and exits with code 2 (1 for a
+collective timeout, a failure of the job rather than of the input)."""
 
 from __future__ import annotations
 

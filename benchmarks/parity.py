@@ -7,7 +7,9 @@ ResNet of the same depth and width (``zero_init_residual=True``):
 
 - ``cifar20/56/110``: ``pnnh{d}`` vs ``resnet{d}``, input (3, 32, 32), batch 128, SGD(momentum);
 - ``mlp100`` at batch 128 and 1024: ``pnnh_mlp`` vs ``resnet_mlp`` (depth 100, width 128), AdamW;
-- ``cnn1d100``: ``pnnh_cnn1d`` vs ``resnet_cnn1d`` (depth 100, width 32), batch 128, AdamW.
+- ``cnn1d100``: ``pnnh_cnn1d`` vs ``resnet_cnn1d`` (depth 100, width 32), batch 128, AdamW;
+- ``vit12``: ``pnnh_vit_tiny`` vs the pre-norm ``vit_tiny`` (12 blocks, width 64, MNIST-1D
+  sequences, 10 tokens), batch 128, AdamW (not in the default set: ``--configs vit12``).
 
 train: one step = forward + cross-entropy + backward + optimizer step + the model's
 ``after_optimizer_step`` hooks (none for the default fixed coder). infer (CIFAR only): eval-mode
@@ -40,6 +42,7 @@ CONFIGS = [("cifar20", "pnnh20", "resnet20", {}, (3, 32, 32), 128, "sgd"),
            ("mlp100", "pnnh_mlp", "resnet_mlp", MLP, (1, 40), 128, "adamw"),
            ("mlp100", "pnnh_mlp", "resnet_mlp", MLP, (1, 40), 1024, "adamw"),
            ("cnn1d100", "pnnh_cnn1d", "resnet_cnn1d", CNN, (1, 40), 128, "adamw")]
+EXTRA = [("vit12", "pnnh_vit_tiny", "vit_tiny", {"depth": 12}, (1, 40), 128, "adamw")]
 QUICK = [("cifar20", "pnnh20", "resnet20", {"width": 4}, (3, 16, 16), 4, "sgd"),
          ("mlp8", "pnnh_mlp", "resnet_mlp", {"depth": 8, "width": 16}, (1, 40), 4, "adamw")]
 
@@ -115,12 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--configs", nargs="+", default=None,
-                   help="labels to run (cifar20 cifar56 cifar110 mlp100 cnn1d100); default all")
+                   help="labels to run (cifar20 cifar56 cifar110 mlp100 cnn1d100 vit12); "
+                        "default all but vit12")
+    p.add_argument("--name", default="parity", help="results file name")
     p.add_argument("--out", type=Path, default=None, help="results directory")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny models, 2 repeats")
     args = p.parse_args(argv)
-    configs = QUICK if args.quick else [c for c in CONFIGS
-                                        if args.configs is None or c[0] in args.configs]
+    configs = QUICK if args.quick else (CONFIGS if args.configs is None else
+                                        [c for c in CONFIGS + EXTRA if c[0] in args.configs])
     if args.quick:
         args.repeats, args.threads = 2, [2]
     fns, params = _contenders(configs)
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{info['cpu_model']} ({info['nproc']} CPUs), torch {info['torch']}, repeats "
           f"{args.repeats}, load {info['loadavg_before']} -> {info['loadavg_1_5_15']}")
     _print(rows)
-    return save_results("parity", args, info, results=rows)
+    return save_results(args.name, args, info, results=rows)
 
 
 if __name__ == "__main__":

@@ -226,8 +226,13 @@ def test_coder_options_are_one_object_and_options_of_the_model():
     b = create_model("pnnh_mlp", depth=4, width=8, coder_ratio=0.5, fused=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     # each family keeps its own defaults; CoderOptions is frozen
-    assert create_model("pnnh_vit_tiny", depth=1, width=8, heads=2).coder_constraint.mode == \
-        VIT_CODER.coder_constraint == "newton_schulz"
+    vit = create_model("pnnh_vit_tiny", depth=1, width=8, heads=2)
+    assert VIT_CODER.zero_init_decoder is False and DEFAULT_CODER.zero_init_decoder is True
+    assert vit.blocks[0].mlp.fc2.weight.abs().sum() > 0  # the ViT's own default: not zeroed
+    assert not hasattr(vit, "coder_constraint")  # both fixed (A = I): nothing to project
+    trained = create_model("pnnh_vit_tiny", depth=1, width=8, heads=2,
+                           coder_constraint="newton_schulz")
+    assert trained.coder_constraint.mode == "newton_schulz"
     assert not hasattr(create_model("pnnh_mlp", depth=4, width=8), "coder_constraint")
     with pytest.raises(AttributeError):
         DEFAULT_CODER.coder_ratio = 2.0  # type: ignore[misc]

@@ -63,12 +63,40 @@ def test_patch_size_depth_and_bad_arguments():
         _small("vit_tiny", (40,))
 
 
-def test_pnnh_vit_has_more_parameters_by_exactly_two_coders_per_block():
+def test_pnnh_vit_parameters_the_vits_at_defaults_two_coders_more_when_trained():
     vit, pv = _small("vit_tiny", (1, 40)), _small("pnnh_vit_tiny", (1, 40))
+    assert pnnh.count_parameters(pv) == pnnh.count_parameters(vit)  # A = I is a buffer
+    trained = _small("pnnh_vit_tiny", (1, 40), coder_constraint="newton_schulz")
     # two A (16 x 16) per block; everything else is shaped as in the ViT
-    assert pnnh.count_parameters(pv) - pnnh.count_parameters(vit) == 2 * 2 * 16 * 16
-    half = _small("pnnh_vit_tiny", (1, 40), coder_ratio=0.5)
-    assert pnnh.count_parameters(pv) - pnnh.count_parameters(half) == 2 * 2 * 8 * 16
+    assert pnnh.count_parameters(trained) - pnnh.count_parameters(vit) == 2 * 2 * 16 * 16
+    half = _small("pnnh_vit_tiny", (1, 40), coder_ratio=0.5, coder_constraint="newton_schulz")
+    assert pnnh.count_parameters(trained) - pnnh.count_parameters(half) == 2 * 2 * 8 * 16
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_default_pnnh_vit_computes_the_pre_norm_vit_with_the_same_weights(fused):
+    """At its defaults (r = 1, fixed A = I) the PNNH-ViT is the pre-norm ViT as a plain chain:
+    copy the ViT's weights in and the outputs agree, in the fused form (which adds the token
+    itself) and in the [A; -A] form (which carries it through GELU(z) - GELU(-z))."""
+    vit = _randomize(_small("vit_tiny", (1, 40)))
+    pv = _small("pnnh_vit_tiny", (1, 40), fused=fused)
+    names = {"ln1": "attn.norm", "ln2": "mlp.norm"}
+    state = {}
+    for key, value in vit.state_dict().items():
+        if key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            head, _, tail = rest.partition(".")
+            rest = f"{names[head]}.{tail}" if head in names else rest
+            key = f"blocks.{i}.{rest}"
+        state[key] = value
+    missing, unexpected = pv.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("coder.weight") for k in missing), missing
+    x = torch.randn(5, 1, 40)
+    with torch.no_grad():
+        assert torch.allclose(pv.eval()(x), vit.eval()(x), atol=1e-5)
+        plain = vit_to_plain(pv)
+        assert torch.allclose(plain(x), vit(x), atol=1e-5)
+    assert find_skips(plain, x) == []
 
 
 # ----------------------------------------------------------------- the PNNH-ViT at init
@@ -152,7 +180,13 @@ def test_coder_constraint_projects_both_coders_of_every_block():
 def test_plainness(shape):
     x = torch.randn(2, *shape)
     for cn in (True, False):
-        assert find_skips(_small("pnnh_vit_tiny", shape, coder_norm=cn), x) == []
+        assert find_skips(_small("pnnh_vit_tiny", shape, coder_norm=cn, fused=False), x) == []
+        trained = _small("pnnh_vit_tiny", shape, coder_norm=cn, coder_constraint="newton_schulz")
+        assert find_skips(trained, x) == []  # A on the path: A^T(A c), no addition of c
+        # the default training form with A = I adds c itself: an exact reparametrization of
+        # the plain form above, which the checker rightly calls a skip (one per sublayer)
+        fused = find_skips(_small("pnnh_vit_tiny", shape, coder_norm=cn), x)
+        assert len(fused) == 4 and all(s.kind == "identity" for s in fused)
     assert find_skips(_small("plain_vit_tiny", shape), x) == []
     skips = find_skips(_small("vit_tiny", shape, depth=3), x)
     # two residual connections per block: around attention and around the MLP
@@ -165,8 +199,9 @@ def test_plainness(shape):
 @pytest.mark.parametrize("coder_norm", [True, False])
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_export_to_plain_sequential_is_equal(shape, coder_norm, act):
+    # a trainable, unconstrained coder, so that _randomize moves A off the orthogonal
     model = _randomize(_small("pnnh_vit_tiny", shape, coder_norm=coder_norm, act=act,
-                              coder_ratio=0.75)).eval()
+                              coder_ratio=0.75, coder_constraint="none")).eval()
     plain = vit_to_plain(model)
     assert isinstance(plain, nn.Sequential)
     x = torch.randn(4, *shape)

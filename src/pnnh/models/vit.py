@@ -163,18 +163,21 @@ class CoderAttention(nn.Module):
 
     The coder units ``A c`` are concatenated to the head outputs, and the output projection's
     columns for them are ``Aᵀ`` (the same parameter): the token's own input crosses the sublayer
-    as ``AᵀA c``, through the sublayer's layers. ``zero_init_proj`` zeroes ``W_o``. In training,
+    as ``AᵀA c``, through the sublayer's layers. ``zero_init_proj`` zeroes ``W_o``. With a fixed
+    ``A = I`` (the default) and ``fused`` (the training form) it computes ``W_o attn + b_o + c``,
+    the same numbers without the two products by ``A``; ``fused=False`` keeps them. In training,
     ``drop_path`` > 0 drops the learner term ``W_o attn + b_o`` per sample (stochastic depth:
     the sublayer then carries ``AᵀA c`` alone), computed as two products instead of one.
     """
 
     def __init__(self, width: int, heads: int, coder_ratio: float = 1.0,
                  coder_init: str = "orthogonal", coder_norm: bool = False,
-                 zero_init_proj: bool = False):
+                 zero_init_proj: bool = False, fused: bool = True):
         super().__init__()
         if width % heads:
             raise ValueError(f"width={width} must be divisible by heads={heads}")
         self.heads, self.scale, self.coder_norm = heads, (width // heads) ** -0.5, coder_norm
+        self.fused = fused
         self.norm = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.coder = Coder(width, coder_ratio, init=coder_init)
@@ -185,6 +188,9 @@ class CoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.norm(x)
+        if self.fused and self.coder.passes_input:  # A = I: [W_o, Aᵀ]·(attn; A c) = W_o attn + c
+            learner = self.proj(attend(self.qkv(u), self.heads, self.scale))
+            return drop_path(learner, self.drop_path, self.training) + (u if self.coder_norm else x)
         a = self.coder.weight  # (m, d)
         c = F.linear(u if self.coder_norm else x, a)
         if self.training and self.drop_path > 0:
@@ -221,11 +227,12 @@ class CoderMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.norm(x)
-        z = self.coder.encode(u if self.coder_norm else x)
-        if self.fused:
-            c = self.coder.decode(z)
-        else:
+        c = u if self.coder_norm else x
+        if not self.fused:
+            z = self.coder.encode(c)
             c = self.coder.decode(self.act(z)) - self.coder.decode(self.act(-z))
+        elif not self.coder.passes_input:  # with a fixed A = I, AᵀA c is c itself
+            c = self.coder.decode(self.coder.encode(c))
         return c + drop_path(self.fc2(self.act(self.fc1(u))), self.drop_path, self.training)
 
 
@@ -237,7 +244,7 @@ class PNNHViTBlock(nn.Module):
                  coder_norm: bool = False, zero_init_decoder: bool = False, fused: bool = True):
         super().__init__()
         self.attn = CoderAttention(width, heads, coder_ratio, coder_init, coder_norm,
-                                   zero_init_decoder)
+                                   zero_init_decoder, fused)
         self.mlp = CoderMlp(width, hidden, act, coder_ratio, coder_init, coder_norm,
                             zero_init_decoder, fused)
 
@@ -302,9 +309,10 @@ def plain_vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, widt
     return ViT(in_shape, num_classes, width, patch_size, blocks)
 
 
-#: The PNNH-ViT's coder defaults: a trained coder kept near ``AᵀA = I`` by one Newton–Schulz
-#: step per update, and a learner decoder that starts He-initialised.
-VIT_CODER = CoderOptions(coder_constraint="newton_schulz", zero_init_decoder=False)
+#: The PNNH-ViT's coder defaults: a fixed ``A = I`` (at ``r = 1`` no ``A`` with ``AᵀA = I``
+#: changes the function, so training it buys nothing: docs/PNNH.md), and a learner decoder that
+#: starts initialised like the ViT's (truncated normal), not at zero.
+VIT_CODER = CoderOptions(zero_init_decoder=False)
 
 
 @register_model(family="vit", kind="pnnh", options=CoderOptions,

@@ -107,6 +107,10 @@ def test_every_resnet_and_pnnh_factory_takes_the_rate_and_plain_ones_do_not():
     assert model.blocks[-1].drop_path == pytest.approx(0.2)
     model = create_model("pnnh18", in_shape=(3, 32, 32), drop_path_rate=0.2)
     assert model.blocks[-1].drop_path == pytest.approx(0.2)
+    for name in ("procrustes_resnet_mlp", "procrustes_resnet20"):  # transitions included
+        model = create_model(name, drop_path_rate=0.2)
+        assert max(b.drop_path for b in model.blocks) == pytest.approx(0.2), name
+        assert all(hasattr(b, "drop_path") for b in model.blocks), name
     for name in ("vit_tiny", "pnnh_vit_tiny"):
         model = create_model(name, drop_path_rate=0.2)
         assert [b.drop_path for b in model.blocks] == pytest.approx([0.0, 0.04, 0.08, 0.12, 0.16,

@@ -31,7 +31,14 @@ import torch
 from torch import nn
 
 from pnnh.models.factory import create_model
-from pnnh.models.layers import StemBlocksHead, blocks_for_depth, flat_dim, he_init_
+from pnnh.models.layers import (
+    StemBlocksHead,
+    blocks_for_depth,
+    drop_path,
+    flat_dim,
+    he_init_,
+    set_drop_path,
+)
 from pnnh.models.mlp import ResidualMLPBlock
 from pnnh.norm_preservation import make_norm_preserving
 from pnnh.registry import register_model
@@ -52,9 +59,11 @@ class TransitionMLPBlock(nn.Module):
         nn.init.kaiming_normal_(self.shortcut.weight, nonlinearity="linear")
         if zero_init_residual:
             nn.init.zeros_(self.fc2.weight)
+        self.drop_path = 0.0  # stochastic depth of the branch (training only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.shortcut(x) + self.fc2(torch.relu(self.fc1(x))))
+        branch = self.fc2(torch.relu(self.fc1(x)))
+        return torch.relu(self.shortcut(x) + drop_path(branch, self.drop_path, self.training))
 
 
 def stage_widths(width: int, stages: int) -> list[int]:
@@ -67,7 +76,7 @@ class StagedResNetMLP(StemBlocksHead):
     opening with a :class:`TransitionMLPBlock`."""
 
     def __init__(self, in_shape, num_classes: int, depth: int, width: int, stages: int,
-                 zero_init_residual: bool = True):
+                 zero_init_residual: bool = True, drop_path_rate: float = 0.0):
         n = blocks_for_depth(depth)
         if stages < 1:
             raise ValueError(f"stages must be at least 1, got {stages}")
@@ -83,6 +92,7 @@ class StagedResNetMLP(StemBlocksHead):
                     blocks.append(TransitionMLPBlock(widths[i - 1], w, zero_init_residual))
                 else:
                     blocks.append(ResidualMLPBlock(w, zero_init_residual))
+        set_drop_path(blocks, drop_path_rate)
         super().__init__(in_shape, stem, blocks, nn.Linear(widths[-1], num_classes))
         self.widths = widths
 
@@ -97,9 +107,12 @@ def procrustes_resnet_mlp(
     zero_init_residual: bool = True,
     procrustes: bool = True,
     zca: bool = True,
+    drop_path_rate: float = 0.0,
 ) -> nn.Module:
-    """Staged ResNet MLP (width/4 → width/2 → width), Procrustes transitions + ZCA head."""
-    model = StagedResNetMLP(in_shape, num_classes, depth, width, stages, zero_init_residual)
+    """Staged ResNet MLP (width/4 → width/2 → width), Procrustes transitions + ZCA head;
+    ``drop_path_rate``: stochastic depth of every block's branch (the shortcuts stay)."""
+    model = StagedResNetMLP(in_shape, num_classes, depth, width, stages, zero_init_residual,
+                            drop_path_rate)
     if procrustes or zca:
         make_norm_preserving(model, procrustes=procrustes, zca=zca)
     return model

@@ -162,3 +162,29 @@ def test_seed_statistics_match_each_run_and_count_the_test_sample(tmp_path, monk
     with pytest.raises(SystemExit) as e:
         bench.main([str(tmp_path / "nothing-here")])
     assert e.value.code == 2
+
+
+def test_reproduce_seeds_runs_each_seed_and_writes_the_statistics(tmp_path, monkeypatch, capsys):
+    """``pnnh reproduce deep-plain --seeds 0 1``: one output per seed under OUT/s<seed>, then
+    OUT/seeds.json with the same gaps as the per-seed summaries and the verdict on the mean;
+    an experiment without multi-seed statistics, repeated seeds and --seed with --seeds are
+    one-line errors before anything runs."""
+    from pnnh.cli import main
+
+    monkeypatch.setattr(exp, "CPU", exp.QUICK)
+    out = tmp_path / "dp"
+    assert main(["reproduce", "deep-plain", "--seeds", "0", "1", "--out", str(out)]) == 0
+    st = json.loads((out / "seeds.json").read_text())
+    gaps = [json.loads((out / f"s{s}" / "summary.json").read_text())["gap_points"] for s in (0, 1)]
+    assert st["gaps_points"] == pytest.approx(gaps, abs=1e-9) and st["seed_values"] == [0, 1]
+    assert st["within_1pt_on_mean"] == (st["mean_gap_points"] >= -1.0)
+    assert "over 2 seeds: gaps" in capsys.readouterr().out
+    assert main(["reproduce", "dissipation", "--seeds", "0", "1", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert main(["reproduce", "deep-plain", "--seeds", "1", "1", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "seeds: 'dissipation' has no multi-seed summary" in err and "distinct" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "deep-plain", "--seed", "3", "--seeds", "0"])
+    assert e.value.code == 2

@@ -110,7 +110,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "paper: the paper's setting")
     p.add_argument("--out", help="output directory (default runs/reproduce/NAME)")
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--seed", type=int, default=0)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                       help="run once per seed into OUT/s<S>, then the statistics over them "
+                            "(OUT/seeds.json; experiments that define them: deep-plain)")
 
     p = sub.add_parser("report", help="assemble DIR/report.html from the runs under DIR")
     p.add_argument("dir")
@@ -271,6 +275,10 @@ def cmd_reproduce(args) -> int:
         print(reproduce.describe())
         return 0
     out = args.out or os.path.join("runs", "reproduce", args.name)
+    if args.seeds:
+        reproduce.run_seeds(args.name, out=out, seeds=args.seeds, scale=args.scale,
+                            device=args.device)
+        return 0
     reproduce.run(args.name, out=out, scale=args.scale, device=args.device, seed=args.seed)
     return 0
 

@@ -5,7 +5,9 @@ Each experiment is a module in this package exposing:
 - ``DESCRIPTION``: one line;
 - ``CPU_MINUTES``: expected run time at ``--scale cpu`` on 2 CPU cores;
 - ``run(out: Path, scale: str, device: str, seed: int) -> dict``: writes its CSV/JSON/PNG files
-  under ``out`` (atomically) and returns a summary dict (also written as ``out/summary.json``).
+  under ``out`` (atomically) and returns a summary dict (also written as ``out/summary.json``);
+- optionally ``aggregate(seed_dirs: list[Path]) -> dict``: the statistics over several seeds'
+  outputs, which ``pnnh reproduce NAME --seeds S1 S2 ...`` (:func:`run_seeds`) writes and prints.
 
 Every experiment has the three :data:`SCALES`: ``paper`` (the paper's setting, usually a GPU),
 ``cpu`` (the default: minutes on 2 CPU cores, the numbers in docs/) and ``quick`` (test size:
@@ -60,4 +62,24 @@ def run(name: str, out: str | Path, scale: str = "cpu", device: str = "auto", se
     summary = mod.run(out=out, scale=scale, device=device, seed=seed)
     summary = {"experiment": name, "scale": scale, **(summary or {})}
     atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def run_seeds(name: str, out: str | Path, seeds: list[int], scale: str = "cpu",
+              device: str = "auto") -> dict:
+    """:func:`run` once per seed, into ``out/s<seed>`` (finished training runs found there are
+    reused), then the experiment's ``aggregate`` over them, written to ``out/seeds.json``."""
+    mod = experiment(name)
+    if not hasattr(mod, "aggregate"):
+        raise ConfigError(f"seeds: {name!r} has no multi-seed summary; run it once per seed "
+                          "with --seed N", field="seeds")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: one or more distinct seeds, got {list(seeds)}", field="seeds")
+    dirs = []
+    for seed in seeds:
+        dirs.append(Path(out) / f"s{seed}")
+        run(name, dirs[-1], scale=scale, device=device, seed=seed)
+    summary = {"experiment": name, "scale": scale, "seed_values": list(seeds),
+               **mod.aggregate(dirs)}
+    atomic_write_json(Path(out) / "seeds.json", summary)
     return summary

@@ -294,7 +294,7 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
           f"skips found {len(export['skips'])} (training form: "
           f"{export['training_form_skips']}, the fused reparametrization)")
     print(f"one seed ({seed}): a seed's gap varies by ±1.5 points; the target is on the mean of "
-          "several (benchmarks/deep_plain_seeds.py over --seed 0..4 runs, docs/REPRODUCTION.md)")
+          "several: pnnh reproduce deep-plain --seeds 0 1 2 3 4 (docs/REPRODUCTION.md)")
     return summary
 
 
@@ -334,6 +334,20 @@ def _correct(seed_dir: Path, test_sets: dict, fresh: int = 0,
         with torch.no_grad():
             out.append((model.eval()(x).argmax(1) == y).double())
     return out[0], out[1]
+
+
+def aggregate(seed_dirs: list[Path]) -> dict:
+    """``pnnh reproduce deep-plain --seeds ...``: :func:`seed_statistics` over the seeds' outputs
+    (the standard test split), printed with the verdict on the mean."""
+    st = seed_statistics(seed_dirs)
+    lo, hi = st["bootstrap_95"]
+    gaps = " / ".join(f"{g:+.2f}" for g in st["gaps_points"])
+    met = st["mean_gap_points"] >= -1.0
+    print(f"over {len(seed_dirs)} seeds: gaps {gaps} points; mean {st['mean_gap_points']:+.2f} "
+          f"(shallow {sum(st['shallow_acc']) / len(seed_dirs):.4f}, deep "
+          f"{sum(st['deep_acc']) / len(seed_dirs):.4f}); 95% interval over seeds and test "
+          f"examples {lo:+.2f} to {hi:+.2f}; target (mean >= -1) {'met' if met else 'not met'}")
+    return {**st, "within_1pt_on_mean": met}
 
 
 def seed_statistics(seed_dirs: list[Path], boots: int = 4000, seed: int = 0, fresh: int = 0,

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pnnh.errors import PnnhError
-from pnnh.reproduce.deep_plain import seed_statistics
+from pnnh.reproduce.deep_plain import format_statistics, seed_statistics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine_info, save_results  # noqa: E402
@@ -37,17 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
                             fresh_seed=args.fresh_seed)
     except PnnhError as e:  # a directory that is not a finished run: one line, exit 2
         ap.exit(2, f"{ap.prog}: error: {e}\n")
-    print(f"{'seed run':<28} {'shallow':>8} {'deep':>8} {'gap (pts)':>10}")
-    for run, a, b, g in zip(st["seeds"], st["shallow_acc"], st["deep_acc"], st["gaps_points"]):
-        print(f"{Path(run).name:<28} {a:>8.4f} {b:>8.4f} {g:>+10.2f}")
-    lo, hi = st["bootstrap_95"]
-    print(f"mean gap {st['mean_gap_points']:+.2f} points over {len(st['seeds'])} seeds and "
-          f"{st['examples']} test examples ({st['test_sample']}); standard error over seeds "
-          f"{st['seed_se_points']:.2f}, "
-          f"of the test sample {st['test_sampling_se_points']:.2f}, both (bootstrap) "
-          f"{st['bootstrap_se_points']:.2f}: 95% interval {lo:+.2f} to {hi:+.2f}; "
-          f"{100 * st['bootstrap_share_within_1pt']:.0f}% of the draws within 1 point; the nets "
-          f"disagree on {100 * st['disagreement']:.1f}% of the examples")
+    print(format_statistics(st))
     args.runs = [str(r) for r in args.runs]
     return save_results(args.name, args, machine_info(), **st)
 

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except PnnhError as e:
-        _say(f"pnnh: error: {e}", every_rank=getattr(e, "every_rank", False))
+        _say(f"pnnh: error: {e}", every_rank=e.every_rank)
         return e.exit_code
     except KeyboardInterrupt as e:  # pnnh.train.TrainingInterrupted carries 130 / 143
         _say(f"pnnh: {e}" if str(e) else "pnnh: interrupted")

@@ -11,6 +11,7 @@ class PnnhError(Exception):
     """
 
     exit_code = 2
+    every_rank = False  #: under torchrun, only rank 0 prints it (every rank meets the same error)
 
     def __init__(self, message: str, *, field: str | None = None):
         super().__init__(message)

@@ -204,6 +204,6 @@ def pnnh56(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 56, width: 
 @register_model(family="cifar", kind="pnnh", options=CoderOptions)
 def pnnh110(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 110, width: int = 16,
             learner_ratio: float = 1.0, drop_path_rate: float = 0.0,
-           coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
+            coder: CoderOptions = DEFAULT_CODER) -> ConvNet:
     """CIFAR PNNH-110: coder + learner blocks, BatchNorm on the learner, no shortcuts"""
     return cifar_pnnh(in_shape, num_classes, depth, width, learner_ratio, coder, drop_path_rate)

@@ -188,17 +188,14 @@ class CoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.norm(x)
+        heads, c = attend(self.qkv(u), self.heads, self.scale), u if self.coder_norm else x
         if self.fused and self.coder.passes_input:  # A = I: [W_o, Aᵀ]·(attn; A c) = W_o attn + c
-            learner = self.proj(attend(self.qkv(u), self.heads, self.scale))
-            return drop_path(learner, self.drop_path, self.training) + (u if self.coder_norm else x)
+            return drop_path(self.proj(heads), self.drop_path, self.training) + c
         a = self.coder.weight  # (m, d)
-        c = F.linear(u if self.coder_norm else x, a)
-        if self.training and self.drop_path > 0:
-            learner = self.proj(attend(self.qkv(u), self.heads, self.scale))
-            return drop_path(learner, self.drop_path, True) + F.linear(c, a.t())
+        if self.training and self.drop_path > 0:  # the learner term alone, to drop it
+            return drop_path(self.proj(heads), self.drop_path, True) + F.linear(F.linear(c, a), a.t())
         w = torch.cat([self.proj.weight, a.t()], dim=1)
-        return F.linear(torch.cat([attend(self.qkv(u), self.heads, self.scale), c], -1),
-                        w, self.proj.bias)
+        return F.linear(torch.cat([heads, F.linear(c, a)], -1), w, self.proj.bias)
 
 
 class CoderMlp(nn.Module):

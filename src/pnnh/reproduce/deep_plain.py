@@ -168,21 +168,20 @@ QUICK = {
 }
 
 
-def block_lr(cfg: dict, depth: int) -> float:
+def block_lr(cfg: dict, depth: int, power: float | None = None) -> float:
     """The blocks' learning rate in the depth-``depth`` net: ``b * (L0 / depth) ** p`` with
     ``b = cfg["block_lr"]`` (default: the stem's ``lr``), ``L0`` the shallowest depth of
-    ``cfg["depths"]`` and ``p = cfg["lr_depth_power"]`` (0: one lr at every depth); the stem
-    and the head learn at ``cfg["train"]["lr"]``."""
+    ``cfg["depths"]`` and ``p = power``, by default ``cfg["lr_depth_power"]`` (0: one lr at
+    every depth); the stem and the head learn at ``cfg["train"]["lr"]``."""
     base = cfg.get("block_lr", cfg["train"]["lr"])
-    return base * (min(cfg["depths"]) / depth) ** cfg.get("lr_depth_power", 0.0)
+    p = cfg.get("lr_depth_power", 0.0) if power is None else power
+    return base * (min(cfg["depths"]) / depth) ** p
 
 
 def encoder_lr(cfg: dict, depth: int) -> float:
-    """The blocks' encoders' (``E``, ``b1``) learning rate: as :func:`block_lr` with the power
+    """The blocks' encoders' (``E``, ``b1``) learning rate: :func:`block_lr` with the power
     ``cfg["enc_lr_depth_power"]`` (default: the blocks' own, one lr for the whole block)."""
-    base = cfg.get("block_lr", cfg["train"]["lr"])
-    power = cfg.get("enc_lr_depth_power", cfg.get("lr_depth_power", 0.0))
-    return base * (min(cfg["depths"]) / depth) ** power
+    return block_lr(cfg, depth, cfg.get("enc_lr_depth_power"))
 
 
 def check_export(model: torch.nn.Module, x: torch.Tensor, atol: float) -> dict:
@@ -338,16 +337,30 @@ def _correct(seed_dir: Path, test_sets: dict, fresh: int = 0,
 
 def aggregate(seed_dirs: list[Path]) -> dict:
     """``pnnh reproduce deep-plain --seeds ...``: :func:`seed_statistics` over the seeds' outputs
-    (the standard test split), printed with the verdict on the mean."""
+    (the standard test split), printed (:func:`format_statistics`) with the verdict on the mean."""
     st = seed_statistics(seed_dirs)
-    lo, hi = st["bootstrap_95"]
     gaps = " / ".join(f"{g:+.2f}" for g in st["gaps_points"])
     met = st["mean_gap_points"] >= -1.0
-    print(f"over {len(seed_dirs)} seeds: gaps {gaps} points; mean {st['mean_gap_points']:+.2f} "
-          f"(shallow {sum(st['shallow_acc']) / len(seed_dirs):.4f}, deep "
-          f"{sum(st['deep_acc']) / len(seed_dirs):.4f}); 95% interval over seeds and test "
-          f"examples {lo:+.2f} to {hi:+.2f}; target (mean >= -1) {'met' if met else 'not met'}")
+    print(format_statistics(st))
+    print(f"over {len(seed_dirs)} seeds: gaps {gaps} points; mean {st['mean_gap_points']:+.2f}; "
+          f"target (mean >= -1) {'met' if met else 'not met'}")
     return {**st, "within_1pt_on_mean": met}
+
+
+def format_statistics(st: dict) -> str:
+    """A :func:`seed_statistics` result as a table of the seeds and one summary line."""
+    lines = [f"{'seed run':<28} {'shallow':>8} {'deep':>8} {'gap (pts)':>10}"]
+    for run, a, b, g in zip(st["seeds"], st["shallow_acc"], st["deep_acc"], st["gaps_points"]):
+        lines.append(f"{Path(run).name:<28} {a:>8.4f} {b:>8.4f} {g:>+10.2f}")
+    lo, hi = st["bootstrap_95"]
+    lines.append(
+        f"mean gap {st['mean_gap_points']:+.2f} points over {len(st['seeds'])} seeds and "
+        f"{st['examples']} test examples ({st['test_sample']}); standard error over seeds "
+        f"{st['seed_se_points']:.2f}, of the test sample {st['test_sampling_se_points']:.2f}, "
+        f"both (bootstrap) {st['bootstrap_se_points']:.2f}: 95% interval {lo:+.2f} to "
+        f"{hi:+.2f}; {100 * st['bootstrap_share_within_1pt']:.0f}% of the draws within 1 point; "
+        f"the nets disagree on {100 * st['disagreement']:.1f}% of the examples")
+    return "\n".join(lines)
 
 
 def seed_statistics(seed_dirs: list[Path], boots: int = 4000, seed: int = 0, fresh: int = 0,

@@ -33,9 +33,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict:
-    """nproc, CPU model, torch version and threads, and the load average right now."""
-    return {
+def machine_info(device: str = "cpu") -> dict:
+    """nproc, CPU model, torch version and threads, the load average right now, and on a CUDA
+    ``device`` the GPU's name and the CUDA version torch was built with."""
+    info = {
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model(),
         "torch": torch.__version__,
@@ -43,13 +44,27 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()],
     }
+    if str(device).startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What to call before reading a clock: CUDA work is asynchronous, so on a CUDA ``device``
+    a timing must wait for the queued kernels; on the CPU there is nothing to wait for."""
+    if str(device).startswith("cuda"):
+        dev = torch.device(device)
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
 
 
 def time_round_robin(fns: dict[str, Callable[[], None]], repeats: int, inner: int = 1,
-                     warmup: int = 1) -> dict[str, list[float]]:
+                     warmup: int = 1, device: str = "cpu") -> dict[str, list[float]]:
     """Seconds per call of every ``fns[name]``: ``repeats`` rounds, each timing every function
-    once (``inner`` calls, averaged), in an order rotated by one each round."""
-    names = list(fns)
+    once (``inner`` calls, averaged), in an order rotated by one each round. On a CUDA
+    ``device`` the clock is read only after the queued kernels have finished."""
+    names, sync = list(fns), synchronizer(device)
     for _ in range(warmup):
         for n in names:
             fns[n]()
@@ -57,9 +72,11 @@ def time_round_robin(fns: dict[str, Callable[[], None]], repeats: int, inner: in
     for r in range(repeats):
         k = r % len(names)
         for n in names[k:] + names[:k]:
+            sync()
             t = time.perf_counter()
             for _ in range(inner):
                 fns[n]()
+            sync()
             times[n].append((time.perf_counter() - t) / inner)
     return times
 

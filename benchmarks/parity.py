@@ -1,6 +1,7 @@
 """PNNH at ResNet cost: training images/s, parameters and the exported network, interleaved.
 
     nice -n 10 .venv/bin/python benchmarks/parity.py [--threads 1 2] [--repeats 7] [--quick]
+    python benchmarks/parity.py --device cuda --threads 1 [--inner 10]     # on a GPU
 
 Contenders, at their registry defaults, each PNNH against the zero-initialised post-activation
 ResNet of the same depth and width (``zero_init_residual=True``):
@@ -16,7 +17,10 @@ train: one step = forward + cross-entropy + backward + optimizer step + the mode
 ``no_grad`` forward of the ResNet, the PNNH model, its lean export (:func:`pnnh.export.to_plain`)
 and the full export (``lean=False``, what the export was before). For every thread count all
 contenders are timed round-robin (each repeat times each once, order rotated), and the speed
-ratio is the median over repeats of ``t_resnet / t_pnnh`` of the same repeat.
+ratio is the median over repeats of ``t_resnet / t_pnnh`` of the same repeat. On ``--device
+cuda`` the models and batches live on the GPU and each timing waits for its kernels
+(``torch.cuda.synchronize``); ``--inner N`` times N calls per measurement, so that one
+measurement spans more than a few kernel launches.
 """
 
 from __future__ import annotations
@@ -62,24 +66,25 @@ def _infer(model: torch.nn.Module, x: torch.Tensor):
     return fwd
 
 
-def _contenders(configs) -> tuple[dict, dict]:
+def _contenders(configs, device: str = "cpu") -> tuple[dict, dict]:
     """``fns[(config, batch, mode, who)]`` to time and ``params`` of each, exports checked."""
     fns, params = {}, {}
     for label, pnnh, resnet, kw, shape, batch, opt in configs:
         torch.manual_seed(0)
-        x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+        x, y = torch.randn(batch, *shape).to(device), torch.randint(0, 10, (batch,)).to(device)
         models = {"resnet": create_model(resnet, in_shape=shape, zero_init_residual=True, **kw),
                   "pnnh": create_model(pnnh, in_shape=shape, **kw)}
+        models = {k: m.to(device) for k, m in models.items()}
         for who, m in models.items():
             fns[(label, batch, "train", who)] = train_step(m.train(), x, y, _optimizer(opt, m))
             params[(label, batch, "train", who)] = count_parameters(m)
         if not label.startswith("cifar"):
             continue
-        eval_models = {"resnet": create_model(resnet, in_shape=shape, **kw).eval(),
-                       "pnnh": create_model(pnnh, in_shape=shape, **kw).eval()}
+        eval_models = {"resnet": create_model(resnet, in_shape=shape, **kw).to(device).eval(),
+                       "pnnh": create_model(pnnh, in_shape=shape, **kw).to(device).eval()}
         p = eval_models["pnnh"]
-        eval_models["pnnh export (lean)"] = to_plain(p)
-        eval_models["pnnh export (full)"] = to_plain(p, lean=False)
+        eval_models["pnnh export (lean)"] = to_plain(p).to(device)
+        eval_models["pnnh export (full)"] = to_plain(p, lean=False).to(device)
         with torch.no_grad():
             ref = p(x)
             for k in ("pnnh export (lean)", "pnnh export (full)"):
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--inner", type=int, default=1, help="calls per measurement (averaged)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="labels to run (cifar20 cifar56 cifar110 mlp100 cnn1d100 vit12); "
                         "default all but vit12")
@@ -128,15 +135,17 @@ def main(argv: list[str] | None = None) -> dict:
                                         [c for c in CONFIGS + EXTRA if c[0] in args.configs])
     if args.quick:
         args.repeats, args.threads = 2, [2]
-    fns, params = _contenders(configs)
-    rows, info = [], machine_info()
+    fns, params = _contenders(configs, args.device)
+    rows, info = [], machine_info(args.device)
     info["loadavg_before"] = info["loadavg_1_5_15"]
     for threads in args.threads:
         torch.set_num_threads(threads)
-        rows += _rows(time_round_robin(fns, args.repeats), params, threads)
-    info.update(machine_info())
-    print(f"{info['cpu_model']} ({info['nproc']} CPUs), torch {info['torch']}, repeats "
-          f"{args.repeats}, load {info['loadavg_before']} -> {info['loadavg_1_5_15']}")
+        rows += _rows(time_round_robin(fns, args.repeats, inner=args.inner, device=args.device),
+                      params, threads)
+    info.update(machine_info(args.device))
+    where = info.get("gpu", f"{info['cpu_model']} ({info['nproc']} CPUs)")
+    print(f"{where}, torch {info['torch']}, repeats {args.repeats} x {args.inner}, "
+          f"load {info['loadavg_before']} -> {info['loadavg_1_5_15']}")
     _print(rows)
     return save_results(args.name, args, info, results=rows)
 

@@ -18,7 +18,8 @@
 # After every step its log and results are packed into OUT_DIR/results.tgz (atomically), and
 # OUT_DIR/summary.txt gets one line per step (name, exit code, seconds), so a step that fails
 # or overruns loses nothing of the steps before it. DEVICE=cpu QUICK=1 runs the same steps at
-# smoke size on a machine without a GPU (a check of this script, not a measurement).
+# smoke size on a machine without a GPU (a check of this script, not a measurement);
+# ONLY="hessian parity" runs the named steps alone; SKIP_TESTS=1 leaves the test suite out.
 set -u
 OUT_DIR=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [SECONDS]}
 BUDGET=${2:-420}
@@ -45,6 +46,7 @@ pack() {
 step() {
     local name=$1 limit=$2 left t0 rc
     shift 2
+    [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
     left=$((BUDGET - ($(date +%s) - START) - 5))
     ((left < limit)) && limit=$left
     if ((limit < 15)); then
@@ -78,14 +80,14 @@ step train_amp 45 env ${QUICK:+PNNH_QUICK=1} "$PY" -m pnnh train "${SYN[@]}" --e
 step train_compile 90 env ${QUICK:+PNNH_QUICK=1} "$PY" -m pnnh train --model pnnh_mlp --depth 20 \
     --epochs 2 --device "$DEVICE" --compile --out "$R/runs/compile"
 step torchrun 60 env ${QUICK:+PNNH_QUICK=1} "${TORCHRUN[@]}" "${SYN[@]}" --epochs 4 --checkpoint-steps 5 --out "$R/runs/ddp"
-step torchrun_resume 60 env ${QUICK:+PNNH_QUICK=1} "${TORCHRUN[@]}" "${SYN[@]}" --epochs 6 --checkpoint-steps 5 --resume auto --out "$R/runs/ddp"
+step torchrun_resume 60 env ${QUICK:+PNNH_QUICK=1} "${TORCHRUN[@]}" "${SYN[@]}" --epochs 6 --checkpoint-steps 5 --resume --out "$R/runs/ddp"
 step probe 45 env ${QUICK:+PNNH_QUICK=1} "$PY" -m pnnh probe hessian \
     --checkpoint "$R/runs/amp/checkpoints/best.pt" --device "$DEVICE" --out "$R/runs/probe"
 
 XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
 # shellcheck disable=SC2086
 [ -n "${QUICK:-}" ] && TESTS=(tests/test_hessian.py) || TESTS=()
-step tests 240 "$PY" -m pytest -q --tb=line -p no:cacheprovider $XDIST "${TESTS[@]}"
+[ -n "${SKIP_TESTS:-}" ] || step tests 240 "$PY" -m pytest -q --tb=line -p no:cacheprovider $XDIST "${TESTS[@]}"
 
 echo "=== summary ($(($(date +%s) - START))s)"
 cat "$OUT_DIR/summary.txt"

@@ -202,10 +202,13 @@ def ours_density(model, x, y, steps: int, seed: int, quadrature: str = "averaged
 
 # -- timing and scoring -------------------------------------------------------------------------
 def density_error(spec: dict, exact: torch.Tensor, sigma: float, grid: torch.Tensor) -> float:
-    """``∫ |p_est − p_exact| dλ`` of the Gaussian-smoothed densities (0 = equal, 2 = disjoint)."""
+    """``∫ |p_est − p_exact| dλ`` of the Gaussian-smoothed densities (0 = equal, 2 = disjoint),
+    on the CPU whichever device the tools ran on."""
+    exact = exact.cpu()
     ones = [torch.full_like(exact, 1.0 / exact.numel())]
     ref = slq_density([exact], ones, grid, sigma)
-    est = slq_density(spec["nodes"], spec["weights"], grid, sigma)
+    est = slq_density([n.cpu() for n in spec["nodes"]], [w.cpu() for w in spec["weights"]],
+                      grid, sigma)
     return float((est - ref).abs().sum() * (grid[1] - grid[0]))
 
 

@@ -89,7 +89,9 @@ def _contenders(configs, device: str = "cpu") -> tuple[dict, dict]:
             ref = p(x)
             for k in ("pnnh export (lean)", "pnnh export (full)"):
                 err = float((eval_models[k](x) - ref).abs().max())
-                assert err <= 1e-4 * max(1.0, float(ref.abs().max())), (label, k, err)
+                # cuDNN's convolutions may use TF32 (10-bit mantissa) on a GPU: a looser bound
+                tol = 1e-4 if device == "cpu" else 2e-3
+                assert err <= tol * max(1.0, float(ref.abs().max())), (label, k, err)
         for who, m in eval_models.items():
             fns[(label, batch, "infer", who)] = _infer(m, x)
             params[(label, batch, "infer", who)] = count_parameters(m)

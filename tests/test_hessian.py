@@ -553,3 +553,51 @@ def test_slq_keeps_the_exact_ritz_values_when_lanczos_ends_early():
     for nodes, weights in zip(spec["nodes"], spec["weights"]):
         assert torch.allclose(nodes, torch.tensor([0.25, 1.0], dtype=torch.float64))
         assert torch.allclose(weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+class _FlagRecorder(nn.Module):
+    """Records the TF32 flags when its forward runs and when the backward passes through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3).double()
+        self.seen: list[tuple[bool, bool]] = []
+
+    def _flags(self) -> tuple[bool, bool]:
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+    def forward(self, x):
+        self.seen.append(self._flags())
+        out = self.lin(torch.tanh(x))
+        if out.requires_grad:
+            out.register_hook(lambda g: self.seen.append(self._flags()))
+        return out
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_tf32_is_off_inside_every_product_and_restored_after(allow):
+    # TF32 (on by default for cuDNN convolutions) would cap a CUDA Hessian's accuracy at ~1e-4;
+    # the operator turns it off around its own passes and gives the user's settings back
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    try:
+        _check_tf32_flags(allow)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def _check_tf32_flags(allow: bool) -> None:
+    model, (x, y) = _FlagRecorder(), batch()
+    op = HessianOperator(model, (x, y), "ce", allow_tf32=allow)
+    model.seen.clear()
+    op.gradient()
+    op.loss_and_grad()
+    v = torch.randn(3, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    op.hvp(v[0])
+    op.hvp_many(v)
+    op.quadratic_forms(v)
+    op.extreme_eigenvalues(max_iter=4)
+    assert len(model.seen) >= 8
+    assert set(model.seen) == {(allow, allow)}
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)

@@ -84,6 +84,26 @@ def _math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
+@contextlib.contextmanager
+def full_float32():
+    """float32 products at float32 precision on CUDA, the user's settings restored after.
+
+    By default cuDNN runs float32 convolutions in TF32 (``torch.backends.cudnn.allow_tf32``:
+    a 10-bit mantissa), and users may allow it for matmuls too. Every HVP then carries
+    ~1e-3 relative rounding: measured on an H200 (``benchmarks/hessian_vs_pyhessian.py
+    --device cuda``), neither pnnh nor PyHessian got ResNet-20's λmax closer than 2.5e-4 to
+    the float64 value, whatever ``tol`` asked for (on a CPU, 4e-8). Inside this context
+    both flags are off. A no-op for computations on the CPU, which has no TF32.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
 def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``(1/2N) Σ_i ||y_i - f(x_i)||²`` — the squared loss of the linear-network analyses."""
     return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1).mean()
@@ -121,6 +141,10 @@ class HessianOperator:
     ``fold_batchnorm=True``: eval-mode BatchNorms are folded into the convolution or linear
     layer before them inside the loss (:mod:`pnnh.probes.bnfold`: the same function of every
     parameter, so the same Hessian, with a cheaper graph); :attr:`folded` lists the pairs.
+
+    ``allow_tf32=False``: gradients and HVPs run in full float32 precision on CUDA, even where
+    TF32 is on (cuDNN's default for convolutions; see :func:`full_float32`). ``True`` keeps
+    the global settings: faster on large convolutions, with ~1e-3 relative rounding per HVP.
     """
 
     def __init__(
@@ -131,11 +155,13 @@ class HessianOperator:
         params: str | Sequence[str] | None = None,
         hvp_mode: str = "auto",
         fold_batchnorm: bool = True,
+        allow_tf32: bool = False,
     ):
         if hvp_mode not in HVP_MODES:
             raise ConfigError(f"hvp_mode: one of {', '.join(HVP_MODES)}, got {hvp_mode!r}",
                               field="hvp_mode")
         self.hvp_mode = hvp_mode
+        self.allow_tf32 = allow_tf32
         self.hvp_kind: str | None = None  # resolved on the first HVP (see hvp_method)
         self.math_attention = False
         self.hvp_fallbacks: list[str] = []
@@ -219,6 +245,9 @@ class HessianOperator:
     def _attention(self):
         return _math_attention() if self.math_attention else contextlib.nullcontext()
 
+    def _precision(self):
+        return contextlib.nullcontext() if self.allow_tf32 else full_float32()
+
     def _hvp_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward-over-reverse ``jvp(grad L, θ, v)``: one forward and one backward pass."""
         g = grad(lambda t: self._loss(t, x, y))
@@ -283,9 +312,10 @@ class HessianOperator:
         """``Σ_b (n_b/N) fn(x_b, y_b)``: a per-batch quantity averaged exactly over all the data,
         one batch's graph alive at a time."""
         out = None
-        for x, y in self._iter():
-            term = (x.shape[0] / self.num_samples) * fn(x, y)
-            out = term if out is None else out + term
+        with self._precision():
+            for x, y in self._iter():
+                term = (x.shape[0] / self.num_samples) * fn(x, y)
+                out = term if out is None else out + term
         return out
 
     def _hvp_data(self, v: torch.Tensor) -> torch.Tensor:
@@ -297,11 +327,12 @@ class HessianOperator:
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
         """Mean loss and its gradient over all the data."""
         total, g = 0.0, torch.zeros_like(self.theta)
-        for x, y in self._iter():
-            w = x.shape[0] / self.num_samples
-            gb, lb = torch.func.grad_and_value(self._loss)(self.theta, x, y)
-            total += w * float(lb)
-            g += w * gb
+        with self._precision():
+            for x, y in self._iter():
+                w = x.shape[0] / self.num_samples
+                gb, lb = torch.func.grad_and_value(self._loss)(self.theta, x, y)
+                total += w * float(lb)
+                g += w * gb
         return total, g
 
     def gradient(self) -> torch.Tensor:
@@ -310,7 +341,7 @@ class HessianOperator:
         one = isinstance(self._batches, list) and len(self._batches) == 1
         if one and self.hvp_mode != "fwd-rev" and self.hvp_kind in (None, "rev-rev"):
             try:  # _resolve keeps this graph if rev-rev (as tagged) then works
-                with self._attention():
+                with self._attention(), self._precision():
                     return self._gradient_graph(*next(self._iter()))[1].detach()
             except (NotImplementedError, RuntimeError):
                 self._graph = None

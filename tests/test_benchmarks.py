@@ -143,3 +143,28 @@ def test_hessian_vs_pyhessian_quick(tmp_path):
     trace_settings = {r["setting"] for r in data["small"]["trace"]["rows"] if r["tool"] == "pnnh"}
     assert {"hutchinson 8", "xtrace 16", "hutch++ 12"} <= trace_settings
     assert (tmp_path / "hessian_quick.png").stat().st_size > 1000
+
+
+def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path):
+    # the GPU script is run rarely and for minutes: its steps, limits and packing are checked
+    # here at smoke size on the CPU, so a lent GPU's time is not spent on the script's bugs
+    import subprocess
+    import sys
+    import tarfile
+
+    steps = "machine hessian parity train_fp32 train_amp torchrun torchrun_resume probe"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DEVICE": "cpu", "QUICK": "1",
+           "PY": sys.executable, "ONLY": steps, "SKIP_TESTS": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(out), "300"], env=env,
+                       cwd=BENCH.parent, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary] == steps.split()
+    assert all(" rc=0 " in line for line in summary), summary
+    with tarfile.open(out / "results.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"./hessian/hessian_vs_pyhessian_quick.json", "./parity/parity_cuda_quick.json",
+            "./torchrun_resume.log", "./runs/probe/hessian.json"} <= names
+    assert not any(n.endswith(".pt") for n in names)
+    assert "resuming from" in r.stdout

@@ -45,8 +45,11 @@ INITS = ("zero", "small", "xavier", "orthogonal")
 
 
 def relu0(z: torch.Tensor) -> torch.Tensor:
-    """``max(z, 0)`` with derivative 1 at 0 (``clamp_min`` passes the gradient at the boundary)."""
-    return z.clamp_min(0.0)
+    """``max(z, 0)`` with derivative 1 at 0: a zero-initialised net's pre-activations are exactly
+    0, and the analysis takes the ReLU as the identity there. Written as a selection, whose
+    gradient goes to the chosen branch by definition; ``clamp_min``'s gradient at the boundary
+    is an implementation detail (1 in torch 2.13, 0 in 2.14)."""
+    return torch.where(z >= 0, z, 0.0)
 
 
 class ShortcutBlock(nn.Module):

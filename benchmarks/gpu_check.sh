@@ -14,7 +14,8 @@
 #      --channels-last, torch.compile, a torchrun job on the GPU, then its --resume auto (with one
 #      GPU the job has one rank, so nccl and --sync-bn, which need two GPUs, are not reached);
 #   5. a Hessian probe of the trained checkpoint on cuda;
-#   6. the default test suite under this machine's torch (CPU tests; pytest-xdist if present).
+#   6. the default test suite under this machine's torch (pytest-xdist if present): CPU
+#      behaviour, since tests/conftest.py hides the GPU from the tests.
 # After every step its log and results are packed into OUT_DIR/results.tgz (atomically), and
 # OUT_DIR/summary.txt gets one line per step (name, exit code, seconds), so a step that fails
 # or overruns loses nothing of the steps before it. DEVICE=cpu QUICK=1 runs the same steps at

@@ -1,7 +1,15 @@
 import os
 
-import pytest
-import torch
+# The suite asserts CPU behaviour (bit-identical resume, CPU tolerances), and the default
+# device is "auto": on a machine with a GPU the trainings under test would move to CUDA. The
+# GPU stays hidden from the tests and their subprocesses (CUDA initialises lazily, so this
+# holds although torch is imported below) unless PNNH_TEST_CUDA=1; the GPU paths are checked
+# by benchmarks/gpu_check.sh.
+if os.environ.get("PNNH_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 

@@ -7,7 +7,7 @@
 # from src/ (PYTHONPATH). A machine without registry access gets the pure-Python packages it
 # lacks (pyhessian, mnist1d) as wheels in .whl/, unpacked into a temporary directory. In order of priority, each step under its own
 # time limit and all of them under SECONDS (default 420):
-#   1. the machine: GPU, driver, torch, CUDA;
+#   1. the machine: GPU, driver, torch, CUDA; then tests/test_cuda.py (skipped without a GPU);
 #   2. benchmarks/hessian_vs_pyhessian.py --device cuda: the CPU table's script and settings;
 #   3. benchmarks/parity.py --device cuda: PNNH against the ResNet of the same depth, all configs;
 #   4. the training paths that run only on CUDA: bf16 autocast with the GradScaler (--amp) and
@@ -64,6 +64,9 @@ step() {
 }
 
 step machine 30 bash -c "nvidia-smi; $PY -c 'import torch, platform; print(platform.python_version(), torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else None)'"
+
+# tests/test_cuda.py: bf16 autocast really runs under --amp; the Hessian matches float64 with TF32 on
+step cuda_tests 90 env PNNH_TEST_CUDA=1 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
 
 step hessian 200 "$PY" benchmarks/hessian_vs_pyhessian.py --device "$DEVICE" $Q --out "$R/hessian" \
     --figure "$R/hessian/hessian_time_vs_error_cuda.png"

@@ -152,7 +152,7 @@ def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path):
     import sys
     import tarfile
 
-    steps = "machine hessian parity train_fp32 train_amp torchrun torchrun_resume probe"
+    steps = "machine cuda_tests hessian parity train_fp32 train_amp torchrun torchrun_resume probe"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DEVICE": "cpu", "QUICK": "1",
            "PY": sys.executable, "ONLY": steps, "SKIP_TESTS": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"

@@ -12,6 +12,7 @@ from torch import nn
 from pnnh.errors import ConfigError
 from pnnh.probes.hessian import (
     HessianOperator,
+    _tf32_knobs,
     condition_numbers,
     estimate_trace,
     hessian_summary,
@@ -556,15 +557,16 @@ def test_slq_keeps_the_exact_ritz_values_when_lanczos_ends_early():
 
 
 class _FlagRecorder(nn.Module):
-    """Records the TF32 flags when its forward runs and when the backward passes through it."""
+    """Records the float32 precision settings when its forward runs and when the backward
+    passes through it."""
 
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(6, 3).double()
-        self.seen: list[tuple[bool, bool]] = []
+        self.seen: list[tuple] = []
 
-    def _flags(self) -> tuple[bool, bool]:
-        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    def _flags(self) -> tuple:
+        return tuple(getattr(obj, name) for obj, name, _ in _tf32_knobs())
 
     def forward(self, x):
         self.seen.append(self._flags())
@@ -574,30 +576,49 @@ class _FlagRecorder(nn.Module):
         return out
 
 
+def _set_knobs(values) -> None:
+    for (obj, name, _), v in zip(_tf32_knobs(), values):
+        setattr(obj, name, v)
+
+
 @pytest.mark.parametrize("allow", [False, True])
 def test_tf32_is_off_inside_every_product_and_restored_after(allow):
     # TF32 (on by default for cuDNN convolutions) would cap a CUDA Hessian's accuracy at ~1e-4;
     # the operator turns it off around its own passes and gives the user's settings back
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    knobs = _tf32_knobs()
+    before = [getattr(obj, name) for obj, name, _ in knobs]
+    tf32 = ["tf32" if isinstance(v, str) else True for _, _, v in knobs]
+    _set_knobs(tf32)
     try:
-        _check_tf32_flags(allow)
+        model, (x, y) = _FlagRecorder(), batch()
+        op = HessianOperator(model, (x, y), "ce", allow_tf32=allow)
+        model.seen.clear()
+        op.gradient()
+        op.loss_and_grad()
+        v = torch.randn(3, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        op.hvp(v[0])
+        op.hvp_many(v)
+        op.quadratic_forms(v)
+        op.extreme_eigenvalues(max_iter=4)
+        assert len(model.seen) >= 8
+        full = tuple(value for _, _, value in knobs)
+        assert set(model.seen) == {tuple(tf32) if allow else full}
+        assert [getattr(obj, name) for obj, name, _ in knobs] == tf32
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = before
+        _set_knobs(before)
 
 
-def _check_tf32_flags(allow: bool) -> None:
-    model, (x, y) = _FlagRecorder(), batch()
-    op = HessianOperator(model, (x, y), "ce", allow_tf32=allow)
-    model.seen.clear()
-    op.gradient()
-    op.loss_and_grad()
-    v = torch.randn(3, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    op.hvp(v[0])
-    op.hvp_many(v)
-    op.quadratic_forms(v)
-    op.extreme_eigenvalues(max_iter=4)
-    assert len(model.seen) >= 8
-    assert set(model.seen) == {(allow, allow)}
-    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+@pytest.mark.skipif(not hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"),
+                    reason="per-operator fp32_precision needs torch >= 2.9")
+def test_tf32_guard_works_with_per_operator_precision_settings():
+    # conv and RNN set apart with the newer API: reading the older allow_tf32 flag raises then,
+    # so the guard must go through fp32_precision, and put both settings back
+    cudnn = torch.backends.cudnn
+    before = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "tf32", "ieee"
+    try:
+        model, (x, y) = small_net(), batch()
+        HessianOperator(model, (x, y), "ce").extreme_eigenvalues(max_iter=4)
+        assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == ("tf32", "ieee")
+    finally:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = before

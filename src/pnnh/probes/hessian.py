@@ -93,15 +93,33 @@ def full_float32():
     ~1e-3 relative rounding: measured on an H200 (``benchmarks/hessian_vs_pyhessian.py
     --device cuda``), neither pnnh nor PyHessian got ResNet-20's λmax closer than 2.5e-4 to
     the float64 value, whatever ``tol`` asked for (on a CPU, 4e-8). Inside this context
-    both flags are off. A no-op for computations on the CPU, which has no TF32.
+    convolutions and matmuls run in IEEE float32 (:func:`_tf32_knobs` says which settings
+    that takes). Nothing changes for computations on the CPU, which has no TF32.
     """
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    knobs = _tf32_knobs()
+    before = [getattr(obj, name) for obj, name, _ in knobs]
     try:
+        for obj, name, value in knobs:
+            setattr(obj, name, value)
         yield
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = before
+        for (obj, name, _), old in zip(knobs, before):
+            setattr(obj, name, old)
+
+
+def _tf32_knobs() -> list[tuple[object, str, object]]:
+    """``(object, attribute, full-precision value)`` of the float32 precision settings: the
+    per-operator ``fp32_precision`` of torch >= 2.9 where it exists (reading the older
+    ``allow_tf32`` raises there once a user gives convolutions and RNNs different settings),
+    else the ``allow_tf32`` flags."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    try:
+        if conv is not None and conv.fp32_precision is not None and matmul.fp32_precision:
+            return [(conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    except (AttributeError, RuntimeError):
+        pass
+    return [(torch.backends.cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
 
 
 def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

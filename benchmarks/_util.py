@@ -50,6 +50,11 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def machine_label(info: dict) -> str:
+    """The GPU's name where :func:`machine_info` ran on one, else the CPU model and its count."""
+    return info.get("gpu", f"{info['cpu_model']} ({info['nproc']} CPUs)")
+
+
 def synchronizer(device: str) -> Callable[[], None]:
     """What to call before reading a clock: CUDA work is asynchronous, so on a CUDA ``device``
     a timing must wait for the queued kernels; on the CPU there is nothing to wait for."""

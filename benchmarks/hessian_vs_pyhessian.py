@@ -71,7 +71,7 @@ from pnnh.models import count_parameters, create_model
 from pnnh.probes.hessian import HessianOperator, slq_density
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_info, save_results  # noqa: E402
+from _util import machine_info, save_results, synchronizer  # noqa: E402
 
 QUANTITIES = ("trace", "density", "lambda_max", "lambda_min")
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "hessian_time_vs_error.png"
@@ -97,11 +97,6 @@ def make_problem(name: str, device: str, batch: int, seed: int):
         model, x = small_conv(seed), torch.randn(batch, 3, 8, 8, generator=g)
     y = torch.randint(0, 10, (x.shape[0],), generator=g)
     return model.to(device), x.to(device), y.to(device)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # -- PyHessian, used as published --------------------------------------------------------------
@@ -214,16 +209,16 @@ def density_error(spec: dict, exact: torch.Tensor, sigma: float, grid: torch.Ten
 
 def timed_rounds(contenders: dict[str, Callable[[], dict]], repeats: int, device: str) -> dict:
     """Every contender once per round, order rotated; keeps every time and the last output."""
-    names = list(contenders)
+    names, sync = list(contenders), synchronizer(device)
     times: dict[str, list[float]] = {n: [] for n in names}
     outs: dict[str, dict] = {}
     for r in range(repeats):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            sync(device)
+            sync()
             t = time.perf_counter()
             outs[n] = contenders[n]()
-            sync(device)
+            sync()
             times[n].append(time.perf_counter() - t)
     return {n: {"seconds": times[n], "best": min(times[n]), "out": outs[n]} for n in names}
 
@@ -479,10 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.hutchpp_budgets, args.hutchinson_budgets = [12], [8]
         args.pyh_slq_steps, args.slq_steps, args.slq_gauss_steps = [10], [10], [10]
     torch.set_num_threads(args.threads)
-    info = machine_info()
+    info = machine_info(args.device)
     info["loadavg_before"] = info["loadavg_1_5_15"]
-    if args.device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
     results = {}
     if {"trace", "density"} & set(args.quantities):
         results["small"] = bench_trace_density(args)

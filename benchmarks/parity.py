@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_info, save_results, time_round_robin, train_step  # noqa: E402
+from _util import machine_info, machine_label, save_results, time_round_robin, train_step  # noqa: E402
 
 from pnnh.export import to_plain  # noqa: E402
 from pnnh.models import count_parameters, create_model  # noqa: E402
@@ -72,9 +72,9 @@ def _contenders(configs, device: str = "cpu") -> tuple[dict, dict]:
     for label, pnnh, resnet, kw, shape, batch, opt in configs:
         torch.manual_seed(0)
         x, y = torch.randn(batch, *shape).to(device), torch.randint(0, 10, (batch,)).to(device)
-        models = {"resnet": create_model(resnet, in_shape=shape, zero_init_residual=True, **kw),
-                  "pnnh": create_model(pnnh, in_shape=shape, **kw)}
-        models = {k: m.to(device) for k, m in models.items()}
+        models = {"resnet": create_model(resnet, in_shape=shape, zero_init_residual=True,
+                                         **kw).to(device),
+                  "pnnh": create_model(pnnh, in_shape=shape, **kw).to(device)}
         for who, m in models.items():
             fns[(label, batch, "train", who)] = train_step(m.train(), x, y, _optimizer(opt, m))
             params[(label, batch, "train", who)] = count_parameters(m)
@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += _rows(time_round_robin(fns, args.repeats, inner=args.inner, device=args.device),
                       params, threads)
     info.update(machine_info(args.device))
-    where = info.get("gpu", f"{info['cpu_model']} ({info['nproc']} CPUs)")
-    print(f"{where}, torch {info['torch']}, repeats {args.repeats} x {args.inner}, "
+    print(f"{machine_label(info)}, torch {info['torch']}, repeats {args.repeats} x {args.inner}, "
           f"load {info['loadavg_before']} -> {info['loadavg_1_5_15']}")
     _print(rows)
     return save_results(args.name, args, info, results=rows)

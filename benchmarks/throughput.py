@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_info, median, save_results, time_round_robin, train_step  # noqa: E402
+from _util import machine_info, machine_label, median, save_results, time_round_robin, train_step  # noqa: E402
 
 from pnnh.export import to_plain  # noqa: E402
 from pnnh.models import count_parameters, create_model  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "images_per_s": args.batch / t, "speed_vs_resnet": base / t})
     print(f"batch {args.batch}, width {args.width}, threads {torch.get_num_threads()}, "
           f"repeats {args.repeats} x {args.inner}; "
-          f"{info.get('gpu', info['cpu_model'] + ' (' + str(info['nproc']) + ' CPUs)')}, "
+          f"{machine_label(info)}, "
           f"torch {info['torch']}, load {load_before} -> {info['loadavg_1_5_15']}")
     print(f"{'depth':>5} {'mode':<6} {'model':<16} {'params':>9} {'img/s':>8} {'x resnet':>8}")
     for r in sorted(rows, key=lambda r: (r["depth"], r["mode"] != "train")):

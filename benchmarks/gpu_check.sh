@@ -5,13 +5,13 @@
 #
 # Runs from the repository root with the machine's python3 (or $PY) and torch; pnnh is taken
 # from src/ (PYTHONPATH). A machine without registry access gets the pure-Python packages it
-# lacks (pyhessian, mnist1d) as wheels in .whl/, unpacked into a temporary directory. In order of priority, each step under its own
-# time limit and all of them under SECONDS (default 420):
+# lacks (pyhessian, mnist1d) as wheels in .whl/, unpacked into a temporary directory. In order
+# of priority, each step under its own time limit and all of them under SECONDS (default 420):
 #   1. the machine: GPU, driver, torch, CUDA; then tests/test_cuda.py (skipped without a GPU);
 #   2. benchmarks/hessian_vs_pyhessian.py --device cuda: the CPU table's script and settings;
 #   3. benchmarks/parity.py --device cuda: PNNH against the ResNet of the same depth, all configs;
 #   4. the training paths that run only on CUDA: bf16 autocast with the GradScaler (--amp) and
-#      --channels-last, torch.compile, a torchrun job on the GPU, then its --resume auto (with one
+#      --channels-last, torch.compile, a torchrun job on the GPU, then its --resume (with one
 #      GPU the job has one rank, so nccl and --sync-bn, which need two GPUs, are not reached);
 #   5. a Hessian probe of the trained checkpoint on cuda;
 #   6. the default test suite under this machine's torch (pytest-xdist if present): CPU
@@ -89,8 +89,8 @@ step probe 45 env ${QUICK:+PNNH_QUICK=1} "$PY" -m pnnh probe hessian \
     --checkpoint "$R/runs/amp/checkpoints/best.pt" --device "$DEVICE" --out "$R/runs/probe"
 
 XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
-# shellcheck disable=SC2086
 [ -n "${QUICK:-}" ] && TESTS=(tests/test_hessian.py) || TESTS=()
+# shellcheck disable=SC2086
 [ -n "${SKIP_TESTS:-}" ] || step tests 240 "$PY" -m pytest -q --tb=line -p no:cacheprovider $XDIST "${TESTS[@]}"
 
 echo "=== summary ($(($(date +%s) - START))s)"

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -107,19 +108,21 @@ def full_float32():
             setattr(obj, name, old)
 
 
-def _tf32_knobs() -> list[tuple[object, str, object]]:
+@functools.cache
+def _tf32_knobs() -> tuple[tuple[object, str, object], ...]:
     """``(object, attribute, full-precision value)`` of the float32 precision settings: the
     per-operator ``fp32_precision`` of torch >= 2.9 where it exists (reading the older
     ``allow_tf32`` raises there once a user gives convolutions and RNNs different settings),
-    else the ``allow_tf32`` flags."""
+    else the ``allow_tf32`` flags. Which API torch has does not change: found once, not per
+    HVP."""
     conv = getattr(torch.backends.cudnn, "conv", None)
     matmul = torch.backends.cuda.matmul
     try:
         if conv is not None and conv.fp32_precision is not None and matmul.fp32_precision:
-            return [(conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+            return ((conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee"))
     except (AttributeError, RuntimeError):
         pass
-    return [(torch.backends.cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+    return ((torch.backends.cudnn, "allow_tf32", False), (matmul, "allow_tf32", False))
 
 
 def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch; any torch >= 2.1 works with pnnh (pyproject.toml).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-ecosystem lint venv venv-ecosystem clean
 
 venv: $(VENV)/.installed
 
@@ -15,11 +15,30 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
 	touch $@
 
+# The real libraries users bring (torchvision, timm, Hugging Face transformers) get their own
+# environment: torchvision does not import beside the CPU torch 2.13.0 build, so this one takes
+# torch 2.14.1 + torchvision 0.29.1 (a CUDA build, ~5.5 GB, a few minutes to install).
+ECO_VENV       ?= .venv-ecosystem
+ECO_PY         := $(ECO_VENV)/bin/python
+ECO_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+venv-ecosystem: $(ECO_VENV)/.installed
+
+$(ECO_VENV)/.installed: pyproject.toml Makefile
+	test -x $(ECO_PY) || $(PYTHON) -m venv $(ECO_VENV)
+	$(ECO_PY) -m pip install --quiet --disable-pip-version-check $(ECO_TORCH_SPEC)
+	$(ECO_PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,bench,ecosystem]"
+	touch $@
+
 demo: venv
 	$(VENV)/bin/pnnh demo --out runs/demo
 
 test: venv
 	$(PY) -m pytest
+
+# The tests marked `ecosystem`: real torchvision, timm and transformers models at random init.
+test-ecosystem: venv-ecosystem
+	$(ECO_PY) -m pytest -m ecosystem
 
 lint: venv
 	$(VENV)/bin/ruff check .

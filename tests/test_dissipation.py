@@ -184,7 +184,7 @@ def test_cli_writes_csv_json_png(tmp_path, capsys):
                  "--depth", "8", "--dataset", "digits", "--num-samples", "64", "--out", str(out)])
     assert code == 0
     rows = list(csv.DictReader(open(out / "dissipation.csv")))
-    assert list(rows[0]) == ["model", "layer", "depth", *METRICS]
+    assert list(rows[0]) == ["model", "layer", "depth", *METRICS, "bn"]
     assert [r["model"] for r in rows] == ["plain_mlp-8"] * 3 + ["resnet_mlp-8"] * 3
     assert [int(r["depth"]) for r in rows] == [3, 5, 7] * 2
     assert len(json.loads((out / "dissipation.json").read_text())) == 6

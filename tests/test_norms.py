@@ -180,7 +180,8 @@ def test_probe_norms_cli(tmp_path):
                "--width", "16", "--num-samples", "64", "--out", str(out)])
     assert rc == 0
     header = (out / "norms.csv").read_text().splitlines()[0]
-    assert header == "model,block,grad_in_norm,grad_out_norm,ratio"
+    assert header == "model,block,grad_in_norm,grad_out_norm,ratio,bn"
+    assert {r["bn"] for r in json.loads((out / "norms.json").read_text())} == {"none"}
     rows = json.loads((out / "norms.json").read_text())
     labels = [r["model"] for r in rows]
     assert len(rows) == 4 and len(set(labels)) == 2 and labels[0] != labels[-1]

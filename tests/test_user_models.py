@@ -231,7 +231,7 @@ def test_cli_registry_model_gets_a_batch_of_its_own_shape(tmp_path, capsys):
     (["--model-file", "nofactory"], "expected FILE.py:FACTORY"),
     (["--model-file", f"{FILE}:INPUT_SHAPES"], "has no callable"),
     (["--model-file", f"{FILE}:vgg", "--input-shape", "3,x"], "--input-shape"),
-    (["--model-file", f"{FILE}:vgg", "--input-shape", "5,16,16"], "does not accept a batch"),
+    (["--model-file", f"{FILE}:vgg", "--input-shape", "5,16,16"], "forward on a batch of shape"),
     (["--model-file", f"{FILE}:vgg", "--model", "plain_mlp"], "exactly one of"),
     (["--model", "plain_mlp", "--input-shape", "1,40", "--dataset", "digits"], "exclude"),
 ])

@@ -57,8 +57,15 @@ def add_probe_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-file", metavar="FILE.py:FACTORY",
                    help="your own model: FACTORY() in FILE.py returns an nn.Module")
     p.add_argument("--input-shape", metavar="C,H,W",
-                   help="probe a seeded synthetic batch of this shape (L, C,L or C,H,W) "
-                   "instead of a dataset")
+                   help="probe a seeded synthetic batch of this shape (L, C,L or C,H,W; "
+                   "tokens:LENGTH[,vocab=V] for token ids) instead of a dataset")
+    p.add_argument("--output", metavar="KEY",
+                   help="which output to measure when the model returns a ModelOutput, dict or "
+                   "tuple (default: logits, else its only / first tensor)")
+    p.add_argument("--bn", choices=["auto", "batch", "running"], default="auto",
+                   help="BatchNorm statistics: batch (the batch's, as a training step sees), "
+                   "running (eval mode), auto (batch for BatchNorms whose running statistics "
+                   "never saw data, running otherwise; the default)")
     p.add_argument("--dataset", help="dataset of the probe batch (default: the checkpoint's, "
                    "else mnist1d)")
     p.add_argument("--data-dir", help="directory for cifar10/cifar100/imagefolder")
@@ -351,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except PnnhError as e:
+        if os.environ.get("PNNH_DEBUG", "0") not in ("", "0"):
+            import traceback  # the full story, the user's own code included
+
+            traceback.print_exception(e)
         _say(f"pnnh: error: {e}", every_rank=e.every_rank)
         return e.exit_code
     except KeyboardInterrupt as e:  # pnnh.train.TrainingInterrupted carries 130 / 143

@@ -62,7 +62,9 @@ through :mod:`pnnh.probes.common`). It tries these layouts in order and takes th
 4. ``encoder.layer`` (Hugging Face BERT/ViT), ``h`` (GPT-2), ``layers`` (Llama, ...):
    searched at any depth, outermost first (``transformer.h``, ``model.layers`` match);
 5. ``nn.TransformerEncoder``/``nn.TransformerDecoder`` anywhere: its ``layers``;
-6. the longest ``nn.Sequential``/``nn.ModuleList`` of at least 4 modules (the model itself
+6. any other repeated layer stack: the longest ``nn.ModuleList`` of two or more composite
+   modules of one class (T5's ``encoder.block``, a user's ``self.stack``), at any depth;
+7. the longest ``nn.Sequential``/``nn.ModuleList`` of at least 4 modules (the model itself
    when it is one): its children (VGG's ``features``).
 
 When nothing matches, :class:`~pnnh.errors.ConfigError` lists, in one line, the candidate
@@ -275,6 +277,10 @@ def _stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for n, m in named:
         if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
             return [(f"{n}.layers", m.layers)]
+    repeated = [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and len(m) >= 2
+                and len({type(c) for c in m}) == 1 and all(list(c.children()) for c in m)]
+    if repeated:  # any other architecture's layer stack: T5's `block`, a user's `stack`, ...
+        return [max(repeated, key=lambda t: len(t[1]))]
     seqs = [(n, m) for n, m in [("", model)] + named
             if isinstance(m, _CONTAINERS) and len(m) >= MIN_SEQUENTIAL]
     if seqs:
@@ -296,7 +302,8 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
     raise ConfigError(
         f"no blocks found in {type(model).__name__} (looked for blocks, stages.*.blocks, "
-        f"layer1.., encoder.layer, h, layers, TransformerEncoder.layers, a Sequential of "
+        f"layer1.., encoder.layer, h, layers, TransformerEncoder.layers, a ModuleList of "
+        f"same-class blocks, a Sequential of "
         f">= {MIN_SEQUENTIAL} modules); name the modules to probe, e.g. from: {shown or '(none)'}",
         field="blocks",
     )

@@ -13,18 +13,25 @@ Each probe is a module in this package exposing (the experiments' contract, in
   ``out`` (atomically) and returns a :class:`~pnnh.probes.common.ProbeResult`: the tidy
   records, their columns, the lines to print, the files it wrote;
 - optionally ``prepare(args)``: checks or completes the arguments before the targets are built
-  (the Hessian probe turns ``--shortcut/--init`` into model options).
+  (the Hessian probe turns ``--shortcut/--init`` into model options);
+- optionally ``BN_FIXED = True``: under ``--bn batch`` (or ``auto`` on fresh BatchNorms) the
+  probe needs per-sample independence, so the batch's statistics are computed once and held
+  fixed (:func:`~pnnh.probes.common.bn_statistics`) instead of recomputed on every forward.
 
 :func:`run_cli` is the one runner: it builds the targets, calls the probe, writes the records
 to ``OUT/NAME.csv`` and ``OUT/NAME.json`` with :func:`pnnh.io.write_records`, then prints the
-probe's notes. The public computation functions (``dissipation``, ``norms``,
-``HessianOperator``, ``jacobian_singular_values``, ...) stay plain functions of a model and a
-batch; ``run`` is the thin layer that turns their output into one shape.
+probe's notes. It runs the probe under ``--bn`` (:func:`~pnnh.probes.common.bn_statistics`)
+and adds to every record the statistics its BatchNorms used (``bn``).
+
+The public computation functions (``dissipation``, ``norms``, ``HessianOperator``,
+``jacobian_singular_values``, ...) stay plain functions of a model and a batch;
+``run`` is the thin layer that turns their output into one shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 from pathlib import Path
 from types import ModuleType
@@ -55,16 +62,31 @@ def run_cli(name: str, args: argparse.Namespace):
     """``pnnh probe NAME``: build the targets, run the probe, write ``OUT/NAME.csv``/``.json``,
     print its notes; returns the :class:`~pnnh.probes.common.ProbeResult`."""
     from pnnh.io import write_records
-    from pnnh.probes.common import ProbeResult, probe_targets
+    from pnnh.probes.common import ProbeResult, bn_statistics, probe_targets
 
     mod = probe(name)
     if hasattr(mod, "prepare"):
         mod.prepare(args)
     out = Path(args.out)
-    result = mod.run(probe_targets(args), args, out)
+    targets = probe_targets(args)
+    bn_mode = getattr(args, "bn", None) or "auto"
+    with contextlib.ExitStack() as stack:
+        ran = {t.label: stack.enter_context(bn_statistics(
+            t.model, bn_mode, t.inputs if getattr(mod, "BN_FIXED", False) else None))
+            for t in targets}
+        result = mod.run(targets, args, out)
     if not isinstance(result, ProbeResult):
         raise TypeError(f"probe {name}: run() returned {type(result).__name__}, not a ProbeResult")
+    for r in result.records:
+        r.setdefault("bn", ran.get(r.get("model"), ran[targets[0].label]))
+    if result.columns is not None:
+        result.columns = [*result.columns, "bn"]
     write_records(result.records, out, mod.NAME, columns=result.columns)
+    batch = {label: how for label, how in ran.items() if how.startswith("batch")}
+    for label, how in batch.items():
+        why = "every BatchNorm (--bn batch)" if bn_mode == "batch" else (
+            "the BatchNorms whose running statistics never saw data (--bn running to use them)")
+        print(f"{label}: BatchNorm: {how} statistics for {why}")
     for line in result.notes:
         print(line)
     return result

@@ -77,7 +77,9 @@ import torch
 from torch import nn
 
 from pnnh.errors import PnnhError
-from pnnh.probes.common import ProbeResult, ProbeTarget, find_blocks, first_tensor
+from pnnh.probes.common import ProbeResult, ProbeTarget, find_blocks, first_tensor, require_embedding
+
+BN_FIXED = True  # layer statistics gathered in chunks: BatchNorm batch statistics held fixed
 
 NAME = "dissipation"
 DESCRIPTION = "surviving units, input reconstructability, similarity collapse, rank"
@@ -446,7 +448,8 @@ class _Hooks:
     ``name@1``, ..., ``name@{k-1}``. Outputs that are not ``(batch, ...)`` tensors are an error
     for named layers and skipped (``self.skipped``) for default ones."""
 
-    def __init__(self, model, names, named_by_user: bool, max_features, seed, tol):
+    def __init__(self, model, names, named_by_user: bool, max_features, seed, tol,
+                 embedding: nn.Module | None = None):
         self.stats: dict[str, _LayerStats] = {}
         self.skipped: dict[str, str] = {}
         self.named_by_user, self.max_features, self.seed, self.tol = (
@@ -455,10 +458,17 @@ class _Hooks:
         modules = dict(model.named_modules())
         self.handles = [m.register_forward_hook(self._count) for m in self.counted]
         self.handles += [modules[n].register_forward_hook(self._probe(n)) for n in names]
+        if embedding is not None:  # token ids: the input is what the embedding makes of them
+            self.handles.append(embedding.register_forward_hook(self._embedded))
 
     def start_batch(self, xb: torch.Tensor, part: torch.Tensor) -> None:
         self.weight_layers, self.order, self.calls = 0, 0, {}
         self.x, self.part = xb.reshape(xb.shape[0], -1), part
+
+    def _embedded(self, _mod, _inp, out):
+        t = first_tensor(out)
+        if t is not None and t.shape[0] == self.x.shape[0]:
+            self.x = t.reshape(t.shape[0], -1).float()
 
     def _count(self, mod, _inp, _out):
         self.weight_layers += self.counted[mod]
@@ -504,7 +514,9 @@ def dissipation(
     """Per-layer dissipation records (see the module docstring for the four metrics).
 
     ``inputs``: a tensor ``(N, ...)`` the model accepts, ``N >= 4``. ``layers``: module names
-    (or globs) from ``model.named_modules()``; default :func:`default_layers`. The model runs
+    (or globs) from ``model.named_modules()``; default :func:`default_layers`. Token ids
+    (integer inputs) are read back as the vectors the model's input embedding makes of them
+    (:func:`~pnnh.probes.common.input_embedding`): ``x`` above is the embedding output. The model runs
     in eval mode under ``torch.no_grad()`` in batches of ``batch_size``; its training flag is
     restored afterwards. Returns dicts with keys ``layer, depth, surviving_fraction, input_r2,
     cosine_collapse, effective_rank``, in execution order. A module that runs several times
@@ -517,7 +529,8 @@ def dissipation(
     n = inputs.shape[0]
     names = resolve_layers(model, layers)
     parts = split_parts(n, seed)
-    hooks = _Hooks(model, names, layers is not None, max_features, seed, tol)
+    embedding = None if inputs.is_floating_point() else require_embedding(model, "dissipation")
+    hooks = _Hooks(model, names, layers is not None, max_features, seed, tol, embedding)
     was_training = model.training
     try:
         model.eval()

@@ -14,7 +14,11 @@ close to 1; deep plain nets drift towards a spectrum dominated by a few large va
   with ``r = min(out, in)``), ``σ_max``, ``σ_min``, the spread ``σ_max/σ_min`` and the standard
   deviation of ``log σ``; the probe reports their means over the batch.
 
-The model must act on samples independently (``eval()`` mode for BatchNorm).
+The model must act on samples independently (``eval()`` mode for BatchNorm; ``pnnh probe
+jacobian --bn batch`` holds the probe batch's statistics fixed). A model returning a
+``ModelOutput``, dict or tuple is measured on ``output`` (``logits`` by default). Token ids
+have no derivative: for integer inputs ``x`` is the input embedding's output (the vectors the
+ids select), and ``J = ∂f/∂x`` is taken there, one sample at a time.
 ``pnnh probe jacobian`` writes ``jacobian.csv``/``jacobian.json`` (one row per model) and
 ``jacobian.png`` (the distribution of singular values).
 """
@@ -30,42 +34,77 @@ from torch import nn
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
 from pnnh.io import atomic_write_json, save_figure
-from pnnh.probes.common import ProbeResult, ProbeTarget
+from pnnh.probes.common import ProbeResult, ProbeTarget, embedding_output, select_output
 
 NAME = "jacobian"
 DESCRIPTION = "singular values of the input-output Jacobian (dynamical isometry)"
+BN_FIXED = True  # per-sample Jacobians: BatchNorm batch statistics are held fixed
 MAX_SAVED_VALUES = 200_000  # jacobian_singular_values.json is left empty above this many
 
 
-def input_jacobians(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Exact per-sample Jacobians of the flattened output w.r.t. the flattened input:
-    shape ``(batch, out, in)``."""
+def embedded(model: nn.Module, ids: torch.Tensor, output: str | int | None = None):
+    """For token ids: ``(e, f)`` with ``e`` the input embedding's output on ``ids`` and
+    ``f(e')`` the model's (selected) output when the embedding returns ``e'`` instead."""
+    with torch.no_grad(), embedding_output(model) as seen:
+        model(ids)
+    e = seen[0].detach()
+
+    def f(value: torch.Tensor) -> torch.Tensor:
+        with embedding_output(model, value):
+            return select_output(model(ids), output)
+
+    return e, f
+
+
+def input_jacobians(model: nn.Module, inputs: torch.Tensor,
+                    output: str | int | None = None) -> torch.Tensor:
+    """Exact per-sample Jacobians of the flattened output w.r.t. the flattened input (for
+    token ids: the flattened input embedding): shape ``(batch, out, in)``."""
+    if not inputs.is_floating_point():
+        rows = []
+        for i in range(inputs.shape[0]):  # one sample at a time: Hugging Face forwards do not vmap
+            e, f = embedded(model, inputs[i:i + 1], output)
+
+            def g(e_flat: torch.Tensor, _f=f, _shape=e.shape) -> torch.Tensor:
+                return _f(e_flat.view(_shape)).reshape(-1)
+
+            with torch.no_grad():
+                out_dim = g(e.reshape(-1)).numel()
+            rows.append((jacrev(g) if out_dim <= e.numel() else jacfwd(g))(e.reshape(-1)))
+        return torch.stack(rows)
     in_shape = inputs.shape[1:]
 
     def f(x_flat: torch.Tensor) -> torch.Tensor:
-        return model(x_flat.view(1, *in_shape)).reshape(-1)
+        return select_output(model(x_flat.view(1, *in_shape)), output).reshape(-1)
 
     flat = inputs.reshape(inputs.shape[0], -1)
     with torch.no_grad():
-        out_dim = model(inputs[:1]).numel()
+        out_dim = select_output(model(inputs[:1]), output).numel()
     jac = jacrev(f) if out_dim <= flat.shape[1] else jacfwd(f)
     return vmap(jac)(flat)
 
 
-def jacobian_singular_values(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def jacobian_singular_values(model: nn.Module, inputs: torch.Tensor,
+                             output: str | int | None = None) -> torch.Tensor:
     """Singular values of every sample's exact Jacobian, descending: ``(batch, min(out, in))``."""
-    return torch.linalg.svdvals(input_jacobians(model, inputs))
+    return torch.linalg.svdvals(input_jacobians(model, inputs, output))
 
 
 def top_singular_values(
-    model: nn.Module, inputs: torch.Tensor, iters: int = 100, tol: float = 1e-6, seed: int = 0
+    model: nn.Module, inputs: torch.Tensor, iters: int = 100, tol: float = 1e-6, seed: int = 0,
+    output: str | int | None = None,
 ) -> torch.Tensor:
     """Largest singular value of each sample's Jacobian by power iteration on ``JᵀJ``.
 
     One step: ``u = J v`` (JVP), ``w = Jᵀ u`` (VJP), ``σ² ≈ ||w|| / ||v||`` with ``v`` unit;
     samples are independent, so the whole batch is one JVP and one VJP. Stops when every
-    estimate changes by less than ``tol`` (relative).
+    estimate changes by less than ``tol`` (relative). Token ids: at the input embedding.
     """
+    if not inputs.is_floating_point():
+        inputs, model = embedded(model, inputs, output)
+    else:
+        net = model
+        model = lambda x: select_output(net(x), output)  # noqa: E731
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(inputs.shape, generator=gen, dtype=inputs.dtype).to(inputs.device)
     b = inputs.shape[0]
@@ -136,10 +175,11 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 def _measure(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, torch.Tensor]:
     """One model's record and its singular values ``(batch, r)`` (``r = 1`` for ``power``)."""
     if args.method == "exact":
-        sv = jacobian_singular_values(t.model, t.inputs)
+        sv = jacobian_singular_values(t.model, t.inputs, getattr(args, "output", None))
         rec = {"model": t.label, "method": "exact (vmap(jacrev/jacfwd) + svdvals)", **summarize(sv)}
         return rec, sv.detach().cpu()
-    top = top_singular_values(t.model, t.inputs, iters=args.power_iters)
+    top = top_singular_values(t.model, t.inputs, iters=args.power_iters,
+                              output=getattr(args, "output", None))
     rec = {"model": t.label, "method": f"power iteration on JᵀJ ({args.power_iters} max)",
            "num_samples": int(top.numel()), "sv_max": float(top.mean()),
            "sv_max_overall": float(top.max())}

@@ -32,12 +32,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pnnh.errors import ConfigError
 from pnnh.io import append_jsonl, save_figure
-from pnnh.probes.common import ProbeResult, ProbeTarget, find_blocks, first_tensor, unwrap
+from pnnh.probes.common import (
+    ProbeResult,
+    ProbeTarget,
+    cross_entropy,
+    find_blocks,
+    first_tensor,
+    select_output,
+    unwrap,
+)
 
 NAME = "norms"
 DESCRIPTION = "gradient-norm ratio ||dL/dx_in|| / ||dL/dx_out|| per block"
@@ -74,17 +81,22 @@ def norms(
     batch: tuple[torch.Tensor, torch.Tensor],
     loss_fn: LossFn | None = None,
     blocks: BlockSpec = None,
+    output: str | int | None = None,
 ) -> list[dict]:
     """Per block: ``grad_in_norm`` ‖∂L/∂x_in‖, ``grad_out_norm`` ‖∂L/∂x_out‖ and their ``ratio``.
 
-    ``batch`` is ``(inputs, targets)``; ``loss_fn(outputs, targets)`` defaults to cross-entropy.
+    ``batch`` is ``(inputs, targets)``; ``loss_fn(outputs, targets)`` defaults to cross-entropy
+    (:func:`~pnnh.probes.common.cross_entropy`: per token for ``(batch, tokens, vocab)``
+    logits). A model returning a ``ModelOutput``, dict or tuple is measured on
+    ``select_output(out, output)`` (``logits`` by default). Token-id inputs work as they are:
+    the blocks' inputs and outputs are vectors.
     The model is run in whatever mode it is in (eval for a probe, train inside training).
     Returns one record per block, in forward order: ``{index, block, grad_in_norm,
     grad_out_norm, ratio}``; a module that runs ``k`` times per forward pass (a shared
     ``nn.ReLU``) gives ``k`` records, ``name``, ``name@1``, ... Nothing is accumulated into the
     parameters' ``.grad``.
     """
-    loss_fn = loss_fn or F.cross_entropy
+    loss_fn = loss_fn or cross_entropy
     inputs, targets = batch
     model = unwrap(model)
     named = resolve_blocks(model, blocks)
@@ -103,7 +115,7 @@ def norms(
         with torch.enable_grad():
             # The input requires grad so that a first block fed straight from the data is measured.
             x = inputs.detach().requires_grad_(inputs.is_floating_point())
-            loss = loss_fn(model(x), targets)
+            loss = loss_fn(select_output(model(x), output), targets)
             order = sorted(captured)
             tensors = [t for i in order for pair in captured[i] for t in pair]
             wanted = [t for t in tensors if t.requires_grad]
@@ -239,7 +251,8 @@ def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> 
     several = len(targets) > 1
     records = []
     for t in targets:
-        for r in norms(t.model, (t.inputs, t.targets), blocks=blocks):
+        for r in norms(t.model, (t.inputs, t.targets), blocks=blocks,
+                       output=getattr(args, "output", None)):
             records.append({"model": t.label, **r} if several else r)
     figure = plot(records, out / "norms.png")
     notes = []

@@ -1,0 +1,565 @@
+"""The Hessian of a loss as an operator: Hessian-vector products (HVPs) of a model's loss.
+
+The loss ``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)`` over a flat parameter vector ``θ`` (all the
+trainable parameters or a subset, :func:`select_parameters`) has one primitive, the HVP, in
+one of two kinds::
+
+    Hv = ∂(∇L(θ)·v)/∂θ                   (rev-rev: double backward over a gradient graph
+                                          built once per batch and kept across HVPs; Pearlmutter
+                                          1994, the scheme of PyHessian, Yao et al. 2020)
+    Hv = ∂/∂ε ∇L(θ + ε v) |_{ε=0}         (fwd-rev: ``jvp(grad(L), θ, v)``, no graph kept)
+
+Both are exact up to float rounding (no error bound to state beyond it; the tests compare them
+with ``torch.autograd.functional.hessian`` and with finite differences). ``hvp_mode="auto"``
+runs rev-rev (the faster on CPU) and falls back to the other kind, then to attention on the math
+SDPA backend, where a derivative is missing (:meth:`HessianOperator._resolve`); the result's
+``method`` says which ran. Eval-mode BatchNorms are folded into the layer before them inside
+the loss (:mod:`pnnh.probes.bnfold`: the same Hessian, a cheaper graph). On CUDA the products
+run in IEEE float32, not TF32 (:func:`full_float32`).
+
+The loss may be averaged over one batch or, exactly, over a whole data loader: the HVP of the
+mean loss over ``N`` samples is ``Σ_b (n_b/N) H_b v`` for batch means ``L_b``, one batch's
+graph alive at a time (so each HVP recomputes every batch's forward and gradient).
+
+The estimators are methods of the operator (the curvlinops / PyHessian shape) and live in their
+own modules: :mod:`.lanczos` (extreme eigenvalues), :mod:`.trace` (trace), :mod:`.density`
+(spectral density).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from pnnh.errors import ConfigError
+from pnnh.probes.bnfold import foldable_pairs, folded
+from pnnh.probes.hessian.density import _check_quadrature, slq_quadrature
+from pnnh.probes.hessian.hutchinson import _rademacher
+from pnnh.probes.hessian.lanczos import lanczos, ritz_error_bounds
+from pnnh.probes.hessian.trace import TRACE_METHODS, estimate_trace
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+HVP_MODES = ("auto", "fwd-rev", "rev-rev")
+BATCHED_CPU_DIM = 50_000  # hvp_many batches vectors on a CPU up to this many parameters
+BLOCK_FWD_REV = 8  # hvp_many: CPU blocks of this many rows or more go forward-over-reverse
+HVP_KINDS = {
+    "fwd-rev": "fwd-rev (torch.func forward-over-reverse, jvp of grad: no graph kept)",
+    "rev-rev": "rev-rev (double backward over a gradient graph built once per batch)",
+}
+
+
+def _math_attention():
+    """Scaled-dot-product attention on the math backend: plain differentiable ops, so both
+    forward-mode AD and double backward go through (the fused CPU kernel has neither)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+@contextlib.contextmanager
+def full_float32():
+    """float32 products at float32 precision on CUDA, the user's settings restored after.
+
+    By default cuDNN runs float32 convolutions in TF32 (``torch.backends.cudnn.allow_tf32``:
+    a 10-bit mantissa), and users may allow it for matmuls too. Every HVP then carries
+    ~1e-3 relative rounding: measured on an H200 (``benchmarks/hessian_vs_pyhessian.py
+    --device cuda``), neither pnnh nor PyHessian got ResNet-20's λmax closer than 2.5e-4 to
+    the float64 value, whatever ``tol`` asked for (on a CPU, 4e-8). Inside this context
+    convolutions and matmuls run in IEEE float32 (:func:`_tf32_knobs` says which settings
+    that takes). Nothing changes for computations on the CPU, which has no TF32.
+    """
+    knobs = _tf32_knobs()
+    before = [getattr(obj, name) for obj, name, _ in knobs]
+    try:
+        for obj, name, value in knobs:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for (obj, name, _), old in zip(knobs, before):
+            setattr(obj, name, old)
+
+
+@functools.cache
+def _tf32_knobs() -> tuple[tuple[object, str, object], ...]:
+    """``(object, attribute, full-precision value)`` of the float32 precision settings: the
+    per-operator ``fp32_precision`` of torch >= 2.9 where it exists (reading the older
+    ``allow_tf32`` raises there once a user gives convolutions and RNNs different settings),
+    else the ``allow_tf32`` flags. Which API torch has does not change: found once, not per
+    HVP."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    try:
+        if conv is not None and conv.fp32_precision is not None and matmul.fp32_precision:
+            return ((conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee"))
+    except (AttributeError, RuntimeError):
+        pass
+    return ((torch.backends.cudnn, "allow_tf32", False), (matmul, "allow_tf32", False))
+
+
+def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(1/2N) Σ_i ||y_i - f(x_i)||²`` — the squared loss of the linear-network analyses."""
+    return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1).mean()
+
+
+LOSSES: dict[str, LossFn] = {"ce": F.cross_entropy, "mse": mse_loss}
+
+
+def select_parameters(model: nn.Module, params: str | Sequence[str] | None = None) -> list[str]:
+    """Names of the trainable parameters to differentiate: all of them, or those whose name
+    starts with one of the given prefixes (``"blocks"``, ``"head.weight"``, ...)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if params is None or params == "all":
+        return names
+    prefixes = [params] if isinstance(params, str) else list(params)
+    prefixes = [p for pre in prefixes for p in pre.split(",") if p]
+    chosen = [n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)]
+    if not chosen:
+        raise ConfigError(
+            f"params: no parameter matches {', '.join(prefixes)!r}; "
+            f"names start with: {', '.join(sorted({n.split('.')[0] for n in names}))}",
+            field="params",
+        )
+    return chosen
+
+
+class HessianOperator:
+    """The Hessian of ``loss_fn(model(x), y)`` w.r.t. (a subset of) the model's parameters.
+
+    ``data`` is one ``(inputs, targets)`` batch or an iterable of batches (a DataLoader); with
+    several batches the loss is the exact mean over all samples. Vectors are flat tensors of
+    length :attr:`dim` in the order of :attr:`names`. The model is used as it is (call
+    ``model.eval()`` first for BatchNorm running statistics).
+
+    ``fold_batchnorm=True``: eval-mode BatchNorms are folded into the convolution or linear
+    layer before them inside the loss (:mod:`pnnh.probes.bnfold`: the same function of every
+    parameter, so the same Hessian, with a cheaper graph); :attr:`folded` lists the pairs.
+
+    ``allow_tf32=False``: gradients and HVPs run in full float32 precision on CUDA, even where
+    TF32 is on (cuDNN's default for convolutions; see :func:`full_float32`). ``True`` keeps
+    the global settings: faster on large convolutions, with ~1e-3 relative rounding per HVP.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Batch | Iterable[Batch],
+        loss_fn: LossFn | str = "ce",
+        params: str | Sequence[str] | None = None,
+        hvp_mode: str = "auto",
+        fold_batchnorm: bool = True,
+        allow_tf32: bool = False,
+    ):
+        if hvp_mode not in HVP_MODES:
+            raise ConfigError(f"hvp_mode: one of {', '.join(HVP_MODES)}, got {hvp_mode!r}",
+                              field="hvp_mode")
+        self.hvp_mode = hvp_mode
+        self.allow_tf32 = allow_tf32
+        self.hvp_kind: str | None = None  # resolved on the first HVP (see hvp_method)
+        self.math_attention = False
+        self.hvp_fallbacks: list[str] = []
+        self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graph_tag: tuple[str, bool] | None = None  # (kind, math attention) it serves
+        self.model = model
+        self.loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
+        self.names = select_parameters(model, params)
+        named = dict(model.named_parameters())
+        self._fixed = {n: p.detach() for n, p in named.items() if n not in self.names}
+        self._fixed.update({n: b.detach() for n, b in model.named_buffers()})
+        self.shapes = [named[n].shape for n in self.names]
+        self.numels = [named[n].numel() for n in self.names]
+        self.theta = torch.cat([named[n].detach().reshape(-1) for n in self.names])
+        self.dim = self.theta.numel()
+        if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+            self._batches: Iterable[Batch] = [data]
+        else:
+            self._batches = data
+        self.num_samples, first = 0, None
+        for x, _ in self._iter():  # one pass over the data: its size, and a sample to fold on
+            self.num_samples += int(x.shape[0])
+            if first is None and x.shape[0]:
+                first = x[:1].clone()
+        if self.num_samples == 0:
+            raise ConfigError("hessian: the data has no samples", field="data")
+        self.folded: list[tuple[str, str]] = []
+        self.fold_error: str | None = None  # why folding was given up, if it was
+        if fold_batchnorm:
+            try:  # one sample shows the graph; a model that cannot run on it is not folded
+                self.folded = foldable_pairs(model, first)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                self.fold_error = f"{type(e).__name__}: {str(e).strip()[:120]}"
+        self.hvp_calls = 0
+        self.batched: bool | None = None  # hvp_many: batched passes (None: on accelerators)
+        self.quadratic_kind: str | None = None  # quadratic_forms: "fwd-fwd" or "hvp" once run
+        self.block_kind: str | None = None  # hvp_many's CPU blocks: "fwd-rev" once it ran
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self._theta
+
+    @theta.setter
+    def theta(self, value: torch.Tensor) -> None:
+        self._theta = value
+        self._graph = None
+
+    @property
+    def hvp_method(self) -> str:
+        """Which HVP ran, and why: the kind, any fallback and the attention backend."""
+        if self.hvp_kind is None:
+            return f"{self.hvp_mode} (not run yet)"
+        text = HVP_KINDS[self.hvp_kind]
+        if self.hvp_fallbacks:
+            text += "; fallback after " + "; ".join(self.hvp_fallbacks)
+        if self.math_attention:
+            text += ("; attention on the math SDPA backend (the fused CPU kernel has no "
+                     "forward-mode or double-backward derivative)")
+        if self.folded:
+            text += (f"; eval-mode BatchNorm folded into the layer before it ({len(self.folded)} "
+                     "pairs, an exact reparametrization)")
+        elif self.fold_error:
+            text += f"; BatchNorm not folded: {self.fold_error}"
+        return text
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _iter(self):
+        dev = self.theta.device
+        for x, y in self._batches:
+            yield x.to(dev), y.to(dev)
+
+    def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(flat, self.numels)
+        return {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes)}
+
+    def _loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with folded(self.model, self.folded):
+            out = functional_call(self.model, {**self._fixed, **self._unflatten(flat)}, (x,))
+        return self.loss_fn(out, y)
+
+    def _attention(self):
+        return _math_attention() if self.math_attention else contextlib.nullcontext()
+
+    def _precision(self):
+        return contextlib.nullcontext() if self.allow_tf32 else full_float32()
+
+    def _hvp_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward-over-reverse ``jvp(grad L, θ, v)``: one forward and one backward pass."""
+        g = grad(lambda t: self._loss(t, x, y))
+        return jvp(g, (self.theta,), (v,))[1]
+
+    def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor):
+        """``(θ leaf, ∇L(θ) with its graph)``; kept across HVPs when there is one batch."""
+        if self._graph is not None:
+            return self._graph
+        leaf = self.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            g = torch.autograd.grad(self._loss(leaf, x, y), leaf, create_graph=True)[0]
+        if isinstance(self._batches, list) and len(self._batches) == 1:
+            self._graph = (leaf, g)
+            self._graph_tag = ("rev-rev", self.math_attention)
+        return leaf, g
+
+    def _hvp_rev_rev(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Double backward ``∂(∇L·v)/∂θ``; with one batch the gradient graph is built once and
+        kept, so each HVP is a single backward pass (PyHessian's scheme). ``v`` may be a
+        ``(k, dim)`` block: then the k HVPs share one batched backward pass."""
+        leaf, g = self._gradient_graph(x, y)
+        batched = v.dim() == 2
+        return torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=True,
+                                   is_grads_batched=batched)[0].detach()
+
+    def _hvp_kind_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._attention():
+            if self.hvp_kind == "rev-rev":
+                return self._hvp_rev_rev(v, x, y)
+            if v.dim() == 2:
+                return vmap(self._hvp_batch, in_dims=(0, None, None))(v, x, y)
+            return self._hvp_batch(v, x, y)
+
+    def _resolve(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pick the HVP kind on the first HVP: the requested one (``auto``: double backward
+        over a kept graph, the fastest where it works), else double backward (``fwd-rev`` needs
+        forward-mode AD, which some ops lack), then with attention on the math backend, then
+        forward-over-reverse. Every failure is recorded in :attr:`hvp_method`."""
+        order = [("rev-rev", False), ("rev-rev", True), ("fwd-rev", False), ("fwd-rev", True)]
+        if self.hvp_mode == "fwd-rev":
+            order = [("fwd-rev", False), ("rev-rev", False), ("rev-rev", True), ("fwd-rev", True)]
+        errors: list[BaseException] = []
+        for kind, math_attn in order:
+            if (kind, math_attn) != self._graph_tag:
+                self._graph = None  # a graph built for another kind (e.g. by gradient())
+            self.hvp_kind, self.math_attention = kind, math_attn
+            try:
+                out = self._hvp_kind_batch(v, x, y)
+            except (NotImplementedError, RuntimeError) as e:  # a missing derivative, or OOM
+                self._graph = None
+                errors.append(e)
+                why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                self.hvp_fallbacks.append(f"{kind}{' (math attention)' if math_attn else ''}"
+                                          f" failed: {type(e).__name__}: {why}")
+                continue
+            return out
+        self.hvp_kind = None
+        raise errors[0]
+
+    def _batch_mean(self, fn) -> torch.Tensor:
+        """``Σ_b (n_b/N) fn(x_b, y_b)``: a per-batch quantity averaged exactly over all the data,
+        one batch's graph alive at a time."""
+        out = None
+        with self._precision():
+            for x, y in self._iter():
+                term = (x.shape[0] / self.num_samples) * fn(x, y)
+                out = term if out is None else out + term
+        return out
+
+    def _hvp_data(self, v: torch.Tensor) -> torch.Tensor:
+        """``Σ_b (n_b/N) H_b v`` over the batches."""
+        return self._batch_mean(lambda x, y: self._resolve(v, x, y) if self.hvp_kind is None
+                                else self._hvp_kind_batch(v, x, y))
+
+    # -- public API -----------------------------------------------------------------------
+    def loss_and_grad(self) -> tuple[float, torch.Tensor]:
+        """Mean loss and its gradient over all the data."""
+        total, g = 0.0, torch.zeros_like(self.theta)
+        with self._precision():
+            for x, y in self._iter():
+                w = x.shape[0] / self.num_samples
+                gb, lb = torch.func.grad_and_value(self._loss)(self.theta, x, y)
+                total += w * float(lb)
+                g += w * gb
+        return total, g
+
+    def gradient(self) -> torch.Tensor:
+        """``∇L(θ)``: taken from the kept gradient graph where double backward will run (so the
+        graph serves the HVPs that follow), else by :meth:`loss_and_grad`."""
+        one = isinstance(self._batches, list) and len(self._batches) == 1
+        if one and self.hvp_mode != "fwd-rev" and self.hvp_kind in (None, "rev-rev"):
+            try:  # _resolve keeps this graph if rev-rev (as tagged) then works
+                with self._attention(), self._precision():
+                    return self._gradient_graph(*next(self._iter()))[1].detach()
+            except (NotImplementedError, RuntimeError):
+                self._graph = None
+        return self.loss_and_grad()[1]
+
+    def start_vector(self, start: str, seed: int) -> torch.Tensor | None:
+        """Lanczos start: ``random`` (None: Gaussian), ``gradient`` (``∇L``, which lies mostly in
+        the top eigenspace of the loss Hessian, free where the gradient graph is kept) or
+        ``mixed`` (``g/‖g‖ + r/‖r‖``, overlapping both ends of the spectrum)."""
+        if start == "random":
+            return None
+        g = self.gradient().double()
+        if not torch.isfinite(g).all() or float(g.norm()) == 0.0:
+            return None
+        g = g / g.norm()
+        if start == "gradient":
+            return g
+        r = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64).to(g.device)
+        return g + r / r.norm()
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` (averaged exactly over all batches)."""
+        self.hvp_calls += 1
+        return self._hvp_data(v.to(self.theta))
+
+    def hvp_many(self, vs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """``H v`` for every row ``v`` of ``vs``: the rows go through in blocks of
+        ``chunk_size`` (all at once by default) as one batched pass (``vmap`` for fwd-rev,
+        ``is_grads_batched`` for rev-rev); one at a time where an op has no batching rule, and
+        on a CPU for more than ``BATCHED_CPU_DIM`` parameters unless :attr:`batched` is set
+        (on the development CPU the batched backward was slower per vector than single HVPs
+        on ResNet-20, 272k parameters, and faster on a 938-parameter conv net)."""
+        vs = vs.to(self.theta)
+        batched = self._use_batched()
+        if not batched:
+            self.hvp_calls += vs.shape[0]
+            return torch.stack([self._hvp_data(v) for v in vs]) if len(vs) else vs.clone()
+        step = chunk_size or max(1, vs.shape[0])
+        outs = []
+        for i in range(0, vs.shape[0], step):
+            block = vs[i:i + step]
+            if self.hvp_kind is None:  # resolve the HVP kind on a single vector first
+                outs.append(self._hvp_data(block[0])[None])
+                block = block[1:]
+                if block.shape[0] == 0:
+                    continue
+            try:
+                outs.append(self._hvp_block(block))
+            except RuntimeError:  # an op without a batching rule: one HVP at a time
+                outs.append(torch.stack([self._hvp_data(v) for v in block]))
+        self.hvp_calls += vs.shape[0]
+        return torch.cat(outs) if outs else torch.zeros_like(vs)
+
+    def _use_batched(self) -> bool:
+        """Whether several vectors go through one batched pass: :attr:`batched` if set, else on
+        accelerators and on a CPU for at most ``BATCHED_CPU_DIM`` parameters."""
+        if self.batched is not None:
+            return self.batched
+        return self.theta.device.type != "cpu" or self.dim <= BATCHED_CPU_DIM
+
+    def _hvp_block(self, block: torch.Tensor) -> torch.Tensor:
+        """A ``(k, dim)`` block of HVPs in one batched pass. On a CPU, for blocks of
+        ``BLOCK_FWD_REV`` or more rows, a vmapped forward-over-reverse pass (the rows ride
+        along as a larger batch through the convolutions and matmuls) is used even where
+        double backward is the single-HVP kind: on the 938-parameter conv net of
+        ``benchmarks/hessian_vs_pyhessian.py`` it cost 0.6-0.7x the batched double backward
+        per vector; :attr:`block_kind` records it (``None`` when the block went through
+        :attr:`hvp_kind`). Falls back to :attr:`hvp_kind` where forward-mode AD is missing."""
+        if (self.hvp_kind == "rev-rev" and self.theta.device.type == "cpu"
+                and block.shape[0] >= BLOCK_FWD_REV and self.block_kind != "failed"):
+            try:
+                with self._attention():
+                    out = self._batch_mean(
+                        lambda x, y: vmap(self._hvp_batch, in_dims=(0, None, None))(block, x, y))
+                self.block_kind = "fwd-rev"
+                return out
+            except (NotImplementedError, RuntimeError):
+                self.block_kind = "failed"
+        return self._hvp_data(block)
+
+    def _quadratic_fwd_fwd(self, vs: torch.Tensor) -> torch.Tensor:
+        """``vᵀ H v = d²/dε² L(θ + ε v)|_{ε=0}`` for every row, by forward-over-forward AD
+        (``jvp`` of ``jvp``, vmapped over the rows): no backward pass, no graph."""
+        def forms(x, y):
+            def second(v):
+                def first(t):
+                    return jvp(lambda u: self._loss(u, x, y), (t,), (v,))[1]
+                return jvp(first, (self.theta,), (v,))[1]
+            return vmap(second)(vs)
+
+        with self._attention():
+            return self._batch_mean(forms)
+
+    def quadratic_forms(self, vs: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
+        """``vᵀ H v`` for every row ``v`` of ``vs`` (float64): all Hutchinson needs.
+
+        Where :meth:`hvp_many` would batch (small models on a CPU, accelerators) they come
+        from forward-over-forward AD in blocks of ``chunk_size`` rows (one vmapped second-order
+        forward pass per block, several times cheaper than double backward per vector on the
+        development CPU for a 938-parameter conv net); else, or where an op has no
+        forward-mode derivative, from ``v · (H v)``. :attr:`quadratic_kind` says which ran."""
+        vs = vs.to(self.theta)
+        batched = self._use_batched()
+        if batched and self.quadratic_kind in (None, "fwd-fwd"):
+            try:
+                out = torch.cat([self._quadratic_fwd_fwd(vs[i:i + chunk_size])
+                                 for i in range(0, vs.shape[0], chunk_size)])
+                self.quadratic_kind = "fwd-fwd"
+                self.hvp_calls += vs.shape[0]
+                return out.double()
+            except (NotImplementedError, RuntimeError):
+                pass
+        self.quadratic_kind = "hvp"
+        return (vs.double() * self.hvp_many(vs).double()).sum(1)
+
+    def dense(self, chunk_size: int = 256) -> torch.Tensor:
+        """The exact ``dim × dim`` Hessian: ``H e_j`` for every basis vector (vmapped HVPs)."""
+        eye = torch.eye(self.dim, dtype=self.theta.dtype, device=self.theta.device)
+        h = self.hvp_many(eye, chunk_size)
+        return 0.5 * (h + h.T)
+
+    def extreme_eigenvalues(
+        self, tol: float = 1e-6, max_iter: int = 200, seed: int = 0, which: str = "both",
+        bound: str = "residual", start: str = "auto",
+    ) -> dict:
+        """Largest and smallest (algebraic) eigenvalues by Lanczos with full re-orthogonalisation.
+
+        Stops when the error bound of both extreme Ritz values is ``<= tol·max|θ|``, or after
+        ``max_iter`` steps (``converged`` says which). ``bound="residual"``: the Ritz residual
+        ``r = ||Hu − θu|| = |β_m s_{m,i}|``, a guaranteed bound (some eigenvalue lies within
+        ``r`` of ``θ``); ``bound="gap"``: ``min(r, r²/gap)`` with the gap to the next Ritz
+        value, the usual (Kato–Temple) error estimate, much tighter once the end is resolved
+        but not guaranteed. ``which="max"`` waits for the largest one only (``lambda_min`` is
+        then the current, possibly unconverged, smallest Ritz value). ``start``: see
+        :meth:`start_vector`; ``auto`` is ``gradient`` for ``which="max"``, else ``mixed``.
+        """
+        if bound not in ("residual", "gap"):
+            raise ConfigError(f"bound: residual or gap, got {bound!r}", field="bound")
+        if start not in ("auto", "random", "gradient", "mixed"):
+            raise ConfigError(f"start: auto, random, gradient or mixed, got {start!r}",
+                              field="start")
+        if start == "auto":
+            start = "gradient" if which == "max" else "mixed"
+        calls0 = self.hvp_calls
+        v0 = self.start_vector(start, seed)
+        res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, bound=bound, v0=v0,
+                      device=self.theta.device, stop="max" if which == "max" else "extremes")
+        theta = res["ritz"]
+        scale = max(float(theta.abs().max()), 1e-300)
+        err = ritz_error_bounds(theta, res["ritz_vectors"], res["beta_last"], bound)
+        return {
+            "lambda_max": float(theta[-1]),
+            "lambda_min": float(theta[0]),
+            "residual_max": err["residual_max"],
+            "residual_min": err["residual_min"],
+            "error_bound_max": err["max"],
+            "error_bound_min": err["min"],
+            "bound": bound,
+            "start": start,
+            "iterations": res["steps"],
+            "hvps": self.hvp_calls - calls0,
+            "converged": bool(err["max"] <= tol * scale
+                              and (which == "max" or err["min"] <= tol * scale)),
+            "ritz_values": theta.tolist(),
+            "hvp": self.hvp_kind,
+            "method": self.hvp_method,
+        }
+
+    def trace(
+        self, num_samples: int = 100, seed: int = 0, rel_tol: float | None = None,
+        chunk: int = 16, method: str = "xtrace", z: float = 2.0,
+    ) -> dict:
+        """Stochastic trace ``tr H`` with at most ``num_samples`` HVPs (see :func:`estimate_trace`).
+
+        ``method``: ``"xtrace"`` (default; exact on the part of the spectrum its sketch
+        captures, exchangeable leave-one-out error estimate), ``"hutch++"`` (low-rank part plus
+        Hutchinson on the deflated rest) or ``"hutchinson"`` (``(1/n) Σ vᵀHv``, Rademacher
+        ``v``). ``trace_stderr`` is the estimator's standard error; with ``rel_tol`` the run
+        stops once ``z·stderr <= rel_tol·|trace|`` (an error bound at about 95% confidence for
+        ``z = 2``, not the change between steps). HVPs go ``chunk`` at a time, batched.
+        """
+        if method not in TRACE_METHODS:
+            raise ConfigError(f"trace method: one of {', '.join(TRACE_METHODS)}, got {method!r}",
+                              field="trace_method")
+        calls0 = self.hvp_calls
+        out = estimate_trace(self.hvp_many, self.dim, num_samples, method=method, seed=seed,
+                             rel_tol=rel_tol, z=z, chunk=chunk, device=self.theta.device,
+                             quadform=self.quadratic_forms)
+        out.update(hvps=self.hvp_calls - calls0, hvp=self.hvp_kind, method=self.hvp_method,
+                   quadratic_forms=self.quadratic_kind, block_hvp=self.block_kind)
+        return out
+
+    def spectral_density(self, num_runs: int = 5, num_steps: int = 40, seed: int = 0,
+                         quadrature: str = "averaged") -> dict:
+        """Stochastic Lanczos quadrature: nodes and weights per run (weights sum to 1).
+
+        Each run starts from a normalised Rademacher vector (lower-variance quadrature weights
+        than a Gaussian start, as in Hutchinson's estimator) and takes ``num_steps`` HVPs.
+        ``quadrature`` (:func:`slq_quadrature`): ``"averaged"`` (default; Laurie's averaged
+        Gauss rule, more accurate at few steps for the same HVPs) or ``"gauss"`` (the Ritz
+        values and weights, as in PyHessian). A run that finds an invariant subspace early has
+        exact Ritz values and keeps the Gauss rule. ``density(grid)`` of the result (see
+        :func:`slq_density`) smooths them into a density of the eigenvalue distribution
+        ``(1/P) Σ_i δ(λ - λ_i)``.
+        """
+        _check_quadrature(quadrature)  # before any HVP is spent
+        nodes, weights = [], []
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        steps = min(num_steps, self.dim)
+        for r in range(num_runs):
+            v0 = _rademacher(1, self.dim, gen, "cpu")[0]
+            res = lanczos(self.hvp, self.dim, steps, seed=seed + r, v0=v0,
+                          device=self.theta.device, stop="none")
+            rule = quadrature if res["steps"] == steps and steps < self.dim else "gauss"
+            n, w = slq_quadrature(res["alphas"], res["betas"], rule)
+            nodes.append(n)
+            weights.append(w)
+        return {"nodes": nodes, "weights": weights, "quadrature": quadrature}
+
+

@@ -136,7 +136,7 @@ def test_cli_folds_by_default_and_the_flag_turns_it_off(tmp_path):
 
     common = ["probe", "hessian", "--model", "resnet20", "--width", "4", "--num-samples", "8",
               "--dense", "never", "--tol", "1e-3", "--hutchinson-samples", "4", "--slq-runs",
-              "1", "--slq-steps", "3"]
+              "1", "--slq-steps", "3", "--bn", "running"]  # a fresh model: eval-mode BatchNorm
     assert main([*common, "--out", str(tmp_path / "on")]) == 0
     assert main([*common, "--no-fold-batchnorm", "--out", str(tmp_path / "off")]) == 0
     (on,) = json.loads((tmp_path / "on" / "hessian.json").read_text())

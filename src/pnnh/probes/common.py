@@ -118,6 +118,14 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, targets)
 
 
+def math_attention():
+    """Scaled-dot-product attention on the math backend: plain differentiable ops, so both
+    forward-mode AD and double backward go through (the fused CPU kernel has neither)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 # ----------------------------------------------------------------------------- token inputs
 def input_embedding(model: nn.Module) -> nn.Module | None:
     """The module that turns token ids into vectors: ``model.get_input_embeddings()`` (Hugging

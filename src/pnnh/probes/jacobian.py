@@ -34,7 +34,13 @@ from torch import nn
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
 from pnnh.io import atomic_write_json, save_figure
-from pnnh.probes.common import ProbeResult, ProbeTarget, embedding_output, select_output
+from pnnh.probes.common import (
+    ProbeResult,
+    ProbeTarget,
+    embedding_output,
+    math_attention,
+    select_output,
+)
 
 NAME = "jacobian"
 DESCRIPTION = "singular values of the input-output Jacobian (dynamical isometry)"
@@ -70,7 +76,11 @@ def input_jacobians(model: nn.Module, inputs: torch.Tensor,
 
             with torch.no_grad():
                 out_dim = g(e.reshape(-1)).numel()
-            rows.append((jacrev(g) if out_dim <= e.numel() else jacfwd(g))(e.reshape(-1)))
+            if out_dim <= e.numel():
+                rows.append(jacrev(g)(e.reshape(-1)))
+            else:
+                with math_attention():  # forward-mode AD: the fused attention kernel has none
+                    rows.append(jacfwd(g)(e.reshape(-1)))
         return torch.stack(rows)
     in_shape = inputs.shape[1:]
 
@@ -80,8 +90,10 @@ def input_jacobians(model: nn.Module, inputs: torch.Tensor,
     flat = inputs.reshape(inputs.shape[0], -1)
     with torch.no_grad():
         out_dim = select_output(model(inputs[:1]), output).numel()
-    jac = jacrev(f) if out_dim <= flat.shape[1] else jacfwd(f)
-    return vmap(jac)(flat)
+    if out_dim <= flat.shape[1]:
+        return vmap(jacrev(f))(flat)
+    with math_attention():  # forward-mode AD: the fused attention kernel has none
+        return vmap(jacfwd(f))(flat)
 
 
 def jacobian_singular_values(model: nn.Module, inputs: torch.Tensor,
@@ -115,7 +127,8 @@ def top_singular_values(
     v = v / per_sample_norm(v).view(b, *[1] * (v.dim() - 1))
     sigma = torch.zeros(b, dtype=inputs.dtype, device=inputs.device)
     for _ in range(iters):
-        out, u = jvp(model, (inputs,), (v,))
+        with math_attention():  # forward-mode AD: the fused attention kernel has none
+            out, u = jvp(model, (inputs,), (v,))
         _, pullback = vjp(model, inputs)
         (w,) = pullback(u)
         nw = per_sample_norm(w)

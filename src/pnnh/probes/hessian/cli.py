@@ -17,7 +17,7 @@ from torch import nn
 
 from pnnh.errors import ConfigError
 from pnnh.io import save_figure, write_records
-from pnnh.probes.common import ProbeResult, ProbeTarget
+from pnnh.probes.common import ProbeResult, ProbeTarget, select_output
 from pnnh.probes.hessian.blocks import block_curvature
 from pnnh.probes.hessian.density import QUADRATURES, slq_density
 from pnnh.probes.hessian.operator import HVP_MODES, LOSSES, HessianOperator
@@ -90,13 +90,13 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _loss_targets(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                  loss: str) -> torch.Tensor:
+                  loss: str, output: str | int | None = None) -> torch.Tensor:
     """``--loss mse`` on class labels regresses the one-hot vectors ``e_y`` (the squared loss
     of the linear-network analyses); float targets are used as they are."""
     if loss != "mse" or targets.is_floating_point():
         return targets
     with torch.no_grad():
-        width = model(inputs[:1]).shape[-1]
+        width = select_output(model(inputs[:1]), output).shape[-1]
     if int(targets.max()) >= width:
         raise ConfigError(f"--loss mse: labels go up to {int(targets.max())} but the model has "
                           f"{width} outputs", field="loss")
@@ -118,10 +118,11 @@ def prepare(args: argparse.Namespace) -> None:
 
 def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, dict]:
     """One model's ``hessian.json`` record and its spectral density (for the plot)."""
-    targets = _loss_targets(t.model, t.inputs, t.targets, args.loss)
+    output = getattr(args, "output", None)
+    targets = _loss_targets(t.model, t.inputs, t.targets, args.loss, output)
     op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params,
                          hvp_mode=getattr(args, "hvp", "auto"),
-                         fold_batchnorm=getattr(args, "fold_batchnorm", True))
+                         fold_batchnorm=getattr(args, "fold_batchnorm", True), output=output)
     summary, spec = hessian_summary(
         op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
         zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,
@@ -139,7 +140,8 @@ def _block_records(t: ProbeTarget, args: argparse.Namespace) -> list[dict]:
                              max_iter=args.max_iter, seed=args.seed,
                              trace_samples=args.hutchinson_samples,
                              trace_method=getattr(args, "trace_method", "xtrace"),
-                             fold_batchnorm=getattr(args, "fold_batchnorm", True))
+                             fold_batchnorm=getattr(args, "fold_batchnorm", True),
+                             output=getattr(args, "output", None))
     return [{"model": t.label, **b} for b in blocks]
 
 

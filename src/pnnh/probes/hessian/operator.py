@@ -33,15 +33,16 @@ import functools
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from pnnh.errors import ConfigError
 from pnnh.probes.bnfold import foldable_pairs, folded
+from pnnh.probes.common import cross_entropy, math_attention, select_output
 from pnnh.probes.hessian.density import _check_quadrature, slq_quadrature
 from pnnh.probes.hessian.hutchinson import _rademacher
 from pnnh.probes.hessian.lanczos import lanczos, ritz_error_bounds
+from pnnh.probes.hessian.substitutes import exact_substitutes
 from pnnh.probes.hessian.trace import TRACE_METHODS, estimate_trace
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,14 +55,6 @@ HVP_KINDS = {
     "fwd-rev": "fwd-rev (torch.func forward-over-reverse, jvp of grad: no graph kept)",
     "rev-rev": "rev-rev (double backward over a gradient graph built once per batch)",
 }
-
-
-def _math_attention():
-    """Scaled-dot-product attention on the math backend: plain differentiable ops, so both
-    forward-mode AD and double backward go through (the fused CPU kernel has neither)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 @contextlib.contextmanager
@@ -109,7 +102,7 @@ def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1).mean()
 
 
-LOSSES: dict[str, LossFn] = {"ce": F.cross_entropy, "mse": mse_loss}
+LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "mse": mse_loss}
 
 
 def select_parameters(model: nn.Module, params: str | Sequence[str] | None = None) -> list[str]:
@@ -145,6 +138,12 @@ class HessianOperator:
     ``allow_tf32=False``: gradients and HVPs run in full float32 precision on CUDA, even where
     TF32 is on (cuDNN's default for convolutions; see :func:`full_float32`). ``True`` keeps
     the global settings: faster on large convolutions, with ~1e-3 relative rounding per HVP.
+
+    Models as users bring them: a forward that returns a ``ModelOutput``, dict or tuple is
+    measured on ``select_output(out, output)`` (``logits`` by default); inputs may be token ids
+    (only parameters are differentiated); ``"ce"`` is per token for ``(batch, tokens, vocab)``
+    logits; activations with no double backward in PyTorch (``hardsigmoid``) are computed by
+    exact substitutes inside the loss (:mod:`.substitutes`), which :attr:`hvp_method` names.
     """
 
     def __init__(
@@ -156,12 +155,15 @@ class HessianOperator:
         hvp_mode: str = "auto",
         fold_batchnorm: bool = True,
         allow_tf32: bool = False,
+        output: str | int | None = None,
     ):
         if hvp_mode not in HVP_MODES:
             raise ConfigError(f"hvp_mode: one of {', '.join(HVP_MODES)}, got {hvp_mode!r}",
                               field="hvp_mode")
         self.hvp_mode = hvp_mode
         self.allow_tf32 = allow_tf32
+        self.output = output
+        self.substituted: dict[str, int] = {}  # activations computed by exact substitutes
         self.hvp_kind: str | None = None  # resolved on the first HVP (see hvp_method)
         self.math_attention = False
         self.hvp_fallbacks: list[str] = []
@@ -220,6 +222,9 @@ class HessianOperator:
         if self.math_attention:
             text += ("; attention on the math SDPA backend (the fused CPU kernel has no "
                      "forward-mode or double-backward derivative)")
+        if self.substituted:
+            text += ("; " + ", ".join(sorted(self.substituted)) + " computed by an exact "
+                     "substitute with a second derivative (PyTorch's has none)")
         if self.folded:
             text += (f"; eval-mode BatchNorm folded into the layer before it ({len(self.folded)} "
                      "pairs, an exact reparametrization)")
@@ -238,12 +243,12 @@ class HessianOperator:
         return {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes)}
 
     def _loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with folded(self.model, self.folded):
+        with folded(self.model, self.folded), exact_substitutes(self.substituted):
             out = functional_call(self.model, {**self._fixed, **self._unflatten(flat)}, (x,))
-        return self.loss_fn(out, y)
+        return self.loss_fn(select_output(out, self.output), y)
 
     def _attention(self):
-        return _math_attention() if self.math_attention else contextlib.nullcontext()
+        return math_attention() if self.math_attention else contextlib.nullcontext()
 
     def _precision(self):
         return contextlib.nullcontext() if self.allow_tf32 else full_float32()

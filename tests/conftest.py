@@ -29,3 +29,16 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``ecosystem`` build real torchvision/timm/transformers models: they run in
+    ``make test-ecosystem`` (``pytest -m ecosystem`` in .venv-ecosystem) and skip, saying so,
+    in every other run."""
+    if "ecosystem" in (config.getoption("markexpr", "") or "").replace("not ecosystem", ""):
+        return
+    skip = pytest.mark.skip(reason="real torchvision/timm/transformers models: "
+                                   "`make test-ecosystem` runs them")
+    for item in items:
+        if "ecosystem" in item.keywords:
+            item.add_marker(skip)

@@ -56,6 +56,9 @@ EXCEPTIONS: list[tuple[str, str]] = [
     (r"\$\{?[A-Za-z_]", "a shell script over variables set in the text (e.g. $D)"),
     (r"^(for|done)\b", "a shell loop (see the $-variables entry)"),
     (r"^pnnh export .*--format onnx", "needs the optional onnx package"),
+    (r"^make test-ecosystem", "sets up .venv-ecosystem and runs the ecosystem tests"),
+    (r"tests/ecosystem_models\.py", "real torchvision/timm/transformers models: run by "
+     "tests/test_ecosystem.py in the ecosystem environment"),
 ]
 
 

@@ -86,7 +86,8 @@ def run_cli(name: str, args: argparse.Namespace):
     for label, how in batch.items():
         why = "every BatchNorm (--bn batch)" if bn_mode == "batch" else (
             "the BatchNorms whose running statistics never saw data (--bn running to use them)")
-        print(f"{label}: BatchNorm: {how} statistics for {why}")
+        stats = "batch statistics" if how == "batch" else "the probe batch's statistics, held fixed,"
+        print(f"{label}: BatchNorm: {stats} for {why}")
     for line in result.notes:
         print(line)
     return result

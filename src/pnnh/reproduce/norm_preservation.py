@@ -26,6 +26,7 @@ import torch
 
 from pnnh.io import read_jsonl, save_figure, write_records
 from pnnh.models import create_model
+from pnnh.probes.common import bn_statistics
 from pnnh.probes.norms import norms
 
 DESCRIPTION = "paper 2: per-block gradient-norm ratio (plain/ResNet/PNNH); ResNet vs Procrustes"
@@ -96,9 +97,11 @@ def _init_ratios(cfg: dict, seed: int, device: str) -> list[dict]:
     for base in CNN_MODELS:
         for depth in cfg["init_cnn_depths"]:
             torch.manual_seed(seed)
-            m = create_model(f"{base}{depth}", width=cfg["cnn_width"]).to(device).train()
-            for r in norms(m, (xi.to(device), yi.to(device))):
-                records.append({"family": "cnn", "model": f"{base}{depth}", "depth": depth, **r})
+            m = create_model(f"{base}{depth}", width=cfg["cnn_width"]).to(device).eval()
+            with bn_statistics(m, "auto") as bn:  # fresh BatchNorms: the batch's statistics
+                for r in norms(m, (xi.to(device), yi.to(device))):
+                    records.append({"family": "cnn", "model": f"{base}{depth}", "depth": depth,
+                                    **r, "bn": bn})
     return records
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Capture", "CaptureError", "capture", "aten_name"]
+__all__ = ["Capture", "CaptureError", "capture", "aten_name", "METHODS"]
 
 
 class CaptureError(RuntimeError):
@@ -159,11 +159,36 @@ def _path_normaliser(model: nn.Module):
     return normalise
 
 
+def _tensors_of(value) -> tuple:
+    """The tensors in a forward's output, in order: a tensor, or those inside tuples, lists
+    and dicts (a Hugging Face ``ModelOutput`` is a dict); other objects (a KV cache) are
+    dropped, so that torch.export, which only returns pytrees of tensors, can take it."""
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return tuple(t for v in value for t in _tensors_of(v))
+    return ()
+
+
+class _TensorOutputs(nn.Module):
+    """``model`` with its output reduced to a tuple of tensors (:func:`_tensors_of`); the
+    model is the child ``m``, so module paths read ``m.<path>`` (stripped again after export)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, *args):
+        return _tensors_of(self.m(*args))
+
+
 def _export_capture(model: nn.Module, inputs: tuple) -> Capture:
     """``torch.export`` (non-strict) of ``model`` on ``inputs``, functionalized, unlifted."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch-internal deprecation notes during export
-        ep = torch.export.export(model, inputs, strict=False)
+        ep = torch.export.export(_TensorOutputs(model).eval(), inputs, strict=False)
         ep = ep.run_decompositions({})
         gm = ep.module()
     normalise = _path_normaliser(model)
@@ -171,9 +196,18 @@ def _export_capture(model: nn.Module, inputs: tuple) -> Capture:
         stack = node.meta.get("nn_module_stack")
         if stack:
             node.meta["nn_module_stack"] = {
-                k: (normalise(v[0]), v[1]) for k, v in stack.items()}
+                k: (normalise(_unwrapped(v[0])), v[1]) for k, v in stack.items()}
     flat = tuple(torch.utils._pytree.tree_leaves(inputs))
     return Capture(gm, "export", flat)
+
+
+def _unwrapped(path: str) -> str:
+    """A module path inside :class:`_TensorOutputs` as the model's own (``m.blocks.0`` ->
+    ``blocks.0``, ``L__self___m_blocks_0`` -> ``blocks_0``, ``m`` -> ``""``)."""
+    for prefix in ("L['self'].m.", "L__self__.m.", "self.m.", "L__self___m_", "m."):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return "" if path in ("m", "L['self'].m", "L__self__.m", "L__self___m", "self.m") else path
 
 
 def _first_line(e: BaseException) -> str:
@@ -181,27 +215,40 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def capture(model: nn.Module, inputs: tuple) -> Capture:
-    """The model's graph: fx when it sees everything, else torch.export, else fx with opaque
-    sub-modules; :class:`CaptureError` when neither sees the model at all."""
+METHODS = ("auto", "fx", "export")
+
+
+def capture(model: nn.Module, inputs: tuple, method: str = "auto") -> Capture:
+    """The model's graph. ``method="auto"``: fx when it sees everything, else torch.export,
+    else fx with opaque sub-modules; ``"fx"`` / ``"export"``: that capture only.
+    :class:`CaptureError` when the capture(s) tried cannot see the model at all."""
+    if method not in METHODS:
+        raise ValueError(f"capture method must be one of {', '.join(METHODS)}, got {method!r}")
     was_training = model.training
     model.eval()
     try:
-        try:
-            fx_cap, fx_error = _fx_capture(model, inputs), ""
-        except TypeError as e:
-            fx_cap, fx_error = None, str(e)
-        if fx_cap is not None and not fx_cap.opaque:
-            return fx_cap
-        why_fx = fx_error or "cannot trace " + ", ".join(fx_cap.opaque)
-        try:
-            cap = _export_capture(model, inputs)
-        except Exception as e:
-            why_export = f"{type(e).__name__}: {_first_line(e)}"
-            if fx_cap is None:
-                raise CaptureError(f"torch.fx: {why_fx}; torch.export: {why_export}") from e
-            return Capture(fx_cap.gm, "fx", fx_cap.args, fx_cap.opaque,
-                           f"torch.export: {why_export}")
-        return Capture(cap.gm, cap.method, cap.args, (), f"torch.fx: {why_fx}")
+        return _capture(model, inputs, method)
     finally:
         model.train(was_training)
+
+
+def _capture(model: nn.Module, inputs: tuple, method: str) -> Capture:
+    fx_cap, why_fx = None, ""
+    if method != "export":
+        try:
+            fx_cap = _fx_capture(model, inputs)
+        except TypeError as e:
+            why_fx = str(e)
+        if fx_cap is not None and (not fx_cap.opaque or method == "fx"):
+            return fx_cap
+        if method == "fx":
+            raise CaptureError(f"torch.fx: {why_fx}")
+        why_fx = why_fx or "cannot trace " + ", ".join(fx_cap.opaque)
+    try:
+        cap = _export_capture(model, inputs)
+    except Exception as e:
+        why_export = f"torch.export: {type(e).__name__}: {_first_line(e)}"
+        if fx_cap is not None:
+            return Capture(fx_cap.gm, "fx", fx_cap.args, fx_cap.opaque, why_export)
+        raise CaptureError(f"torch.fx: {why_fx}; {why_export}" if why_fx else why_export) from e
+    return Capture(cap.gm, cap.method, cap.args, (), f"torch.fx: {why_fx}" if why_fx else "")

@@ -81,7 +81,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from pnnh.capture import Capture, CaptureError, aten_name, capture
+from pnnh.capture import Capture, CaptureError, aten_name
+from pnnh.capture import capture as capture_graph
 from pnnh.errors import ConfigError
 
 __all__ = ["Skip", "find_skips", "check_plainness", "PlainnessReport", "assert_plain",
@@ -362,7 +363,7 @@ def _op_label(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return "output"
     aten = aten_name(node)
     if aten is not None:  # torch.export: the ATen op, in the module that called it
-        return f"{_module_path(node) or '(model)'}: {aten}"
+        return f"{_module_path(node) or '(model)'}: {node.name}"
     return node.name
 
 
@@ -564,7 +565,7 @@ class PlainnessReport:
         return f"{', '.join(parts) or 'plain'} [{how}]"
 
 
-def check_plainness(model: nn.Module, example_input) -> PlainnessReport:
+def check_plainness(model: nn.Module, example_input, capture: str = "auto") -> PlainnessReport:
     """Capture ``model``'s graph (:func:`pnnh.capture.capture`: torch.fx, else torch.export)
     and list every residual connection and gate in it, one per (merge, fork), in execution
     order, then every part no capture could see (``kind="unverified"``). No skip means the
@@ -573,11 +574,12 @@ def check_plainness(model: nn.Module, example_input) -> PlainnessReport:
     ``example_input`` is a batch (a tensor, or a tuple of tensors for several inputs; integer
     token ids are fine); the model is run once on it, in eval mode and without gradients (its
     mode is restored), to tell tensor values from shapes. The forward may return a tensor, a
-    tuple, a dict or a Hugging Face ``ModelOutput``.
+    tuple, a dict or a Hugging Face ``ModelOutput``. ``capture="fx"`` or ``"export"`` uses
+    that capture only (``"auto"``: torch.fx, and torch.export where fx cannot see everything).
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
-        cap: Capture = capture(model, inputs)
+        cap: Capture = capture_graph(model, inputs, capture)
     except CaptureError as e:
         warnings.warn(f"plainness: {type(model).__name__} reported as unverified: {e}",
                       stacklevel=3)
@@ -597,11 +599,11 @@ def check_plainness(model: nn.Module, example_input) -> PlainnessReport:
     return PlainnessReport(tuple(skips), cap.method, cap.note)
 
 
-def find_skips(model: nn.Module, example_input) -> list[Skip]:
+def find_skips(model: nn.Module, example_input, capture: str = "auto") -> list[Skip]:
     """Every residual connection (``kind`` ``identity``/``projection``) and gate (``gate``) in
     ``model``, then every part that could not be captured (``unverified``); an empty list means
     the model is proven plain. :func:`check_plainness` with the capture that ran."""
-    return list(check_plainness(model, example_input).skips)
+    return list(check_plainness(model, example_input, capture).skips)
 
 
 def assert_plain(model: nn.Module, example_input) -> None:

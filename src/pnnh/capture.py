@@ -24,6 +24,7 @@ eval mode (its mode is restored): dropout is off and BatchNorm uses its running 
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from dataclasses import dataclass
@@ -191,6 +192,7 @@ def _export_capture(model: nn.Module, inputs: tuple) -> Capture:
         ep = torch.export.export(_TensorOutputs(model).eval(), inputs, strict=False)
         ep = ep.run_decompositions({})
         gm = ep.module()
+    _name_inputs(gm, model, len(inputs))
     normalise = _path_normaliser(model)
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
@@ -199,6 +201,20 @@ def _export_capture(model: nn.Module, inputs: tuple) -> Capture:
                 k: (normalise(_unwrapped(v[0])), v[1]) for k, v in stack.items()}
     flat = tuple(torch.utils._pytree.tree_leaves(inputs))
     return Capture(gm, "export", flat)
+
+
+def _name_inputs(gm: fx.GraphModule, model: nn.Module, n: int) -> None:
+    """Name the placeholders of one tensor input each after ``model.forward``'s parameters
+    (``x``, ``input_ids``) instead of the wrapper's ``args_0``."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:n]
+    except (TypeError, ValueError):
+        return
+    holders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(holders) == len(params) and hasattr(fx.Node, "_rename"):
+        for node, name in zip(holders, params):
+            node._rename(name)
 
 
 def _unwrapped(path: str) -> str:

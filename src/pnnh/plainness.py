@@ -404,10 +404,20 @@ class _Graph:
         for n in self.nodes:
             if n.op == "placeholder" or any(a in self.dependent for a in _carriers(n)):
                 self.dependent.add(n)
-        self.live = self.dependent & signal_nodes
+        self.layer = {n: int(self._is_weight_layer(n)) for n in self.nodes}
+        # The signal: float inputs, and weight layers applied to what depends on the input
+        # without being signal (an embedding of token ids); then every float tensor computed
+        # from the signal. A float tensor that depends on the input only through integer or
+        # boolean tensors and no weight layer (a mask, positions from the ids) is side
+        # information, a constant to the signal.
+        self.live: set[fx.Node] = set()
+        for n in self.nodes:
+            if n in self.dependent and n in signal_nodes and (
+                    n.op == "placeholder" or self.layer[n]
+                    or any(a in self.live for a in _carriers(n))):
+                self.live.add(n)
         self.inputs = {n: list(dict.fromkeys(a for a in _carriers(n) if a in self.live))
                        for n in self.nodes}
-        self.layer = {n: int(self._is_weight_layer(n)) for n in self.nodes}
         self.nonlinear = {n: int(self._is_nonlinear(n)) for n in self.nodes}
 
     def _is_nonlinear(self, n: fx.Node) -> bool:

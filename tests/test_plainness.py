@@ -485,6 +485,7 @@ def test_token_inputs_and_masks_from_them_are_not_skips():
         assert [(s.block, s.kind, s.layers) for s in skips] == [
             ("layers.0", "identity", (0, 2)), ("layers.1", "identity", (0, 2))], capture
         assert skips[0].source == ("emb" if capture == "fx" else "embedding")
+        assert find_skips(TokenModel(), {"ids": ids}, capture=capture) == skips  # keywords
 
 
 @pytest.mark.filterwarnings("ignore:plainness")

@@ -109,9 +109,27 @@ class _Tracer(fx.Tracer):
         return all(name == "parametrizations" for name, _ in m.named_children())
 
 
-def _fx_capture(model: nn.Module, inputs: tuple) -> Capture:
+def _positional(model: nn.Module, inputs: tuple | dict) -> tuple:
+    """``inputs`` as positional arguments of ``model.forward`` (a dict of keyword inputs is
+    bound to the forward's signature, defaults filling the gaps); ``TypeError`` if it cannot."""
+    if not isinstance(inputs, dict):
+        return inputs
+    sig = inspect.signature(model.forward)
+    bound = sig.bind(**inputs)
+    bound.apply_defaults()
+    args = []
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            args.append(bound.arguments[p.name])
+        elif bound.arguments.get(p.name):
+            raise TypeError(f"keyword input {p.name!r} is not a positional parameter")
+    return tuple(args)
+
+
+def _fx_capture(model: nn.Module, inputs: tuple | dict) -> Capture:
     """Trace ``model`` with fx; a sub-module that does not trace becomes an opaque leaf. Raises
     ``TypeError`` when the root itself does not trace."""
+    inputs = _positional(model, inputs)
     opaque: set[str] = set()
     while True:
         tracer = _Tracer(opaque)
@@ -181,25 +199,28 @@ class _TensorOutputs(nn.Module):
         super().__init__()
         self.m = model
 
-    def forward(self, *args):
-        return _tensors_of(self.m(*args))
+    def forward(self, *args, **kwargs):
+        return _tensors_of(self.m(*args, **kwargs))
 
 
-def _export_capture(model: nn.Module, inputs: tuple) -> Capture:
-    """``torch.export`` (non-strict) of ``model`` on ``inputs``, functionalized, unlifted."""
+def _export_capture(model: nn.Module, inputs: tuple | dict) -> Capture:
+    """``torch.export`` (non-strict) of ``model`` on ``inputs`` (positional, or keyword when a
+    dict), functionalized, unlifted."""
+    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs, {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch-internal deprecation notes during export
-        ep = torch.export.export(_TensorOutputs(model).eval(), inputs, strict=False)
+        ep = torch.export.export(_TensorOutputs(model).eval(), args, kwargs, strict=False)
         ep = ep.run_decompositions({})
         gm = ep.module()
-    _name_inputs(gm, model, len(inputs))
+    if args:
+        _name_inputs(gm, model, len(args))
     normalise = _path_normaliser(model)
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if stack:
             node.meta["nn_module_stack"] = {
                 k: (normalise(_unwrapped(v[0])), v[1]) for k, v in stack.items()}
-    flat = tuple(torch.utils._pytree.tree_leaves(inputs))
+    flat = tuple(torch.utils._pytree.tree_leaves((args, kwargs)))
     return Capture(gm, "export", flat)
 
 
@@ -234,9 +255,11 @@ def _first_line(e: BaseException) -> str:
 METHODS = ("auto", "fx", "export")
 
 
-def capture(model: nn.Module, inputs: tuple, method: str = "auto") -> Capture:
-    """The model's graph. ``method="auto"``: fx when it sees everything, else torch.export,
-    else fx with opaque sub-modules; ``"fx"`` / ``"export"``: that capture only.
+def capture(model: nn.Module, inputs: tuple | dict, method: str = "auto") -> Capture:
+    """The model's graph on ``inputs`` (a tuple of positional inputs, or a dict of keyword
+    inputs such as ``{"input_ids": ids, "attention_mask": mask}``). ``method="auto"``: fx
+    when it sees everything, else torch.export, else fx with opaque sub-modules; ``"fx"`` /
+    ``"export"``: that capture only.
     :class:`CaptureError` when the capture(s) tried cannot see the model at all."""
     if method not in METHODS:
         raise ValueError(f"capture method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -248,7 +271,7 @@ def capture(model: nn.Module, inputs: tuple, method: str = "auto") -> Capture:
         model.train(was_training)
 
 
-def _capture(model: nn.Module, inputs: tuple, method: str) -> Capture:
+def _capture(model: nn.Module, inputs: tuple | dict, method: str) -> Capture:
     fx_cap, why_fx = None, ""
     if method != "export":
         try:

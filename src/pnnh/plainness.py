@@ -581,13 +581,14 @@ def check_plainness(model: nn.Module, example_input, capture: str = "auto") -> P
     order, then every part no capture could see (``kind="unverified"``). No skip means the
     model is proven plain.
 
-    ``example_input`` is a batch (a tensor, or a tuple of tensors for several inputs; integer
-    token ids are fine); the model is run once on it, in eval mode and without gradients (its
-    mode is restored), to tell tensor values from shapes. The forward may return a tensor, a
-    tuple, a dict or a Hugging Face ``ModelOutput``. ``capture="fx"`` or ``"export"`` uses
+    ``example_input`` is a batch: a tensor, a tuple of positional inputs, or a dict of keyword
+    inputs (``{"input_ids": ids, "attention_mask": mask}``); integer token ids are fine. The
+    model is run once on it, in eval mode and without gradients (its mode is restored), to
+    tell tensor values from shapes. The forward may return a tensor, a tuple, a dict or a
+    Hugging Face ``ModelOutput``. ``capture="fx"`` or ``"export"`` uses
     that capture only (``"auto"``: torch.fx, and torch.export where fx cannot see everything).
     """
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    inputs = example_input if isinstance(example_input, (tuple, dict)) else (example_input,)
     try:
         cap: Capture = capture_graph(model, inputs, capture)
     except CaptureError as e:

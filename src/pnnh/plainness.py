@@ -1,4 +1,5 @@
-"""Proof of plainness: find residual connections in a model by tracing it with ``torch.fx``.
+"""Proof of plainness: find residual connections and gates in a model's captured graph
+(``torch.fx``, or ``torch.export`` where fx cannot trace: :mod:`pnnh.capture`).
 
 A network is *plain* when it is one straight chain of layers: every tensor that two branches
 combine has crossed the same number of weight layers on both since they forked. Formally,
@@ -27,26 +28,54 @@ parameter, or a tensor computed from parameters only, such as the PNNH coder's `
 Normalization modules (BatchNorm, LayerNorm, GroupNorm, ...) are per-channel affine maps and
 are *not* weight layers: ``x + BN(f(x))`` and ``LN(x) + f(x)`` are both skips.
 
+The merge's op says what kind of connection it is: an additive merge (``add``, ``sub``,
+``cat``, ...) is a **residual connection**, ``kind="identity"`` (no weight layer on the short
+side) or ``"projection"`` (weight layers on both sides); a multiplicative merge (``mul``,
+``div``) is a **gate**, ``kind="gate"``. Both make a model not plain; :func:`count_skips`
+and :attr:`PlainnessReport.counts` count them apart (``residual`` = identity + projection).
+
 Consequences, stated plainly:
 
-- an identity shortcut ``x + f(x)`` (``kind="identity"``: no weight layer on the short side)
-  and a projection shortcut ``conv1x1(x) + f(x)`` (``kind="projection"``: one layer against
-  two) are both residual connections; so are DenseNet-style ``cat([x, f(x)])`` and gates
-  ``x * g(x)`` (squeeze-excitation);
-- attention (``softmax(q kᵀ) v``) merges q, k and v, each one projection away from the block
-  input: plain; so is a gated unit ``act(W₁x) * W₃x`` and the PNNH block in its plain form
-  ``[Aᵀ, -Aᵀ, D] relu([A; -A; E] x)`` (two layers on every path);
+- an identity shortcut ``x + f(x)`` and a projection shortcut ``conv1x1(x) + f(x)`` (one layer
+  against two) are residual connections; so is DenseNet-style ``cat([x, f(x)])`` (kind
+  identity/projection: concatenation carries ``x`` unchanged beside ``f(x)``, as a sum does,
+  and is reported once per (merge, fork), so a dense block lists every earlier layer it
+  concatenates);
+- squeeze-excitation ``x * sigmoid(W₂ relu(W₁ pool(x)))`` (MobileNetV3's ``hardsigmoid``,
+  EfficientNet) is a gate, 0 layers against 2; so is a GLU-style ``act(W₁x) * W₃x`` only when
+  its sides differ in depth — with one layer on each side it is plain, as attention
+  (``softmax(q kᵀ) v``: q, k and v each one projection away from the block input) and the PNNH
+  block in its plain form ``[Aᵀ, -Aᵀ, D] relu([A; -A; E] x)`` (two layers on every path) are;
+- normalizations written out are plain: RMSNorm's ``x * rsqrt(mean(x²))`` merges two paths
+  with no weight layer on either, and ``weight * x`` has one input that carries data;
 - the PNNH training form ``AᵀA x + D relu(E x)`` (the exact reparametrization ``AᵀA = I`` of
   the plain form) has a one-layer path beside a two-layer one and is reported: it is the
   plain network's arithmetic, not a plain network;
 - only data flow counts: shapes (``x.shape[0]``), ``zeros_like(x)`` and the ``other`` of
-  ``y.view_as(other)`` carry no values, and nodes whose value holds no tensor end a path.
+  ``y.view_as(other)`` carry no values, and nodes whose value holds no tensor end a path;
+- the data flow is the *signal*: float inputs, weight layers applied to what depends on the
+  input without being signal (an embedding of token ids), and every float tensor computed
+  from the signal. Integer and boolean tensors (token ids, attention masks, positions) are
+  not signal, and neither is a float tensor computed from them by no weight layer (the
+  additive mask ``(1 - mask) * -inf`` a transformer adds to its scores in every layer): to
+  the signal they are constants, like parameters. (So an input turned to float inside the
+  forward, ``ids.float()``, starts the signal at its first weight layer.)
 
-A sub-module that ``torch.fx`` cannot trace (Python control flow on its input) is kept as a
-single op and reported with ``kind="unverified"``: the checker could not see into it, so the
-model is not proven plain. ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` (whose
-fast-path checks do not trace) are traced through their reference (slow-path) computation,
-the same function. ``nn.MultiheadAttention`` is one weight layer.
+Capture (:func:`pnnh.capture.capture`): torch.fx first. A sub-module fx cannot trace, or a
+model whose root it cannot trace (``range(x.shape[0])``, ``len(x)``, every Hugging Face
+model), is captured again with ``torch.export`` (non-strict), which sees through Python control
+flow on shapes, and the same rules run on its ATen graph (``aten.linear``/``convolution``/
+``matmul``/``embedding``/... with a constant operand are weight layers, ``aten.relu``/
+``gelu``/``silu``/``_softmax``/``scaled_dot_product_attention``/... non-linearities,
+``aten.layer_norm``/``batch_norm``/... neither; parameters and buffers are ``get_attr``
+nodes, so constant). Every :class:`Skip` says which capture saw it (``capture="fx"`` or
+``"export"``). What neither capture sees (control flow on tensor *values*: ``if x.sum() > 0``)
+is reported with ``kind="unverified"``: a sub-module fx kept as one op when torch.export
+fails on the whole model, or the whole model (``block="(model)"``, ``capture="none"``) when
+neither sees it at all; the model is then not proven plain. ``nn.TransformerEncoder`` /
+``nn.TransformerEncoderLayer`` (whose fast-path checks do not trace) are traced by fx through
+their reference (slow-path) computation, the same function. ``nn.MultiheadAttention`` is one
+weight layer to fx.
 
 Each connection is attributed to the *block* (see :func:`find_blocks`) in which its merge
 happens; a merge outside every block names the blocks its long path crosses.

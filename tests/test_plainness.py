@@ -13,7 +13,14 @@ import pnnh
 from pnnh.errors import ConfigError
 from pnnh.export import to_plain
 from pnnh.models import model_info
-from pnnh.plainness import NotPlainError, assert_plain, block_names, find_skips
+from pnnh.plainness import (
+    NotPlainError,
+    assert_plain,
+    block_names,
+    check_plainness,
+    count_skips,
+    find_skips,
+)
 
 # --------------------------------------------------------------------------- the checker
 
@@ -312,3 +319,187 @@ def test_a_block_called_twice_is_checked_at_both_calls():
     skips = find_skips(Twice(), X)
     assert [s.block for s in skips] == ["blocks.1", "blocks.1"]
     assert skips[0].source == "x" and skips[1].source != "x"
+
+
+# --------------------------------------------------------------------------- gates
+
+
+class SqueezeExcite(PlainBlock):
+    """x * sigmoid(W2 relu(W1 pool(x))): the input is carried and scaled (SE / MobileNetV3)."""
+
+    def forward(self, x):
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(0, keepdim=True)))))
+        return x * s
+
+
+class SEResidual(PlainBlock):
+    """A residual block with an SE gate inside: one addition, one product."""
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = h * F.hardsigmoid(self.fc2(h.mean(0, keepdim=True)))
+        return x + h
+
+
+class RMSNormBlock(PlainBlock):
+    """Llama's RMSNorm written out (x * rsqrt(mean(x²)), then weight * x), then a layer."""
+
+    def __init__(self, d=6):
+        super().__init__(d)
+        self.w = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return torch.relu(self.fc1(self.w * h))
+
+
+def test_gates_are_their_own_kind_and_not_counted_as_residual():
+    skips = find_skips(Chain(SqueezeExcite(), SEResidual(), PlainBlock()), X)
+    assert [(s.block, s.kind, s.layers) for s in skips] == [
+        ("blocks.0", "gate", (0, 2)), ("blocks.1", "gate", (0, 1)),
+        ("blocks.1", "identity", (0, 2))]
+    assert count_skips(skips) == {"residual": 1, "gate": 2, "unverified": 0}
+    assert [s.residual for s in skips] == [False, False, True]
+    assert "gate, 0 vs 2 layers" in str(skips[0])
+    with pytest.raises(NotPlainError, match=r"1 residual connection\(s\), 2 gate\(s\)"):
+        assert_plain(Chain(SqueezeExcite(), SEResidual()), X)
+
+
+def test_glu_of_equal_depth_and_a_written_out_rmsnorm_are_plain():
+    class Glu(PlainBlock):  # silu(W1 x) * W2 x (Llama's MLP): one layer on each side
+        def forward(self, x):
+            return F.silu(self.fc1(x)) * self.fc2(x)
+
+    class DeepGlu(PlainBlock):  # relu(W2 relu(W1 x)) * x: the sides differ: a gate
+        def forward(self, x):
+            return torch.relu(self.fc2(torch.relu(self.fc1(x)))) * x
+
+    for capture in ("fx", "export"):
+        assert find_skips(Chain(Glu(), RMSNormBlock(), Glu()), X, capture=capture) == []
+        (gate,) = find_skips(Chain(Glu(), DeepGlu()), X, capture=capture)
+        assert (gate.block, gate.kind, gate.layers, gate.capture) == (
+            "blocks.1", "gate", (0, 2), capture)
+
+
+# --------------------------------------------------------------------------- torch.export
+
+
+class LoopOverBatch(AddSkip):
+    """A residual block fx cannot trace (``range`` of a traced shape); torch.export can."""
+
+    def forward(self, x):
+        rows = [x[i] for i in range(x.shape[0])]
+        return torch.stack(rows) + self.fc2(torch.relu(self.fc1(x)))
+
+
+class DictOut(nn.Module):
+    """A model fx cannot trace at the root (``len(x)``) returning a dict with a non-tensor
+    (a cache object), as Hugging Face models return a ``ModelOutput``."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(AddSkip(), PlainBlock(), NormSkip())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        assert len(x) > 0
+        return {"logits": self.head(self.blocks(x)), "cache": object(), "n": len(x)}
+
+
+def test_a_model_fx_cannot_trace_is_captured_with_torch_export():
+    report = check_plainness(DictOut(), X)
+    assert report.capture == "export" and "torch.fx" in report.note
+    assert [(s.block, s.kind, s.layers, s.capture) for s in report.skips] == [
+        ("blocks.0", "identity", (0, 2), "export"), ("blocks.2", "identity", (0, 2), "export")]
+    assert report.skips[0].source == "x" and report.skips[0].shape == (4, 6)
+    assert "blocks.2.ln (LayerNorm): layer_norm" not in str(report.skips[1])  # labels: path: node
+    assert report.skips[1].path == ("blocks.2.ln: layer_norm",)
+    assert report.summary() == "2 residual connection(s) [torch.export]"
+
+
+def test_an_untraceable_block_is_seen_by_torch_export_not_left_unverified():
+    model = Chain(PlainBlock(), LoopOverBatch(), PlainBlock())
+    report = check_plainness(model, X)  # fx leaves blocks.1 opaque; export sees it all
+    assert report.capture == "export" and "blocks.1" in report.note
+    assert [(s.block, s.kind) for s in report.skips] == [("blocks.1", "identity")]
+    with pytest.warns(UserWarning, match="blocks.1"):
+        fx_only = find_skips(model, X, capture="fx")
+    assert [(s.block, s.kind, s.capture) for s in fx_only] == [("blocks.1", "unverified", "fx")]
+
+
+def test_a_model_no_capture_can_see_is_unverified():
+    class ValueBranch(PlainBlock):
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on values: neither fx nor torch.export
+                return self.fc1(x)
+            return self.fc2(x)
+
+    with pytest.warns(UserWarning, match="ValueBranch reported as unverified"):
+        report = check_plainness(ValueBranch(), X)
+    (skip,) = report.skips
+    assert (skip.block, skip.kind, skip.capture, report.capture) == (
+        "(model)", "unverified", "none", "none")
+    assert "torch.fx" in report.note and "torch.export" in report.note
+    assert "neither torch.fx nor torch.export" in str(skip)
+    with pytest.warns(UserWarning), pytest.raises(NotPlainError, match="1 unverified"):
+        assert_plain(ValueBranch(), X)
+    with pytest.raises(ValueError, match="capture method"):
+        find_skips(PlainBlock(), X, capture="jit")
+
+
+class TokenModel(nn.Module):
+    """Token ids -> embedding -> two pre-norm attention blocks with a mask computed from the
+    ids (padding) -> logits: integer tensors carry no residual signal, so the mask is no skip."""
+
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Attention(d) for _ in range(2))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        mask = (ids == 0)[:, None, :].float() * -1e9
+        for layer in self.layers:
+            h = layer(h, mask)
+        return self.head(h[:, 0])
+
+
+class Attention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.q, self.k, self.v, self.o = (nn.LayerNorm(d), nn.Linear(d, d),
+                                                     nn.Linear(d, d), nn.Linear(d, d),
+                                                     nn.Linear(d, d))
+
+    def forward(self, x, mask):
+        h = self.norm(x)
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 8 ** 0.5 + mask, -1)
+        return x + self.o(a @ self.v(h))
+
+
+def test_token_inputs_and_masks_from_them_are_not_skips():
+    ids = torch.randint(0, 11, (2, 5))
+    for capture in ("fx", "export"):
+        skips = find_skips(TokenModel(), ids, capture=capture)
+        assert [(s.block, s.kind, s.layers) for s in skips] == [
+            ("layers.0", "identity", (0, 2)), ("layers.1", "identity", (0, 2))], capture
+        assert skips[0].source == ("emb" if capture == "fx" else "embedding")
+        assert find_skips(TokenModel(), {"ids": ids}, capture=capture) == skips  # keywords
+
+
+@pytest.mark.filterwarnings("ignore:plainness")
+@pytest.mark.parametrize("name", ["resnet_mlp", "pnnh_mlp", "plain_cnn1d", "vit_tiny",
+                                  "procrustes_resnet_mlp"])
+def test_fx_and_torch_export_agree_on_registered_models(name):
+    model, x = _small(name)
+    by_fx = check_plainness(model, x, capture="fx")
+    by_export = check_plainness(model, x, capture="export")
+    assert by_export.capture == "export"
+    seen = [(s.block, s.kind, s.layers) for s in by_export.skips]
+    if by_fx.counts["unverified"]:  # fx could not see in (Procrustes' SVD); export does
+        assert by_export.counts["unverified"] == 0 and by_export.counts["residual"] > 0
+        assert {(s.block, s.kind, s.layers) for s in by_fx.skips if s.kind != "unverified"} \
+            <= set(seen)
+    else:
+        assert [(s.block, s.kind, s.layers) for s in by_fx.skips] == seen

@@ -1,4 +1,5 @@
-"""Proof of plainness: find residual connections in a model by tracing it with ``torch.fx``.
+"""Proof of plainness: find residual connections and gates in a model's captured graph
+(``torch.fx``, or ``torch.export`` where fx cannot trace: :mod:`pnnh.capture`).
 
 A network is *plain* when it is one straight chain of layers: every tensor that two branches
 combine has crossed the same number of weight layers on both since they forked. Formally,
@@ -27,26 +28,54 @@ parameter, or a tensor computed from parameters only, such as the PNNH coder's `
 Normalization modules (BatchNorm, LayerNorm, GroupNorm, ...) are per-channel affine maps and
 are *not* weight layers: ``x + BN(f(x))`` and ``LN(x) + f(x)`` are both skips.
 
+The merge's op says what kind of connection it is: an additive merge (``add``, ``sub``,
+``cat``, ...) is a **residual connection**, ``kind="identity"`` (no weight layer on the short
+side) or ``"projection"`` (weight layers on both sides); a multiplicative merge (``mul``,
+``div``) is a **gate**, ``kind="gate"``. Both make a model not plain; :func:`count_skips`
+and :attr:`PlainnessReport.counts` count them apart (``residual`` = identity + projection).
+
 Consequences, stated plainly:
 
-- an identity shortcut ``x + f(x)`` (``kind="identity"``: no weight layer on the short side)
-  and a projection shortcut ``conv1x1(x) + f(x)`` (``kind="projection"``: one layer against
-  two) are both residual connections; so are DenseNet-style ``cat([x, f(x)])`` and gates
-  ``x * g(x)`` (squeeze-excitation);
-- attention (``softmax(q kᵀ) v``) merges q, k and v, each one projection away from the block
-  input: plain; so is a gated unit ``act(W₁x) * W₃x`` and the PNNH block in its plain form
-  ``[Aᵀ, -Aᵀ, D] relu([A; -A; E] x)`` (two layers on every path);
+- an identity shortcut ``x + f(x)`` and a projection shortcut ``conv1x1(x) + f(x)`` (one layer
+  against two) are residual connections; so is DenseNet-style ``cat([x, f(x)])`` (kind
+  identity/projection: concatenation carries ``x`` unchanged beside ``f(x)``, as a sum does,
+  and is reported once per (merge, fork), so a dense block lists every earlier layer it
+  concatenates);
+- squeeze-excitation ``x * sigmoid(W₂ relu(W₁ pool(x)))`` (MobileNetV3's ``hardsigmoid``,
+  EfficientNet) is a gate, 0 layers against 2; so is a GLU-style ``act(W₁x) * W₃x`` only when
+  its sides differ in depth — with one layer on each side it is plain, as attention
+  (``softmax(q kᵀ) v``: q, k and v each one projection away from the block input) and the PNNH
+  block in its plain form ``[Aᵀ, -Aᵀ, D] relu([A; -A; E] x)`` (two layers on every path) are;
+- normalizations written out are plain: RMSNorm's ``x * rsqrt(mean(x²))`` merges two paths
+  with no weight layer on either, and ``weight * x`` has one input that carries data;
 - the PNNH training form ``AᵀA x + D relu(E x)`` (the exact reparametrization ``AᵀA = I`` of
   the plain form) has a one-layer path beside a two-layer one and is reported: it is the
   plain network's arithmetic, not a plain network;
 - only data flow counts: shapes (``x.shape[0]``), ``zeros_like(x)`` and the ``other`` of
-  ``y.view_as(other)`` carry no values, and nodes whose value holds no tensor end a path.
+  ``y.view_as(other)`` carry no values, and nodes whose value holds no tensor end a path;
+- the data flow is the *signal*: float inputs, weight layers applied to what depends on the
+  input without being signal (an embedding of token ids), and every float tensor computed
+  from the signal. Integer and boolean tensors (token ids, attention masks, positions) are
+  not signal, and neither is a float tensor computed from them by no weight layer (the
+  additive mask ``(1 - mask) * -inf`` a transformer adds to its scores in every layer): to
+  the signal they are constants, like parameters. (So an input turned to float inside the
+  forward, ``ids.float()``, starts the signal at its first weight layer.)
 
-A sub-module that ``torch.fx`` cannot trace (Python control flow on its input) is kept as a
-single op and reported with ``kind="unverified"``: the checker could not see into it, so the
-model is not proven plain. ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` (whose
-fast-path checks do not trace) are traced through their reference (slow-path) computation,
-the same function. ``nn.MultiheadAttention`` is one weight layer.
+Capture (:func:`pnnh.capture.capture`): torch.fx first. A sub-module fx cannot trace, or a
+model whose root it cannot trace (``range(x.shape[0])``, ``len(x)``, every Hugging Face
+model), is captured again with ``torch.export`` (non-strict), which sees through Python control
+flow on shapes, and the same rules run on its ATen graph (``aten.linear``/``convolution``/
+``matmul``/``embedding``/... with a constant operand are weight layers, ``aten.relu``/
+``gelu``/``silu``/``_softmax``/``scaled_dot_product_attention``/... non-linearities,
+``aten.layer_norm``/``batch_norm``/... neither; parameters and buffers are ``get_attr``
+nodes, so constant). Every :class:`Skip` says which capture saw it (``capture="fx"`` or
+``"export"``). What neither capture sees (control flow on tensor *values*: ``if x.sum() > 0``)
+is reported with ``kind="unverified"``: a sub-module fx kept as one op when torch.export
+fails on the whole model, or the whole model (``block="(model)"``, ``capture="none"``) when
+neither sees it at all; the model is then not proven plain. ``nn.TransformerEncoder`` /
+``nn.TransformerEncoderLayer`` (whose fast-path checks do not trace) are traced by fx through
+their reference (slow-path) computation, the same function. ``nn.MultiheadAttention`` is one
+weight layer to fx.
 
 Each connection is attributed to the *block* (see :func:`find_blocks`) in which its merge
 happens; a merge outside every block names the blocks its long path crosses.
@@ -83,20 +112,28 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from pnnh.capture import Capture, CaptureError, aten_name
+from pnnh.capture import capture as capture_graph
 from pnnh.errors import ConfigError
 
-__all__ = ["Skip", "find_skips", "assert_plain", "block_names", "NotPlainError"]
+__all__ = ["Skip", "find_skips", "check_plainness", "PlainnessReport", "assert_plain",
+           "block_names", "count_skips", "NotPlainError", "RESIDUAL_KINDS"]
 
 
 @dataclass(frozen=True)
 class Skip:
-    """One residual connection: ``source`` reaches the merge ``sink`` along two paths that
-    cross different numbers of weight layers (``layers``: the counts, short side first).
+    """One connection that makes a model not plain: ``source`` reaches the merge ``sink`` along
+    two paths that cross different numbers of weight layers (``layers``: the counts, short
+    side first).
 
-    ``source`` and ``sink`` are ``torch.fx`` node names; ``path`` lists the ops of the short
-    side (e.g. ``['downsample.0 (Conv2d)', 'downsample.1 (BatchNorm2d)']``); ``kind`` is
-    ``"identity"`` (no weight layer on the short side), ``"projection"`` (weight layers on
-    both sides) or ``"unverified"`` (``block`` could not be traced; ``source``/``sink`` empty).
+    ``source`` and ``sink`` are graph node names; ``path`` lists the ops of the short side
+    (e.g. ``['downsample.0 (Conv2d)', 'downsample.1 (BatchNorm2d)']``); ``kind`` is
+    ``"identity"`` (an additive merge, ``add``/``cat``/..., with no weight layer on the short
+    side), ``"projection"`` (additive, weight layers on both sides), ``"gate"`` (a
+    multiplicative merge, ``x * g(x)`` or ``x / g(x)``: squeeze-excitation, a GLU whose two
+    sides differ in depth) or ``"unverified"`` (``block`` could not be captured;
+    ``source``/``sink`` empty). ``capture`` is the graph capture that saw it: ``"fx"``,
+    ``"export"`` (``torch.export``, where fx could not trace the model) or ``"none"``.
     """
 
     block: str
@@ -106,14 +143,35 @@ class Skip:
     shape: tuple[int, ...] | None = None
     kind: str = "identity"
     layers: tuple[int, int] | None = None
+    capture: str = "fx"
+
+    @property
+    def residual(self) -> bool:
+        """An additive residual connection (``identity`` or ``projection``)."""
+        return self.kind in RESIDUAL_KINDS
 
     def __str__(self) -> str:
         if self.kind == "unverified":
-            return f"{self.block}: unverified (torch.fx cannot trace it)"
+            seen = ("torch.fx cannot trace it" if self.capture == "fx"
+                    else "neither torch.fx nor torch.export can capture it")
+            return f"{self.block}: unverified ({seen})"
         via = " -> ".join(self.path) if self.path else "(directly)"
         shape = f" {list(self.shape)}" if self.shape is not None else ""
         counts = f", {self.layers[0]} vs {self.layers[1]} layers" if self.layers else ""
-        return f"{self.block}: {self.source}{shape} -> {via} -> {self.sink} ({self.kind}{counts})"
+        how = "" if self.capture == "fx" else f"; {self.capture}"
+        return (f"{self.block}: {self.source}{shape} -> {via} -> {self.sink} "
+                f"({self.kind}{counts}{how})")
+
+
+RESIDUAL_KINDS = ("identity", "projection")
+
+
+def count_skips(skips: list[Skip]) -> dict[str, int]:
+    """``{"residual": n, "gate": n, "unverified": n}``: additive residual connections
+    (identity + projection), multiplicative gates, and parts no capture could see."""
+    return {"residual": sum(s.residual for s in skips),
+            "gate": sum(s.kind == "gate" for s in skips),
+            "unverified": sum(s.kind == "unverified" for s in skips)}
 
 
 class NotPlainError(AssertionError):
@@ -170,61 +228,32 @@ _NONLINEAR_FUNCTIONS = {
     torch.clamp_min,
 }
 _NONLINEAR_METHODS = {"relu", "sigmoid", "tanh", "softmax", "log_softmax", "clamp", "clamp_min"}
-
-
-def _encoder_layer_forward(m: nn.TransformerEncoderLayer, src, src_mask=None,
-                           src_key_padding_mask=None, is_causal=False):
-    """``nn.TransformerEncoderLayer``'s reference computation (its forward's slow path)."""
-    x = src
-    if m.norm_first:
-        x = x + m._sa_block(m.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
-        return x + m._ff_block(m.norm2(x))
-    x = m.norm1(x + m._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
-    return m.norm2(x + m._ff_block(x))
-
-
-def _encoder_forward(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None,
-                     is_causal=None):
-    """``nn.TransformerEncoder``'s reference computation: its layers in turn, then ``norm``."""
-    out = src
-    for layer in m.layers:
-        out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask)
-    return m.norm(out) if m.norm is not None else out
-
-
-_TRACE_FORWARDS = {nn.TransformerEncoderLayer: _encoder_layer_forward,
-                   nn.TransformerEncoder: _encoder_forward}
-
-
-class _Tracer(fx.Tracer):
-    """torch.nn modules are leaves only when they have no sub-modules (containers and composite
-    torch.nn modules such as ``TransformerEncoderLayer`` are traced through, so their skips show);
-    ``MultiheadAttention`` and parametrized modules stay leaves. Parameter shapes are constants
-    (``param_shapes_constant``), so ``if self.weight.dim() == 2`` traces."""
-
-    def __init__(self, opaque: set[str] = frozenset()) -> None:
-        super().__init__(param_shapes_constant=True)
-        self.opaque = set(opaque)
-        self.calls: list[str] = []  # module stack; left as is when a trace fails
-
-    def call_module(self, m, forward, args, kwargs):
-        self.calls.append(self.path_of_module(m))
-        reference = _TRACE_FORWARDS.get(type(m))
-        if reference is not None and self.calls[-1] not in self.opaque:
-            def forward(*a, _m=m, _f=reference, **k):
-                return _f(_m, *a, **k)
-        out = super().call_module(m, forward, args, kwargs)
-        self.calls.pop()
-        return out
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.opaque:
-            return True
-        if not super().is_leaf_module(m, qualname):
-            return False
-        if isinstance(m, nn.MultiheadAttention):
-            return True
-        return all(name == "parametrizations" for name, _ in m.named_children())
+# Multiplicative merges: two branches combined this way are a gate, not a residual sum.
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, operator.truediv, operator.itruediv,
+                      torch.mul, torch.div, torch.multiply, torch.true_divide}
+_PRODUCT_METHODS = {"mul", "mul_", "div", "div_", "multiply", "true_divide", "__mul__",
+                    "__rmul__", "__truediv__"}
+# The same notions for torch.export's ATen graphs, by op name (pnnh.capture.aten_name).
+_ATEN_MIXING = {
+    "linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "addbmm", "addmv", "mv", "einsum",
+    "tensordot", "bilinear", "convolution", "_convolution", "conv1d", "conv2d", "conv3d",
+    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "embedding", "embedding_bag",
+}
+_ATEN_NONLINEAR = {
+    "relu", "relu6", "leaky_relu", "prelu", "_prelu_kernel", "rrelu", "rrelu_with_noise", "elu",
+    "selu", "celu", "gelu", "silu", "mish", "sigmoid", "log_sigmoid", "tanh", "hardtanh",
+    "hardswish", "hardsigmoid", "softplus", "_softmax", "softmax", "_log_softmax",
+    "log_softmax", "glu", "clamp", "clamp_min", "clamp_max", "threshold",
+    "scaled_dot_product_attention", "_scaled_dot_product_attention_math",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+}
+_ATEN_VALUELESS = {
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+    "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "sym_size", "sym_numel",
+    "sym_stride", "size", "_assert_tensor_metadata",
+}
+_ATEN_PRODUCT = {"mul", "div"}
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -325,13 +354,16 @@ def block_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _has_tensor(value) -> bool:
+def _has_signal(value) -> bool:
+    """Whether ``value`` holds a floating-point (or complex) tensor: activations. Integer and
+    boolean tensors (token ids, masks, indices) carry no residual signal: an embedding of
+    token ids starts the data flow, and a mask computed from the ids is a constant to it."""
     if isinstance(value, torch.Tensor):
-        return True
+        return value.is_floating_point() or value.is_complex()
     if isinstance(value, (list, tuple)):
-        return any(_has_tensor(v) for v in value)
+        return any(_has_signal(v) for v in value)
     if isinstance(value, dict):
-        return any(_has_tensor(v) for v in value.values())
+        return any(_has_signal(v) for v in value.values())
     return False
 
 
@@ -339,13 +371,23 @@ def _carriers(node: fx.Node) -> list[fx.Node]:
     """Input nodes of ``node`` whose *values* flow into its output."""
     if node.op == "call_function" and node.target in _VALUELESS_FUNCTIONS:
         return []
+    aten = aten_name(node)
+    if aten in _ATEN_VALUELESS:
+        return []
     if node.op == "call_method":
         if node.target in _VALUELESS_METHODS:
             return []
-        if node.target.endswith("_as") or node.target in ("to", "type"):
-            first = node.args[0] if node.args else None
-            return [first] if isinstance(first, fx.Node) else []
+    if (node.op == "call_method" and (node.target.endswith("_as") or node.target in ("to", "type"))
+            or aten is not None and aten.endswith("_as")):
+        first = node.args[0] if node.args else None
+        return [first] if isinstance(first, fx.Node) else []
     return list(node.all_input_nodes)
+
+
+def _module_path(node: fx.Node) -> str:
+    """The innermost module whose call produced ``node`` (``""``: the model itself)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    return stack[-1][0] if stack else ""
 
 
 def _op_label(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -355,35 +397,14 @@ def _op_label(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return f".{node.target}()"
     if node.op == "output":
         return "output"
+    aten = aten_name(node)
+    if aten is not None:  # torch.export: the ATen op, in the module that called it
+        return f"{_module_path(node) or '(model)'}: {node.name}"
     return node.name
 
 
-def _trace(model: nn.Module) -> tuple[fx.Graph, fx.GraphModule, set[str]]:
-    """Trace ``model``; a sub-module that cannot be traced (Python control flow on its input)
-    becomes an opaque leaf, returned in the third item (and warned about)."""
-    opaque: set[str] = set()
-    while True:
-        tracer = _Tracer(opaque)
-        try:
-            graph = tracer.trace(model)
-            break
-        except Exception as e:
-            inner = tracer.calls[-1] if tracer.calls else ""
-            if not inner or inner in opaque:
-                raise TypeError(
-                    f"cannot trace {type(model).__name__} with torch.fx: {e}"
-                ) from e
-            opaque.add(inner)
-    if opaque:
-        warnings.warn(
-            "plainness: not traceable, reported as unverified: " + ", ".join(sorted(opaque)),
-            stacklevel=3,
-        )
-    return graph, fx.GraphModule(tracer.root, graph), opaque
-
-
 def _record_values(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> dict:
-    """Run the traced graph once (eval mode, no grad; the mode is restored): node -> value."""
+    """Run the captured graph once (eval mode, no grad; the mode is restored): node -> value."""
     values: dict[fx.Node, object] = {}
 
     class _Recorder(fx.Interpreter):
@@ -403,31 +424,43 @@ def _record_values(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> dict:
 
 
 class _Graph:
-    """The data-flow view of a traced model: live nodes, their carriers and weight layers."""
+    """The data-flow view of a captured model (an fx trace, or torch.export's ATen graph):
+    live nodes, their carriers, weight layers, non-linearities and products."""
 
     def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], values: dict):
         self.nodes = list(graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.modules = modules
         self.values = values
-        tensor_nodes = {n for n, v in values.items() if _has_tensor(v)}
-        # Nodes that depend on the input; the others are constants (parameters and what is
-        # computed from them only, e.g. a coder's [A; -A]).
+        signal_nodes = {n for n, v in values.items() if _has_signal(v)}
+        # Nodes that depend on the input; the others are constants (parameters, buffers and
+        # what is computed from them only, e.g. a coder's [A; -A]; in an exported graph these
+        # are get_attr nodes, and the placeholders are the user's inputs).
         self.dependent: set[fx.Node] = set()
         for n in self.nodes:
             if n.op == "placeholder" or any(a in self.dependent for a in _carriers(n)):
                 self.dependent.add(n)
-        self.live = self.dependent & tensor_nodes
+        self.layer = {n: int(self._is_weight_layer(n)) for n in self.nodes}
+        # The signal: float inputs, and weight layers applied to what depends on the input
+        # without being signal (an embedding of token ids); then every float tensor computed
+        # from the signal. A float tensor that depends on the input only through integer or
+        # boolean tensors and no weight layer (a mask, positions from the ids) is side
+        # information, a constant to the signal.
+        self.live: set[fx.Node] = set()
+        for n in self.nodes:
+            if n in self.dependent and n in signal_nodes and (
+                    n.op == "placeholder" or self.layer[n]
+                    or any(a in self.live for a in _carriers(n))):
+                self.live.add(n)
         self.inputs = {n: list(dict.fromkeys(a for a in _carriers(n) if a in self.live))
                        for n in self.nodes}
-        self.layer = {n: int(self._is_weight_layer(n)) for n in self.nodes}
         self.nonlinear = {n: int(self._is_nonlinear(n)) for n in self.nodes}
 
     def _is_nonlinear(self, n: fx.Node) -> bool:
         if n.op == "call_module":
             return isinstance(self.modules[n.target], _NONLINEAR_MODULES)
         if n.op == "call_function":
-            return n.target in _NONLINEAR_FUNCTIONS
+            return n.target in _NONLINEAR_FUNCTIONS or aten_name(n) in _ATEN_NONLINEAR
         return n.op == "call_method" and n.target in _NONLINEAR_METHODS
 
     def _is_weight_layer(self, n: fx.Node) -> bool:
@@ -436,11 +469,18 @@ class _Graph:
             has_state = any(True for _ in m.parameters()) or any(True for _ in m.buffers())
             return has_state and not isinstance(m, _NORMS)
         has_const = any(a not in self.dependent for a in n.all_input_nodes)
-        if n.op == "call_function" and n.target in _MIXING_FUNCTIONS:
+        if n.op == "call_function" and (n.target in _MIXING_FUNCTIONS
+                                        or aten_name(n) in _ATEN_MIXING):
             return has_const
         if n.op == "call_method" and n.target in _MIXING_METHODS:
             return has_const
         return False
+
+    def is_product(self, n: fx.Node) -> bool:
+        """A multiplicative merge (``x * g``, ``x / g``): where two branches meet it is a gate."""
+        if n.op == "call_function":
+            return n.target in _PRODUCT_FUNCTIONS or aten_name(n) in _ATEN_PRODUCT
+        return n.op == "call_method" and n.target in _PRODUCT_METHODS
 
     def layer_counts(self, target: fx.Node, weight: dict | None = None) -> dict[fx.Node, frozenset[int]]:
         """For every live ancestor ``s`` of ``target`` (and ``target`` itself): the weight-layer
@@ -518,8 +558,8 @@ def _attribute(g: _Graph, merge: fx.Node, long_path: list[fx.Node], units: list[
     return crossed[0] if crossed else "(model)"
 
 
-def _merge_skips(g: _Graph, merge: fx.Node, units: list[str]) -> list[Skip]:
-    """Every residual connection closing at ``merge`` (one per distinct fork)."""
+def _merge_skips(g: _Graph, merge: fx.Node, units: list[str], how: str) -> list[Skip]:
+    """Every residual connection or gate closing at ``merge`` (one per distinct fork)."""
     ins = g.inputs[merge]
     counts = {i: (g.layer_counts(i), g.layer_counts(i, g.nonlinear)) for i in ins}
     found: dict[fx.Node, Skip] = {}
@@ -533,40 +573,92 @@ def _merge_skips(g: _Graph, merge: fx.Node, units: list[str]) -> list[Skip]:
             path = [] if src is short_in else g.short_path(src, short_in, ls, g.layer) + [short_in]
             long_path = g.short_path(src, long_in, ll, g.layer) + [long_in]
             v = g.values.get(src)
+            kind = "gate" if g.is_product(merge) else "identity" if ls == 0 else "projection"
             found[src] = Skip(
                 _attribute(g, merge, long_path, units), src.name, _op_label(merge, g.modules),
                 tuple(_op_label(n, g.modules) for n in path),
-                tuple(v.shape) if isinstance(v, torch.Tensor) else None,
-                "identity" if ls == 0 else "projection", (ls, ll),
+                tuple(v.shape) if isinstance(v, torch.Tensor) else None, kind, (ls, ll), how,
             )
     return list(found.values())
 
 
-def find_skips(model: nn.Module, example_input) -> list[Skip]:
-    """Trace ``model`` with ``torch.fx`` and return every residual connection, one per
-    (merge, fork), in execution order, then every sub-module that could not be traced
-    (``kind="unverified"``). An empty list means the model is proven plain.
+@dataclass(frozen=True)
+class PlainnessReport:
+    """What :func:`check_plainness` found: ``skips`` (see :func:`find_skips`), the capture
+    that produced the graph (``"fx"``, ``"export"`` or ``"none"``) and ``note``, why an
+    earlier capture was not used (empty when torch.fx saw the whole model)."""
 
-    ``example_input`` is a batch (a tensor, or a tuple of tensors for several inputs); the model
-    is run once on it, in eval mode and without gradients (its mode is restored), to tell tensor
-    values from shapes.
+    skips: tuple[Skip, ...]
+    capture: str
+    note: str = ""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """:func:`count_skips` of ``skips``: residual connections, gates, unverified parts."""
+        return count_skips(list(self.skips))
+
+    @property
+    def plain(self) -> bool:
+        return not self.skips
+
+    def summary(self) -> str:
+        """One line: ``"2 residual connection(s), 1 gate(s) [torch.export]"`` or ``"plain [...]"``."""
+        c = self.counts
+        parts = [f"{c['residual']} residual connection(s)"] if c["residual"] else []
+        parts += [f"{c['gate']} gate(s)"] if c["gate"] else []
+        parts += [f"{c['unverified']} unverified"] if c["unverified"] else []
+        how = {"fx": "torch.fx", "export": "torch.export", "none": "no capture"}[self.capture]
+        return f"{', '.join(parts) or 'plain'} [{how}]"
+
+
+def check_plainness(model: nn.Module, example_input, capture: str = "auto") -> PlainnessReport:
+    """Capture ``model``'s graph (:func:`pnnh.capture.capture`: torch.fx, else torch.export)
+    and list every residual connection and gate in it, one per (merge, fork), in execution
+    order, then every part no capture could see (``kind="unverified"``). No skip means the
+    model is proven plain.
+
+    ``example_input`` is a batch: a tensor, a tuple of positional inputs, or a dict of keyword
+    inputs (``{"input_ids": ids, "attention_mask": mask}``); integer token ids are fine. The
+    model is run once on it, in eval mode and without gradients (its mode is restored), to
+    tell tensor values from shapes. The forward may return a tensor, a tuple, a dict or a
+    Hugging Face ``ModelOutput``. ``capture="fx"`` or ``"export"`` uses
+    that capture only (``"auto"``: torch.fx, and torch.export where fx cannot see everything).
     """
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    graph, gm, opaque = _trace(model)
-    g = _Graph(graph, dict(gm.named_modules()), _record_values(gm, model, inputs))
+    inputs = example_input if isinstance(example_input, (tuple, dict)) else (example_input,)
+    try:
+        cap: Capture = capture_graph(model, inputs, capture)
+    except CaptureError as e:
+        warnings.warn(f"plainness: {type(model).__name__} reported as unverified: {e}",
+                      stacklevel=3)
+        return PlainnessReport((Skip("(model)", "", "", (), kind="unverified",
+                                     capture="none"),), "none", str(e))
+    if cap.opaque:
+        warnings.warn("plainness: not traceable, reported as unverified: "
+                      + ", ".join(cap.opaque) + f" ({cap.note})", stacklevel=3)
+    g = _Graph(cap.gm.graph, dict(cap.gm.named_modules()), _record_values(cap.gm, model, cap.args))
     units = block_names(model)
     skips: list[Skip] = []
     for n in g.nodes:
         if n.op != "output" and n in g.live and len(g.inputs[n]) >= 2:
-            skips += _merge_skips(g, n, units)
-    skips += [Skip(name, "", "", (), kind="unverified") for name in sorted(opaque)]
-    return skips
+            skips += _merge_skips(g, n, units, cap.method)
+    skips += [Skip(name, "", "", (), kind="unverified", capture=cap.method)
+              for name in cap.opaque]
+    return PlainnessReport(tuple(skips), cap.method, cap.note)
+
+
+def find_skips(model: nn.Module, example_input, capture: str = "auto") -> list[Skip]:
+    """Every residual connection (``kind`` ``identity``/``projection``) and gate (``gate``) in
+    ``model``, then every part that could not be captured (``unverified``); an empty list means
+    the model is proven plain. :func:`check_plainness` with the capture that ran."""
+    return list(check_plainness(model, example_input, capture).skips)
 
 
 def assert_plain(model: nn.Module, example_input) -> None:
-    """Raise :class:`NotPlainError` listing every skip if ``model`` is not proven plain."""
-    skips = find_skips(model, example_input)
-    if skips:
+    """Raise :class:`NotPlainError` listing every skip (residual connection, gate, unverified
+    part) if ``model`` is not proven plain."""
+    report = check_plainness(model, example_input)
+    if report.skips:
         name = getattr(model, "pnnh_name", type(model).__name__)
-        lines = "\n  ".join(str(s) for s in skips)
-        raise NotPlainError(f"{name} is not plain: {len(skips)} skip(s)\n  {lines}")
+        lines = "\n  ".join(str(s) for s in report.skips)
+        raise NotPlainError(f"{name} is not plain: {len(report.skips)} skip(s), "
+                            f"{report.summary()}\n  {lines}")

@@ -257,9 +257,14 @@ def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> 
     figure = plot(records, out / "norms.png")
     notes = []
     for t in targets:
-        s = summarize([r for r in records if not several or r["model"] == t.label])
+        mine = [r for r in records if not several or r["model"] == t.label]
+        s = summarize(mine)
         notes.append(f"{t.label}: {s['blocks']} blocks, mean ratio {s['mean_ratio']:.4f}, "
                      f"mean |log ratio| {s['mean_abs_log_ratio']:.4f}")
+        if mine and all(r["grad_out_norm"] == 0 for r in mine):
+            notes.append(f"{t.label}: every block's output gradient is 0, so the ratios are "
+                         "undefined (a zero-initialised head, as torchvision's ViT has, passes "
+                         "no gradient back at init)")
     notes.append(f"norms: {out / 'norms.csv'}")
     columns = (["model"] if several else []) + CSV_COLUMNS
     return ProbeResult(records, columns, notes, [figure])

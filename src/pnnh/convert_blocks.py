@@ -97,10 +97,10 @@ _WHY = {
           "reflection, which is no zero-padded convolution)",
 }
 _ACTS_WHY = {
-    "ReLU6": "ReLU6 clips at 6: a carried signal above 6 (or a signed one) is lost; no exact "
-             "carrier crosses a clipped activation",
-    "Hardswish": "hard-swish is not piecewise linear through the origin (x·relu6(x+3)/6): no "
-                 "exact carrier crosses it",
+    "ReLU6": "ReLU6 clips: relu6(z) - relu6(-z) = clip(z, -6, 6), so no exact carrier crosses "
+             "it (only a non-negative identity carrier below 6 would)",
+    "Hardswish": "hard-swish has the exact pair carrier hardswish(z) - hardswish(-z) = z, but "
+                 "this converter writes ReLU layers only (docs/PNNH.md)",
 }
 
 
@@ -108,8 +108,8 @@ def _check_act(name: str, block: nn.Module, act: nn.Module | None) -> None:
     if act is None or type(act) is nn.ReLU or isinstance(act, nn.Identity):
         return
     kind = type(act).__name__
-    why = _ACTS_WHY.get(kind, f"activation {kind}: only ReLU has the exact carrier "
-                              "relu(z) - relu(-z) = z")
+    why = _ACTS_WHY.get(kind, f"activation {kind}: this converter writes ReLU layers only "
+                              "(the carrier relu(z) - relu(-z) = z)")
     raise _refuse(name, block, why)
 
 

@@ -14,6 +14,7 @@ randomised BatchNorm statistics; nothing downloaded) and their plain forms
 Run in the ecosystem environment (torchvision, timm, onnx, onnxruntime)::
 
     python benchmarks/plain_cost.py                 # 224x224, batch 1 and 32
+    python benchmarks/plain_cost.py --counts-only   # parameters and MACs, no timing
     python benchmarks/plain_cost.py --quick         # tiny: what tests/test_benchmarks.py runs
 
 Without torchvision/timm (the default environment) ``--quick`` times pnnh's own ``resnet18``
@@ -96,8 +97,10 @@ def measure(name: str, build, args) -> dict:
         err = float((plain(x1) - model(x1)).abs().max())
     row = {"model": name, "size": size, "max_abs_diff": err,
            "original": plain_cost(model, x1), "plain": plain_cost(plain, x1)}
-    sessions = {k: onnx_session(m, x1) for k, m in (("original", model), ("plain", plain))}
     row["times_s"] = {}
+    if args.counts_only:
+        return row
+    sessions = {k: onnx_session(m, x1) for k, m in (("original", model), ("plain", plain))}
     for batch in args.batches:
         x = torch.randn(batch, 3, size, size)
         xn = x.numpy()
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--counts-only", action="store_true",
+                   help="parameters and MACs only (deterministic), no timing")
     p.add_argument("--out", type=Path, default=None, help="output folder (default results/)")
     args = p.parse_args(argv)
     if args.quick:

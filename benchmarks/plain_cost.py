@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.size, args.batches, args.repeats = 32, [1, 2], 2
     torch.set_num_threads(args.threads)
     info = machine_info()
+    info["loadavg_before"] = info["loadavg_1_5_15"]
     rows = [measure(name, build, args) for name, build in models(args.quick).items()]
+    info.update(machine_info())  # the load average after, beside the one before
+    print(f"load average {info['loadavg_before']} -> {info['loadavg_1_5_15']}")
     for r in rows:
         o, q = r["original"], r["plain"]
         print(f"{r['model']}: params {o['params']:,} -> {q['params']:,} dense "

@@ -168,3 +168,13 @@ def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path):
             "./torchrun_resume.log", "./runs/probe/hessian.json"} <= names
     assert not any(n.endswith(".pt") for n in names)
     assert "resuming from" in r.stdout
+
+
+def test_plain_cost_quick(tmp_path):
+    data = _load("plain_cost").main(["--quick", "--out", str(tmp_path)])
+    _check_common(tmp_path / "plain_cost_quick.json", "plain_cost")
+    (row,) = data["rows"]
+    assert row["max_abs_diff"] <= 1e-4
+    assert row["plain"]["params"] > row["plain"]["nonzero_params"]
+    assert row["plain"]["macs"] > row["original"]["macs"]
+    assert {"torch/original", "torch/plain"} <= set(row["times_s"]["1"])

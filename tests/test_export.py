@@ -144,9 +144,19 @@ def test_cli_export_errors(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out",
                  str(tmp_path / "x.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err
-    _, ckpt = _checkpoint(tmp_path, "resnet_mlp", {"in_shape": (1, 40), "depth": 8, "width": 8})
-    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.pt")]) == 2
-    assert "resnet_to_plain" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--input-shape",
+                 "1,40", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--input-shape: only with --model-file" in capsys.readouterr().err
+
+
+def test_cli_exports_a_resnet_checkpoint_through_its_plain_form(tmp_path):
+    """A ResNet has no plain form block by block: export converts it (resnet_to_plain)."""
+    model, ckpt = _checkpoint(tmp_path, "resnet_mlp", {"in_shape": (1, 40), "depth": 8,
+                                                       "width": 8})
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.pt")]) == 0
+    x = torch.randn(4, 1, 40)
+    with torch.no_grad():
+        assert torch.allclose(load_plain(tmp_path / "x.pt")(x), model(x), atol=1e-5)
 
 
 def test_to_plain_dispatches_vits_and_export_checkpoint_names_the_format(tmp_path):

@@ -188,37 +188,66 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
 
 
-def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path) -> Path:
-    """``pnnh export``: load a training checkpoint, write its plain form (``plain``/``onnx``).
+def _has_residual_blocks(model) -> bool:
+    """A ResNet layout (``resnet_to_plain``) rather than a plain/PNNH one (``to_plain``)."""
+    from pnnh.convert_layouts import resnet_layout
 
-    It lives here, beside :func:`load_model`, so that :mod:`pnnh.export` needs no checkpoint
-    code (the import graph has no ``export -> checkpoint -> models -> tat -> export`` cycle).
+    try:
+        _, blocks, _, _ = resnet_layout(model)
+    except PnnhError:
+        return False
+    return any(not hasattr(b, "to_plain_layers") for _, b in blocks)
 
-    Checks that the exported network reproduces the model's outputs (atol 1e-4) on a random
-    batch before writing.
-    """
+
+def export_model(model, format: str, out: str | Path, in_shape, meta: dict | None = None) -> Path:
+    """Write ``model``'s plain form (``plain``/``onnx``): :func:`pnnh.export.to_plain` for plain
+    and PNNH models, :func:`pnnh.convert.resnet_to_plain` for ResNets (torchvision, timm,
+    pnnh). Checks that the plain network reproduces the model's outputs (atol 1e-4, relative to
+    the output's size) on a random batch of shape ``(2, *in_shape)`` before writing."""
+    from pnnh.convert_layouts import resnet_to_plain
     from pnnh.export import export_onnx, save_plain, to_plain
 
     if format not in ("plain", "onnx"):
         raise PnnhError(f"format: must be plain or onnx, got {format!r}", field="format")
-    model, ckpt = load_model(checkpoint)
-    model.eval()
-    plain = to_plain(model)
-    in_shape = tuple(getattr(model, "in_shape", ()) or ckpt.get("model_kwargs", {}).get("in_shape"))
-    example = torch.randn(2, *in_shape)
-    with torch.no_grad():
-        y = model(example)
-        err = float((plain(example) - y).abs().max())
-    if not err <= 1e-4 * max(1.0, float(y.abs().max())):
-        raise PnnhError(f"export check failed: plain network differs by {err:.3g}",
-                        field="checkpoint")
     if format == "onnx":
         try:
             import onnx  # noqa: F401
         except ImportError:
             raise PnnhError("format onnx needs the 'onnx' package: pip install 'pnnh[onnx]'",
                             field="format") from None
-        return export_onnx(model, out, example)
-    meta = {"model_name": ckpt.get("model_name"), "in_shape": list(in_shape),
-            "source": str(checkpoint)}
-    return save_plain(plain, out, meta)
+    model.eval()
+    try:
+        plain = to_plain(model)
+    except PnnhError:
+        if not _has_residual_blocks(model):
+            raise
+        plain = resnet_to_plain(model)
+    example = torch.randn(2, *in_shape)
+    with torch.no_grad():
+        try:
+            y = model(example)
+        except RuntimeError as e:
+            raise PnnhError(f"input_shape: the model does not run on inputs of shape "
+                            f"{tuple(in_shape)}: {str(e)[:200]}", field="input_shape") from None
+        err = float((plain(example) - y).abs().max())
+    if not err <= 1e-4 * max(1.0, float(y.abs().max())):
+        raise PnnhError(f"export check failed: plain network differs by {err:.3g}",
+                        field="model")
+    if format == "onnx":
+        return export_onnx(model, out, example, plain=plain)
+    return save_plain(plain, out, {"in_shape": list(in_shape), **(meta or {})})
+
+
+def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path) -> Path:
+    """``pnnh export --checkpoint``: load a training checkpoint, write its plain form
+    (:func:`export_model`).
+
+    It lives here, beside :func:`load_model`, so that :mod:`pnnh.export` needs no checkpoint
+    code (the import graph has no ``export -> checkpoint -> models -> tat -> export`` cycle).
+    """
+    if format not in ("plain", "onnx"):
+        raise PnnhError(f"format: must be plain or onnx, got {format!r}", field="format")
+    model, ckpt = load_model(checkpoint)
+    in_shape = tuple(getattr(model, "in_shape", ()) or ckpt.get("model_kwargs", {}).get("in_shape"))
+    meta = {"model_name": ckpt.get("model_name"), "source": str(checkpoint)}
+    return export_model(model, format, out, in_shape, meta)

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import NoReturn
 
-from pnnh.errors import PnnhError
+from pnnh.errors import ConfigError, PnnhError
 
 PROBES = {
     "dissipation": "surviving units, input reconstructability, similarity collapse, rank",
@@ -126,8 +126,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="assemble DIR/report.html from the runs under DIR")
     p.add_argument("dir")
 
-    p = sub.add_parser("export", help="export a trained model (plain nn.Sequential or ONNX)")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("export", help="export a trained model (plain nn.Sequential or ONNX); "
+                                      "a ResNet is converted to its exact plain form")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a pnnh training checkpoint")
+    src.add_argument("--model-file", metavar="FILE.py:FACTORY",
+                     help="your own model: FACTORY() from FILE.py (e.g. a torchvision or timm "
+                          "ResNet with its weights loaded)")
+    p.add_argument("--input-shape", metavar="C,H,W",
+                   help="input shape without the batch (with --model-file; default: the "
+                        "model's in_shape)")
     p.add_argument("--format", choices=["plain", "onnx"], default="plain")
     p.add_argument("--out", required=True, help="output file")
 
@@ -299,9 +307,23 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pnnh.checkpoint import export_checkpoint
+    from pnnh.checkpoint import export_checkpoint, export_model
 
-    path = export_checkpoint(args.checkpoint, args.format, args.out)
+    if args.checkpoint:
+        if args.input_shape:
+            raise ConfigError("--input-shape: only with --model-file (a checkpoint stores its "
+                              "shape)", field="input_shape")
+        path = export_checkpoint(args.checkpoint, args.format, args.out)
+    else:
+        from pnnh.probes.common import load_model_file, parse_input_shape
+
+        model = load_model_file(args.model_file)
+        shape = parse_input_shape(args.input_shape) or tuple(getattr(model, "in_shape", ()))
+        if not shape:
+            raise ConfigError("--input-shape: needed with --model-file (the model has no "
+                              "in_shape), e.g. --input-shape 3,224,224", field="input_shape")
+        path = export_model(model, args.format, args.out, shape,
+                            {"source": args.model_file})
     print(f"exported: {path}")
     return 0
 

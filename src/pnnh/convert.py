@@ -27,16 +27,20 @@ that does not end in a ReLU), identity shortcuts use the ``[I; -I]`` pair too.
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pnnh.coder import fold_bn
+from pnnh.convert_blocks import Stream, build_block, read_block
+from pnnh.convert_layouts import plain_cost, resnet_to_plain
 from pnnh.errors import PnnhError
-from pnnh.export import plain_layers
 from pnnh.models import count_parameters
+
+__all__ = ["FixedProjection", "conversion_report", "convert_block", "plain_cost",
+           "pnnh_block_to_residual", "pnnh_to_resnet", "resnet_to_plain", "resnet_to_pnnh",
+           "residual_block_to_pnnh"]
 
 
 def _layer_like(like: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
@@ -53,19 +57,6 @@ def _layer_like(like: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.
         if b is not None:
             out.bias.copy_(b)
     return out
-
-
-def _eye_like(w: torch.Tensor, n: int) -> torch.Tensor:
-    """The identity map ``n -> n`` in the layout of ``w`` (a centred Dirac kernel for convs)."""
-    eye = torch.eye(n, dtype=w.dtype, device=w.device)
-    if w.dim() == 2:
-        return eye
-    k = w.shape[2:]
-    e = eye.reshape(n, n, *([1] * len(k)))
-    pads = []
-    for s in reversed(k):
-        pads += [(s - 1) // 2, s // 2]
-    return F.pad(e, pads)
 
 
 def _parts(block: nn.Module):
@@ -100,135 +91,13 @@ def _parts(block: nn.Module):
     return l1, w1, l2, w2, (F.pad(ws, (1, 1, 1, 1)), bs)
 
 
-def _is_residual(block: nn.Module) -> bool:
-    return (hasattr(block, "shortcut") or hasattr(block, "downsample")
-            or "Residual" in type(block).__name__ or "Basic" in type(block).__name__)
-
-
-# Sub-modules of a block the conversion understands (torchvision's BasicBlock, pnnh's blocks).
-_KNOWN_PARTS = {"conv1", "bn1", "conv2", "bn2", "fc1", "fc2", "relu", "act", "act1", "act2",
-                "shortcut", "downsample"}
-
-
-def _check_block(name: str, block: nn.Module) -> None:
-    """One clear error for the blocks the construction does not cover."""
-    kind = type(block).__name__
-    parts = {n for n, _ in block.named_children()}
-    if "conv3" in parts:
-        raise PnnhError(f"cannot convert block {name} ({kind}): a Bottleneck (conv1/conv2/conv3) "
-                        "is not supported, only post-activation BasicBlocks", field="model")
-    extra = sorted(parts - _KNOWN_PARTS)
-    if extra:
-        raise PnnhError(f"cannot convert block {name} ({kind}): unknown sub-module(s) "
-                        f"{', '.join(extra)} (squeeze-excitation or another addition); only "
-                        "relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x)) blocks convert",
-                        field="model")
-    for i in ("1", "2"):
-        layer, bn = getattr(block, "conv" + i, None), getattr(block, "bn" + i, None)
-        width = getattr(layer, "out_channels", None)
-        if bn is not None and width is not None and bn.num_features != width:
-            raise PnnhError(f"cannot convert block {name} ({kind}): bn{i} normalises the layer's "
-                            f"input, not its output (a pre-activation block); only "
-                            "post-activation blocks convert", field="model")
-
-
-@torch.no_grad()
-def _verify_block(name: str, block: nn.Module, layers: list[nn.Module], nonneg: bool) -> None:
-    """Run the block and its plain layers on a seeded probe; a block whose forward is not
-    ``relu(F(x) + S x)`` (whatever its sub-modules are called) fails here, by name."""
-    first = layers[0]
-    g = torch.Generator().manual_seed(0)
-    if isinstance(first, nn.Linear):
-        shape = (3, first.in_features)
-    else:
-        shape = (3, first.in_channels) + (8,) * (first.weight.dim() - 2)
-    x = torch.randn(*shape, generator=g).to(first.weight)
-    x = x.relu() if nonneg else x
-    was = block.training
-    block.eval()
-    try:
-        want = block(x)
-    finally:
-        block.train(was)
-    got = nn.Sequential(*layers)(x)
-    err = float((got - want).abs().max()) if got.shape == want.shape else float("inf")
-    if not err <= 1e-4 * (1 + float(want.abs().max())):
-        raise PnnhError(f"cannot convert block {name} ({type(block).__name__}): its forward is not "
-                        f"relu(F(x) + S x) (plain form off by {err:.3g}); pre-activation and "
-                        "gated blocks do not convert", field="model")
-
-
 @torch.no_grad()
 def convert_block(block: nn.Module, nonneg_input: bool = True) -> list[nn.Module]:
-    """Plain layers ``[layer1, ReLU, layer2, ReLU]`` equal to one post-activation residual block."""
-    l1, (w1, b1), l2, (w2, b2), sc = _parts(block)
-    n_out, n_in = w2.shape[0], w1.shape[1]
-    if sc is None and nonneg_input:
-        e = _eye_like(w1, n_in)
-        w1c, b1c = torch.cat([w1, e]), torch.cat([b1, b1.new_zeros(n_in)])
-        w2c = torch.cat([w2, _eye_like(w2, n_out)], dim=1)
-    else:
-        if sc is None:
-            ws, bs = _eye_like(w1, n_in), b1.new_zeros(n_in)
-        else:
-            ws, bs = sc
-        e = _eye_like(w2, n_out)
-        w1c, b1c = torch.cat([w1, ws, -ws]), torch.cat([b1, bs, -bs])
-        w2c = torch.cat([w2, e, -e], dim=1)
-    return [_layer_like(l1, w1c, b1c), nn.ReLU(), _layer_like(l2, w2c, b2), nn.ReLU()]
-
-
-def _stem_nonneg(stem: nn.Module) -> bool:
-    mods = [m for m in stem.modules() if not isinstance(m, nn.Sequential)] if isinstance(
-        stem, nn.Sequential) else [stem]
-    while mods and isinstance(mods[-1], (nn.MaxPool1d, nn.MaxPool2d)):
-        mods.pop()
-    return bool(mods) and isinstance(mods[-1], nn.ReLU)
-
-
-def _resnet_parts(model: nn.Module):
-    """``(stem modules, [(name, block)], head modules)`` of a pnnh ResNet (``stem``/``blocks``/
-    ``head``) or a torchvision-layout one (``conv1``/``bn1``/``relu``/``maxpool``,
-    ``layer1..N``, ``avgpool``/``fc``)."""
-    if all(hasattr(model, a) for a in ("stem", "blocks", "head")):
-        blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
-        return [model.stem], blocks, [model.head]
-    tv_stem = ("conv1", "bn1", "relu", "maxpool")
-    if all(hasattr(model, a) for a in tv_stem + ("layer1", "avgpool", "fc")):
-        stages = sorted((n for n, _ in model.named_children() if re.fullmatch(r"layer\d+", n)),
-                        key=lambda n: int(n[5:]))
-        blocks = [(f"{n}.{j}", b) for n in stages for j, b in getattr(model, n).named_children()]
-        stem = [getattr(model, a) for a in tv_stem]
-        return stem, blocks, [model.avgpool, nn.Flatten(1), model.fc]
-    raise PnnhError(f"cannot convert {type(model).__name__}: expected stem/blocks/head (pnnh) or "
-                    "conv1/bn1/relu/maxpool, layer1.., avgpool/fc (torchvision)", field="model")
-
-
-@torch.no_grad()
-def resnet_to_plain(model: nn.Module) -> nn.Sequential:
-    """An ``nn.Sequential`` of plain layers computing the ResNet's eval-mode function exactly.
-
-    Works for post-activation ResNets (``relu(F(x) + S x)``): pnnh's (``stem``, ``blocks``,
-    ``head``: ``resnet_mlp``, ``resnet_cnn1d``, the CIFAR ResNets, ``resnet18``) and the
-    torchvision layout (BasicBlocks ``conv1/bn1/conv2/bn2`` with an optional ``downsample``
-    in ``layer1..4``, stem ``conv1/bn1/relu/maxpool``, head ``avgpool/fc``). Blocks that are
-    already plain pass through unchanged. A block it cannot convert (Bottleneck,
-    pre-activation, squeeze-excitation) is named in a :class:`PnnhError`; every converted block
-    is checked against the original on a seeded probe.
-    """
-    stem, blocks, head = _resnet_parts(model)
-    nonneg = _stem_nonneg(nn.Sequential(*stem) if len(stem) > 1 else stem[0])
-    layers = plain_layers(stem)
-    for name, block in blocks:
-        if _is_residual(block):
-            _check_block(name, block)
-            converted = convert_block(block, nonneg)
-            _verify_block(name, block, converted, nonneg)
-            layers += converted
-        else:
-            layers += plain_layers([block])
-    layers += plain_layers(head)
-    return nn.Sequential(*layers).eval()
+    """Plain layers equal to one post-activation residual block (input ``x >= 0`` when
+    ``nonneg_input``, else signed): see :mod:`pnnh.convert_blocks`."""
+    spec = read_block("block", block)
+    return build_block(spec, Stream(spec.branch[0].w.shape[1], "x" if nonneg_input else "raw"),
+                       None)
 
 
 @torch.no_grad()

@@ -198,9 +198,12 @@ def to_plain(model: nn.Module, lean: bool = True) -> nn.Sequential:
     return nn.Sequential(*(prune_plain(layers) if lean else layers)).eval()
 
 
-def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor) -> Path:
-    """Write the plain form of ``model`` as ONNX (batch dimension dynamic); returns the path."""
-    plain = to_plain(model).cpu()
+def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor,
+                plain: nn.Sequential | None = None) -> Path:
+    """Write the plain form of ``model`` (``plain`` when given, e.g. a converted ResNet's) as
+    ONNX (batch dimension dynamic); returns the path. Conv biases stay inside ``Conv`` nodes and
+    a Linear is one ``Gemm``, so a plain chain exports with no ``Add``/``Mul``/``Concat``."""
+    plain = (to_plain(model) if plain is None else plain).cpu()
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -320,3 +320,37 @@ def test_token_models_through_the_cli(tmp_path, capsys):
     assert main(["probe", "norms", "--model", "plain_mlp", "--input-shape", "tokens:6",
                  "--out", str(tmp_path / "x")]) == 2
     assert "token ids are for --model-file" in capsys.readouterr().err
+
+
+SE_RESNET = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c=4):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+            self.fc1, self.fc2 = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
+
+        def forward(self, x):
+            h = self.conv2(torch.relu(self.conv1(x)))
+            s = torch.sigmoid(self.fc2(torch.relu(self.fc1(h.mean((2, 3), keepdim=True)))))
+            return torch.relu(x + h * s)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Block(), Block(), nn.Flatten(),
+                             nn.LazyLinear(3))
+    """)
+
+
+def test_probe_skips_keeps_residual_connections_and_gates_apart(tmp_path, capsys):
+    file = tmp_path / "se.py"
+    file.write_text(SE_RESNET)
+    out = tmp_path / "s"
+    assert main(["probe", "skips", "--model-file", f"{file}:make", "--input-shape", "3,8,8",
+                 "--num-samples", "4", "--out", str(out)]) == 0
+    assert "se:make: 2 residual connection(s), 2 gate(s) [torch.fx]" in capsys.readouterr().out
+    rows = json.loads((out / "skips.json").read_text())
+    assert sorted(r["kind"] for r in rows) == ["gate", "gate", "identity", "identity"]
+    assert all("bn" not in r for r in rows)

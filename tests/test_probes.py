@@ -17,7 +17,8 @@ from pnnh.probes.common import ProbeResult, first_tensor, unwrap
 
 SMALL = ["--model", "plain_mlp", "--depth", "4", "--width", "8", "--num-samples", "16"]
 EXTRA = {"hessian": ["--dense", "always", "--slq-runs", "1", "--slq-steps", "5",
-                     "--hutchinson-samples", "4", "--max-iter", "20"]}
+                     "--hutchinson-samples", "4", "--max-iter", "20"],
+         "skips": ["--model", "resnet_mlp"]}  # a plain MLP has no skip to record
 
 
 def _args(name: str, out: Path) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def test_the_command_line_offers_exactly_the_registered_probes():
 
 def test_an_unknown_probe_is_a_one_line_error_naming_the_known_ones():
     with pytest.raises(ConfigError, match="unknown probe 'curvature'; known: dissipation, "
-                                          "hessian, jacobian, norms"):
+                                          "hessian, jacobian, norms, skips"):
         probes.probe("curvature")
 
 

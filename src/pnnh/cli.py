@@ -24,6 +24,7 @@ PROBES = {
     "norms": "gradient-norm ratio ||dL/dx_in|| / ||dL/dx_out|| per block",
     "hessian": "Hessian extreme eigenvalues, trace, spectrum, condition number",
     "jacobian": "singular values of the input-output Jacobian (dynamical isometry)",
+    "skips": "residual connections (identity, projection) and gates, by block",
 }
 
 

@@ -14,6 +14,8 @@ Each probe is a module in this package exposing (the experiments' contract, in
   records, their columns, the lines to print, the files it wrote;
 - optionally ``prepare(args)``: checks or completes the arguments before the targets are built
   (the Hessian probe turns ``--shortcut/--init`` into model options);
+- optionally ``BATCHNORM = False``: the result does not depend on BatchNorm statistics (the
+  skips probe reads the graph), so ``--bn`` is not applied and records get no ``bn``;
 - optionally ``BN_FIXED = True``: under ``--bn batch`` (or ``auto`` on fresh BatchNorms) the
   probe needs per-sample independence, so the batch's statistics are computed once and held
   fixed (:func:`~pnnh.probes.common.bn_statistics`) instead of recomputed on every forward.
@@ -43,6 +45,7 @@ PROBES = {
     "norms": "pnnh.probes.norms",
     "hessian": "pnnh.probes.hessian",
     "jacobian": "pnnh.probes.jacobian",
+    "skips": "pnnh.probes.skips",
 }
 
 
@@ -70,6 +73,8 @@ def run_cli(name: str, args: argparse.Namespace):
     out = Path(args.out)
     targets = probe_targets(args)
     bn_mode = getattr(args, "bn", None) or "auto"
+    if not getattr(mod, "BATCHNORM", True):  # the probe's result does not depend on statistics
+        bn_mode = "running"
     with contextlib.ExitStack() as stack:
         ran = {t.label: stack.enter_context(bn_statistics(
             t.model, bn_mode, t.inputs if getattr(mod, "BN_FIXED", False) else None))
@@ -77,10 +82,11 @@ def run_cli(name: str, args: argparse.Namespace):
         result = mod.run(targets, args, out)
     if not isinstance(result, ProbeResult):
         raise TypeError(f"probe {name}: run() returned {type(result).__name__}, not a ProbeResult")
-    for r in result.records:
-        r.setdefault("bn", ran.get(r.get("model"), ran[targets[0].label]))
-    if result.columns is not None:
-        result.columns = [*result.columns, "bn"]
+    if getattr(mod, "BATCHNORM", True):
+        for r in result.records:
+            r.setdefault("bn", ran.get(r.get("model"), ran[targets[0].label]))
+        if result.columns is not None:
+            result.columns = [*result.columns, "bn"]
     write_records(result.records, out, mod.NAME, columns=result.columns)
     batch = {label: how for label, how in ran.items() if how.startswith("batch")}
     for label, how in batch.items():

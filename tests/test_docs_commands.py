@@ -45,7 +45,7 @@ RUN_LANGS = {"bash", "sh", "shell"}
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```", re.M | re.S)
 
 EXCEPTIONS: list[tuple[str, str]] = [
-    (r"^make (demo|test)\b", "sets up .venv and runs the demo / the whole test suite (this one)"),
+    (r"^make (demo|test)\b", "sets up .venv (.venv-ecosystem) and runs the demo / a test suite"),
     (r"^(python3 -m venv|pip install)", "installation"),
     (r"torchrun", "several processes (tested by tests/test_ddp.py)"),
     (r"--device cuda|--scale paper", "needs a GPU"),
@@ -56,7 +56,6 @@ EXCEPTIONS: list[tuple[str, str]] = [
     (r"\$\{?[A-Za-z_]", "a shell script over variables set in the text (e.g. $D)"),
     (r"^(for|done)\b", "a shell loop (see the $-variables entry)"),
     (r"^pnnh export .*--format onnx", "needs the optional onnx package"),
-    (r"^make test-ecosystem", "sets up .venv-ecosystem and runs the ecosystem tests"),
     (r"tests/ecosystem_models\.py", "real torchvision/timm/transformers models: run by "
      "tests/test_ecosystem.py in the ecosystem environment"),
 ]

@@ -20,6 +20,7 @@ from pnnh.io import save_figure, write_records
 from pnnh.probes.common import ProbeResult, ProbeTarget
 from pnnh.probes.hessian.blocks import block_curvature
 from pnnh.probes.hessian.density import QUADRATURES, slq_density
+from pnnh.probes.hessian.memory import parse_memory
 from pnnh.probes.hessian.operator import HVP_MODES, LOSSES, HessianOperator
 from pnnh.probes.hessian.summary import hessian_summary
 from pnnh.probes.hessian.trace import TRACE_METHODS
@@ -82,6 +83,10 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     a("--blocks", default=None,
       help="per-block curvature, e.g. 'stage1=blocks.0,blocks.1,blocks.2;head': λmax, λmin, "
            "trace of each diagonal Hessian block, in hessian_blocks.csv/json")
+    a("--max-memory", default="2G",
+      help="memory for the estimators' vectors and batched HVPs beyond the model and one "
+           "HVP's graph (e.g. 2G, 500M): Lanczos keeps the vectors that fit, the trace "
+           "estimator falls back from xtrace to hutch++/hutchinson when its sketch does not")
     a("--slq-runs", type=int, default=5)
     a("--slq-steps", type=int, default=40)
     a("--slq-quadrature", choices=list(QUADRATURES), default="averaged",
@@ -105,7 +110,8 @@ def _loss_targets(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 
 
 def prepare(args: argparse.Namespace) -> None:
-    """``--shortcut/--init/--init-scale`` become model options of the ``--model`` built here."""
+    """``--shortcut/--init/--init-scale`` become model options of the ``--model`` built here;
+    ``--max-memory`` is checked (and becomes bytes) before any model is built."""
     model_args = dict(getattr(args, "model_args", {}) or {})
     for flag, key in (("shortcut", "shortcut"), ("init", "init"), ("init_scale", "scale")):
         if getattr(args, flag, None) is not None:
@@ -114,6 +120,7 @@ def prepare(args: argparse.Namespace) -> None:
                                   "here, not to --checkpoint/--model-file", field=flag)
             model_args[key] = getattr(args, flag)
     args.model_args = model_args
+    args.max_memory = parse_memory(getattr(args, "max_memory", None))
 
 
 def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, dict]:
@@ -121,7 +128,8 @@ def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, d
     targets = _loss_targets(t.model, t.inputs, t.targets, args.loss)
     op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params,
                          hvp_mode=getattr(args, "hvp", "auto"),
-                         fold_batchnorm=getattr(args, "fold_batchnorm", True))
+                         fold_batchnorm=getattr(args, "fold_batchnorm", True),
+                         max_memory=getattr(args, "max_memory", None))
     summary, spec = hessian_summary(
         op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
         zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,
@@ -139,7 +147,8 @@ def _block_records(t: ProbeTarget, args: argparse.Namespace) -> list[dict]:
                              max_iter=args.max_iter, seed=args.seed,
                              trace_samples=args.hutchinson_samples,
                              trace_method=getattr(args, "trace_method", "xtrace"),
-                             fold_batchnorm=getattr(args, "fold_batchnorm", True))
+                             fold_batchnorm=getattr(args, "fold_batchnorm", True),
+                             max_memory=getattr(args, "max_memory", None))
     return [{"model": t.label, **b} for b in blocks]
 
 

@@ -40,13 +40,13 @@ def _apply(matmat, rows: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device, basis=None,
-                quadform=None) -> dict:
+                quadform=None, max_rows: int | None = None) -> dict:
     """``(1/n) Σ vᵀ P A P v`` over Rademacher ``v`` with ``P = I − QQᵀ`` (``P = I`` without a
     basis), ``chunk`` probes per batched call, stopping when ``z·stderr <= rel_tol·|total|``.
     ``quadform(rows)``, when given, returns ``vᵀAv`` per row directly (else ``v·(Av)``); without
-    a stopping rule all probes go to it at once."""
+    a stopping rule all probes go to it at once, or ``max_rows`` at a time (the memory cap)."""
     if quadform is not None and rel_tol is None:
-        chunk = budget
+        chunk = budget if max_rows is None else max(1, min(budget, max_rows))
     base = 0.0 if basis is None else basis[1]
     vals: list[float] = []
     t, err = base, float("inf")

@@ -42,6 +42,7 @@ from pnnh.probes.bnfold import foldable_pairs, folded
 from pnnh.probes.hessian.density import _check_quadrature, slq_quadrature
 from pnnh.probes.hessian.hutchinson import _rademacher
 from pnnh.probes.hessian.lanczos import lanczos, ritz_error_bounds
+from pnnh.probes.hessian.memory import activation_bytes, columns, hvp_bytes, parse_memory
 from pnnh.probes.hessian.trace import TRACE_METHODS, estimate_trace
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -145,6 +146,11 @@ class HessianOperator:
     ``allow_tf32=False``: gradients and HVPs run in full float32 precision on CUDA, even where
     TF32 is on (cuDNN's default for convolutions; see :func:`full_float32`). ``True`` keeps
     the global settings: faster on large convolutions, with ~1e-3 relative rounding per HVP.
+
+    ``max_memory`` (bytes, or text such as ``"2G"``; default :data:`~.memory.MAX_MEMORY`,
+    2 GiB) bounds what the estimators hold beyond the model and one HVP's graph: the Lanczos
+    vectors (:meth:`lanczos_vectors`), the trace sketches (:func:`~.trace.plan_trace`) and the
+    vectors of one batched HVP pass (:meth:`hvp_chunk`), whatever the number of HVPs.
     """
 
     def __init__(
@@ -156,6 +162,7 @@ class HessianOperator:
         hvp_mode: str = "auto",
         fold_batchnorm: bool = True,
         allow_tf32: bool = False,
+        max_memory: int | float | str | None = None,
     ):
         if hvp_mode not in HVP_MODES:
             raise ConfigError(f"hvp_mode: one of {', '.join(HVP_MODES)}, got {hvp_mode!r}",
@@ -199,6 +206,8 @@ class HessianOperator:
         self.batched: bool | None = None  # hvp_many: batched passes (None: on accelerators)
         self.quadratic_kind: str | None = None  # quadratic_forms: "fwd-fwd" or "hvp" once run
         self.block_kind: str | None = None  # hvp_many's CPU blocks: "fwd-rev" once it ran
+        self.max_memory = parse_memory(max_memory)  # bytes: see hvp_chunk, lanczos_vectors
+        self._sample, self._per_hvp = first, None
 
     @property
     def theta(self) -> torch.Tensor:
@@ -353,15 +362,15 @@ class HessianOperator:
         ``mixed`` (``g/‖g‖ + r/‖r‖``, overlapping both ends of the spectrum)."""
         if start == "random":
             return None
-        g = self.gradient().double()
+        g = self.gradient().to(self.vector_dtype)  # in the vectors' dtype: no float64 copies
         if not torch.isfinite(g).all() or float(g.norm()) == 0.0:
             return None
         g = g / g.norm()
         if start == "gradient":
             return g
         r = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed),
-                        dtype=torch.float64).to(g.device)
-        return g + r / r.norm()
+                        dtype=self.vector_dtype).to(g.device)
+        return r.div_(r.norm()).add_(g)
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` (averaged exactly over all batches)."""
@@ -370,17 +379,18 @@ class HessianOperator:
 
     def hvp_many(self, vs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """``H v`` for every row ``v`` of ``vs``: the rows go through in blocks of
-        ``chunk_size`` (all at once by default) as one batched pass (``vmap`` for fwd-rev,
-        ``is_grads_batched`` for rev-rev); one at a time where an op has no batching rule, and
-        on a CPU for more than ``BATCHED_CPU_DIM`` parameters unless :attr:`batched` is set
-        (on the development CPU the batched backward was slower per vector than single HVPs
-        on ResNet-20, 272k parameters, and faster on a 938-parameter conv net)."""
+        ``chunk_size`` (all at once by default; at most :meth:`hvp_chunk`, the memory cap) as
+        one batched pass (``vmap`` for fwd-rev, ``is_grads_batched`` for rev-rev); one at a time
+        where an op has no batching rule, and on a CPU for more than ``BATCHED_CPU_DIM``
+        parameters unless :attr:`batched` is set (on the development CPU the batched backward
+        was slower per vector than single HVPs on ResNet-20, 272k parameters, and faster on a
+        938-parameter conv net)."""
         vs = vs.to(self.theta)
         batched = self._use_batched()
         if not batched:
             self.hvp_calls += vs.shape[0]
             return torch.stack([self._hvp_data(v) for v in vs]) if len(vs) else vs.clone()
-        step = chunk_size or max(1, vs.shape[0])
+        step = min(chunk_size or max(1, vs.shape[0]), self.hvp_chunk())
         outs = []
         for i in range(0, vs.shape[0], step):
             block = vs[i:i + step]
@@ -447,6 +457,7 @@ class HessianOperator:
         vs = vs.to(self.theta)
         batched = self._use_batched()
         if batched and self.quadratic_kind in (None, "fwd-fwd"):
+            chunk_size = min(chunk_size, self.hvp_chunk())
             try:
                 out = torch.cat([self._quadratic_fwd_fwd(vs[i:i + chunk_size])
                                  for i in range(0, vs.shape[0], chunk_size)])
@@ -457,6 +468,46 @@ class HessianOperator:
                 pass
         self.quadratic_kind = "hvp"
         return (vs.double() * self.hvp_many(vs).double()).sum(1)
+
+    # -- memory ---------------------------------------------------------------------------
+    @property
+    def vector_dtype(self) -> torch.dtype:
+        """The dtype Lanczos stores its vectors in: the model's (float32 or float64)."""
+        return self.theta.dtype if self.theta.dtype == torch.float64 else torch.float32
+
+    def lanczos_vectors(self) -> int:
+        """Lanczos vectors kept within :attr:`max_memory` (two more ``dim``-sized buffers, the
+        product and the start, come on top), 3 at least."""
+        size = torch.empty((), dtype=self.vector_dtype).element_size()
+        return max(3, columns(self.max_memory, self.dim, size) - 2)
+
+    def hvp_chunk(self) -> int:
+        """Vectors per batched HVP pass within :attr:`max_memory`: the budget over the
+        estimated cost of one more vector (:func:`~.memory.hvp_bytes`: the activations of one
+        sample, measured once by a forward pass with hooks, times the largest batch, plus four
+        vectors of ``dim``)."""
+        if self._per_hvp is None:
+            self._per_hvp = hvp_bytes(self.dim, self.theta.element_size(),
+                                      self._largest_batch(), self._sample_activations())
+        return max(1, int(self.max_memory // self._per_hvp))
+
+    def _largest_batch(self) -> int:
+        if isinstance(self._batches, list):
+            return max(int(x.shape[0]) for x, _ in self._batches)
+        return self.num_samples  # a loader: at most every sample in one batch
+
+    def _sample_activations(self) -> int:
+        """Bytes of the activations of one sample (0 where the model cannot run on one); the
+        buffers are copies, so train-mode BatchNorm statistics do not move."""
+        state = {n: b.clone() for n, b in self.model.named_buffers()}
+        state.update({n: p.detach() for n, p in self.model.named_parameters()})
+        try:
+            with self._attention(), self._precision():
+                return activation_bytes(
+                    lambda x: functional_call(self.model, state, (x,)), self.model,
+                    self._sample)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            return 0
 
     def dense(self, chunk_size: int = 256) -> torch.Tensor:
         """The exact ``dim × dim`` Hessian: ``H e_j`` for every basis vector (vmapped HVPs)."""
@@ -489,7 +540,9 @@ class HessianOperator:
         calls0 = self.hvp_calls
         v0 = self.start_vector(start, seed)
         res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, bound=bound, v0=v0,
-                      device=self.theta.device, stop="max" if which == "max" else "extremes")
+                      device=self.theta.device, stop="max" if which == "max" else "extremes",
+                      dtype=self.vector_dtype, max_vectors=self.lanczos_vectors())
+        del v0
         theta = res["ritz"]
         scale = max(float(theta.abs().max()), 1e-300)
         err = ritz_error_bounds(theta, res["ritz_vectors"], res["beta_last"], bound)
@@ -507,6 +560,9 @@ class HessianOperator:
             "converged": bool(err["max"] <= tol * scale
                               and (which == "max" or err["min"] <= tol * scale)),
             "ritz_values": theta.tolist(),
+            "lanczos_vectors": res["vectors_kept"],
+            "reorthogonalisation": (f"local: against the latest {res['vectors_kept']} vectors "
+                                    "(max_memory)" if res["window"] else "full"),
             "hvp": self.hvp_kind,
             "method": self.hvp_method,
         }
@@ -530,7 +586,7 @@ class HessianOperator:
         calls0 = self.hvp_calls
         out = estimate_trace(self.hvp_many, self.dim, num_samples, method=method, seed=seed,
                              rel_tol=rel_tol, z=z, chunk=chunk, device=self.theta.device,
-                             quadform=self.quadratic_forms)
+                             quadform=self.quadratic_forms, max_memory=self.max_memory)
         out.update(hvps=self.hvp_calls - calls0, hvp=self.hvp_kind, method=self.hvp_method,
                    quadratic_forms=self.quadratic_kind, block_hvp=self.block_kind)
         return out
@@ -553,9 +609,10 @@ class HessianOperator:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         steps = min(num_steps, self.dim)
         for r in range(num_runs):
-            v0 = _rademacher(1, self.dim, gen, "cpu")[0]
+            v0 = _rademacher(1, self.dim, gen, "cpu")[0].to(self.vector_dtype)  # ±1: exact
             res = lanczos(self.hvp, self.dim, steps, seed=seed + r, v0=v0,
-                          device=self.theta.device, stop="none")
+                          device=self.theta.device, stop="none", dtype=self.vector_dtype,
+                          max_vectors=self.lanczos_vectors())
             rule = quadrature if res["steps"] == steps and steps < self.dim else "gauss"
             n, w = slq_quadrature(res["alphas"], res["betas"], rule)
             nodes.append(n)

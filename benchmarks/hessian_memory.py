@@ -43,10 +43,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", choices=sorted(MODELS), default="resnet50")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--max-memory", default="2G")
+    p.add_argument("--max-memory", default="1G")
     p.add_argument("--lanczos-steps", type=int, default=None)
     p.add_argument("--trace-samples", type=int, default=8)
     p.add_argument("--slq-steps", type=int, default=None)
+    p.add_argument("--stages", default="hvp,lanczos,trace,slq",
+                   help="comma-separated, in this order: hvp (one HVP), lanczos, trace, slq")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=None)
@@ -73,18 +75,26 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     op.gradient()
     row("gradient", t0, 0)
-    steps = args.lanczos_steps or (4 if args.quick else kept + 2)
-    t0, calls = time.perf_counter(), op.hvp_calls
-    ext = op.extreme_eigenvalues(tol=0.0, max_iter=steps)
-    row("lanczos", t0, op.hvp_calls - calls, lambda_max=ext["lambda_max"],
-        reorthogonalisation=ext["reorthogonalisation"])
-    t0, calls = time.perf_counter(), op.hvp_calls
-    tr = op.trace(args.trace_samples, method="xtrace")
-    row("trace", t0, op.hvp_calls - calls, trace_method=tr["trace_method"],
-        trace_plan=tr.get("trace_plan"))
-    t0, calls = time.perf_counter(), op.hvp_calls
-    op.spectral_density(1, args.slq_steps or (4 if args.quick else kept + 2))
-    row("slq", t0, op.hvp_calls - calls)
+    stages = args.stages.split(",")
+    if "hvp" in stages:
+        t0 = time.perf_counter()
+        op.hvp(torch.randn(op.dim))
+        row("hvp", t0, 1)
+    if "lanczos" in stages:
+        steps = args.lanczos_steps or (4 if args.quick else kept + 2)
+        t0, calls = time.perf_counter(), op.hvp_calls
+        ext = op.extreme_eigenvalues(tol=0.0, max_iter=steps)
+        row("lanczos", t0, op.hvp_calls - calls, lambda_max=ext["lambda_max"],
+            reorthogonalisation=ext["reorthogonalisation"])
+    if "trace" in stages:
+        t0, calls = time.perf_counter(), op.hvp_calls
+        tr = op.trace(args.trace_samples, method="xtrace")
+        row("trace", t0, op.hvp_calls - calls, trace_method=tr["trace_method"],
+            trace_plan=tr.get("trace_plan"))
+    if "slq" in stages:
+        t0, calls = time.perf_counter(), op.hvp_calls
+        op.spectral_density(1, args.slq_steps or (4 if args.quick else kept + 2))
+        row("slq", t0, op.hvp_calls - calls)
     return save_results(f"hessian_memory_{args.model}", args, machine_info(), rows=rows)
 
 

@@ -147,7 +147,7 @@ def test_a_bounded_basis_still_finds_the_extremes():
     """With room for 8 vectors (local re-orthogonalisation past them) the extreme Ritz values
     still converge to the dense Hessian's extreme eigenvalues."""
     x, y = conv_batch()
-    op = HessianOperator(conv_net(), (x, y), max_memory=10 * 8 * 659)
+    op = HessianOperator(conv_net(), (x, y), max_memory=12 * 8 * 659)
     full = HessianOperator(conv_net(), (x, y))
     assert op.dim == 659 and op.lanczos_vectors() == 8
     r = op.extreme_eigenvalues(tol=1e-8, max_iter=300)

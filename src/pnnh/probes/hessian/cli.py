@@ -83,7 +83,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     a("--blocks", default=None,
       help="per-block curvature, e.g. 'stage1=blocks.0,blocks.1,blocks.2;head': λmax, λmin, "
            "trace of each diagonal Hessian block, in hessian_blocks.csv/json")
-    a("--max-memory", default="2G",
+    a("--max-memory", default="1G",
       help="memory for the estimators' vectors and batched HVPs beyond the model and one "
            "HVP's graph (e.g. 2G, 500M): Lanczos keeps the vectors that fit, the trace "
            "estimator falls back from xtrace to hutch++/hutchinson when its sketch does not")

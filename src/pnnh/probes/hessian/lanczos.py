@@ -103,8 +103,8 @@ def lanczos(
     else:  # a float32 start stays float32 for float32 vectors (no float64 copy)
         q = v0.double().cpu() if dtype == torch.float64 else v0.detach().to("cpu", dtype)
     q = (q / q.norm()).to(device)
-    # grown by doubling up to cap rows (a (max_steps, dim) block can be GBs); q_k: row k % cap
-    Q = torch.empty(min(16, cap), dim, dtype=dtype, device=device)
+    # q_k in row k % cap; grown by doubling without max_vectors, else cap rows at once
+    Q = torch.empty(min(16, cap) if max_vectors is None else cap, dim, dtype=dtype, device=device)
     Q[0] = q
     del q
     alphas, betas = [], []

@@ -24,7 +24,9 @@ from torch import nn
 
 from pnnh.errors import ConfigError
 
-MAX_MEMORY = 2 * 2**30  # bytes: 2 GiB for the estimators' vectors and batched HVPs
+#: bytes for the estimators' vectors and batched HVPs: 1 GiB keeps a torchvision ResNet-50
+#: (8 samples of 3x64x64) under 4 GB in all (docs/BENCHMARKS.md)
+MAX_MEMORY = 2**30
 #: an HVP's graph holds about this many copies of the forward activations (forward, gradient
 #: graph, its backward), measured on ResNet-18/50: see docs/BENCHMARKS.md
 ACTIVATION_COPIES = 6

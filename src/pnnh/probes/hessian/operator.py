@@ -148,7 +148,7 @@ class HessianOperator:
     the global settings: faster on large convolutions, with ~1e-3 relative rounding per HVP.
 
     ``max_memory`` (bytes, or text such as ``"2G"``; default :data:`~.memory.MAX_MEMORY`,
-    2 GiB) bounds what the estimators hold beyond the model and one HVP's graph: the Lanczos
+    1 GiB) bounds what the estimators hold beyond the model and one HVP's graph: the Lanczos
     vectors (:meth:`lanczos_vectors`), the trace sketches (:func:`~.trace.plan_trace`) and the
     vectors of one batched HVP pass (:meth:`hvp_chunk`), whatever the number of HVPs.
     """
@@ -476,10 +476,11 @@ class HessianOperator:
         return self.theta.dtype if self.theta.dtype == torch.float64 else torch.float32
 
     def lanczos_vectors(self) -> int:
-        """Lanczos vectors kept within :attr:`max_memory` (two more ``dim``-sized buffers, the
-        product and the start, come on top), 3 at least."""
+        """Lanczos vectors kept within :attr:`max_memory`, less four for the ``dim``-sized
+        buffers of each step (the start, the product, its scaled copy, the new vector); 3 at
+        least."""
         size = torch.empty((), dtype=self.vector_dtype).element_size()
-        return max(3, columns(self.max_memory, self.dim, size) - 2)
+        return max(3, columns(self.max_memory, self.dim, size) - 4)
 
     def hvp_chunk(self) -> int:
         """Vectors per batched HVP pass within :attr:`max_memory`: the budget over the

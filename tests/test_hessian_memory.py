@@ -50,6 +50,18 @@ def test_cli_rejects_a_bad_max_memory_in_one_line(tmp_path, capsys):
     assert rc == 2 and "max-memory" in err and "Traceback" not in err
 
 
+def test_cli_records_the_budget_and_runs_quietly(tmp_path, capsys):
+    from pnnh.cli import main
+
+    rc = main(["probe", "hessian", "--model", "shortcut_linear", "--depth", "4", "--width", "6",
+               "--input-shape", "6", "--num-samples", "8", "--dense", "never", "--max-iter", "6",
+               "--hutchinson-samples", "4", "--slq-runs", "1", "--slq-steps", "4",
+               "--max-memory", "64M", "--quiet", "--out", str(tmp_path)])
+    assert rc == 0 and capsys.readouterr().err == ""
+    (rec,) = json.loads((tmp_path / "hessian.json").read_text())
+    assert rec["max_memory"] == 64 * 2**20 and rec["lanczos_vectors"] >= 7
+
+
 def test_hvp_chunk_grows_with_the_budget_not_with_the_number_of_vectors():
     """The rows of one batched HVP pass are at most ``hvp_chunk()``, which scales with
     ``max_memory``; asking for 4x as many HVPs makes more passes, not bigger ones."""
@@ -177,3 +189,51 @@ def test_trace_falls_back_to_what_fits_and_stays_within_its_error_bound():
         out = estimate_trace(lambda v: v @ a, 2000, 100, max_memory=mem)
         assert out["trace_method_asked"] == "xtrace" and out["samples"] <= 100
         assert abs(out["trace"] - exact) <= 3 * out["error_bound"]
+
+
+def test_progress_bars_show_each_stage_with_its_estimate_and_stay_off_when_asked(capsys):
+    """``progress=True``: a bar per stage on stderr with the HVPs done and the current estimate
+    and error bound; ``progress=False`` (``--quiet``) and the default off a terminal: nothing."""
+    pytest.importorskip("tqdm")
+    x, y = conv_batch()
+    op = HessianOperator(conv_net(), (x, y), progress=True)
+    import pnnh.probes.hessian.progress as prog
+
+    seen: list[tuple[str, int]] = []
+    postfix: list[str] = []
+    real = prog.stage_bar
+
+    def spy(on, desc, total):
+        ctx = real(on, desc, total)
+        bar = ctx.__enter__()
+        bar.delay = 0
+        bar.set_postfix_str = lambda text, refresh=True: postfix.append(text)
+        seen.append((desc, total))
+        class Wrap:
+            def __enter__(self):
+                return bar
+            def __exit__(self, *exc):
+                seen.append((desc, bar.n))
+                return ctx.__exit__(*exc)
+        return Wrap()
+
+    import pnnh.probes.hessian.operator as operator_mod
+    old = operator_mod.stage_bar
+    operator_mod.stage_bar = spy
+    try:
+        ext = op.extreme_eigenvalues(tol=1e-6, max_iter=50)
+        tr = op.trace(20, method="xtrace")
+        op.spectral_density(1, 6)
+    finally:
+        operator_mod.stage_bar = old
+    assert seen[0] == ("Lanczos", 50) and seen[1] == ("Lanczos", ext["hvps"])
+    assert seen[2] == ("trace (xtrace)", 20) and seen[3] == ("trace (xtrace)", tr["hvps"])
+    assert seen[4] == ("SLQ run 1/1", 6) and seen[5] == ("SLQ run 1/1", 6)
+    assert any(t.startswith("λmax ") and "±" in t for t in postfix)
+    assert any(t.startswith("trace ") and "±" in t for t in postfix)
+    capsys.readouterr()
+    quiet = HessianOperator(conv_net(), (x, y), progress=False)
+    quiet.extreme_eigenvalues(max_iter=5)
+    default = HessianOperator(conv_net(), (x, y))  # stderr is not a terminal under pytest
+    default.trace(4)
+    assert capsys.readouterr().err == ""

@@ -87,6 +87,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
       help="memory for the estimators' vectors and batched HVPs beyond the model and one "
            "HVP's graph (e.g. 2G, 500M): Lanczos keeps the vectors that fit, the trace "
            "estimator falls back from xtrace to hutch++/hutchinson when its sketch does not")
+    a("--quiet", action="store_true",
+      help="no progress bars (by default each stage shows one on stderr when it is a terminal)")
     a("--slq-runs", type=int, default=5)
     a("--slq-steps", type=int, default=40)
     a("--slq-quadrature", choices=list(QUADRATURES), default="averaged",
@@ -129,7 +131,8 @@ def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, d
     op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params,
                          hvp_mode=getattr(args, "hvp", "auto"),
                          fold_batchnorm=getattr(args, "fold_batchnorm", True),
-                         max_memory=getattr(args, "max_memory", None))
+                         max_memory=getattr(args, "max_memory", None),
+                         progress=False if getattr(args, "quiet", False) else None)
     summary, spec = hessian_summary(
         op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
         zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,
@@ -148,7 +151,8 @@ def _block_records(t: ProbeTarget, args: argparse.Namespace) -> list[dict]:
                              trace_samples=args.hutchinson_samples,
                              trace_method=getattr(args, "trace_method", "xtrace"),
                              fold_batchnorm=getattr(args, "fold_batchnorm", True),
-                             max_memory=getattr(args, "max_memory", None))
+                             max_memory=getattr(args, "max_memory", None),
+                             progress=False if getattr(args, "quiet", False) else None)
     return [{"model": t.label, **b} for b in blocks]
 
 

@@ -60,7 +60,7 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]):
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """``a·b`` accumulated in float64 (in slices, so no float64 copy of a float32 vector)."""
-    if a.dtype == torch.float64:
+    if a.dtype == torch.float64 and b.dtype == torch.float64:
         return float(a @ b)
     return float(sum(a[i:i + _SLICE].double() @ b[i:i + _SLICE].double()
                      for i in range(0, a.numel(), _SLICE)))
@@ -78,6 +78,7 @@ def lanczos(
     bound: str = "residual",
     dtype: torch.dtype = torch.float64,
     max_vectors: int | None = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor, float], None] | None = None,
 ) -> dict:
     """Lanczos tridiagonalisation with full re-orthogonalisation.
 
@@ -88,20 +89,17 @@ def lanczos(
     (:func:`ritz_error_bounds`) are below ``tol·max|θ|`` (``stop="max"``: the largest only);
     ``stop="none"`` runs ``max_steps`` (SLQ). An invariant subspace (``β ≈ 0``) ends it, exact.
 
-    Memory: vectors in ``dtype`` (float32 halves float64's memory; ``α`` and ``β`` are
-    accumulated in float64), at most ``max_vectors`` of them. Past that it
-    re-orthogonalises against the latest ``max_vectors`` only (local re-orthogonalisation):
-    orthogonality to older vectors is lost as Ritz values converge (Paige 1976); the extreme
-    Ritz values still converge, their residuals ``|β_m s_{m,i}|`` stay error bounds up to
-    rounding, but a converged eigenvalue may reappear as a copy ("ghost"). ``window`` says so.
+    Memory: vectors in ``dtype`` (float32 halves float64's; ``α``, ``β`` accumulated in
+    float64), at most ``max_vectors``; past that, re-orthogonalisation against the latest
+    ``max_vectors`` only: orthogonality to older ones is lost as Ritz values converge (Paige
+    1976), the extreme ones still converge with residual bounds ``|β_m s_{m,i}|`` up to
+    rounding, but may reappear as copies ("ghosts"); ``window`` says so.
     """
     max_steps = max(1, min(max_steps, dim))
     cap = max_steps + 1 if max_vectors is None else max(3, min(int(max_vectors), max_steps + 1))
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    if v0 is None:
-        q = torch.randn(dim, generator=gen, dtype=torch.float64)
-    else:  # a float32 start stays float32 for float32 vectors (no float64 copy)
-        q = v0.double().cpu() if dtype == torch.float64 else v0.detach().to("cpu", dtype)
+    q = (torch.randn(dim, generator=gen, dtype=torch.float64) if v0 is None  # no float64 copy
+         else v0.double().cpu() if dtype == torch.float64 else v0.detach().to("cpu", dtype))
     q = (q / q.norm()).to(device)
     # q_k in row k % cap; grown by doubling without max_vectors, else cap rows at once
     Q = torch.empty(min(16, cap) if max_vectors is None else cap, dim, dtype=dtype, device=device)
@@ -130,6 +128,8 @@ def lanczos(
                 break
         else:
             ritz, s = _tridiagonal_eigh(alphas, betas)
+            if on_step is not None:  # progress: (Ritz values, their vectors in T, β)
+                on_step(ritz, s, beta)
             scale = max(float(ritz.abs().max()), 1e-300)
             if beta <= 1e-12 * scale or last:
                 break

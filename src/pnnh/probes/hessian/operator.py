@@ -41,8 +41,9 @@ from pnnh.errors import ConfigError
 from pnnh.probes.bnfold import foldable_pairs, folded
 from pnnh.probes.hessian.density import _check_quadrature, slq_quadrature
 from pnnh.probes.hessian.hutchinson import _rademacher
-from pnnh.probes.hessian.lanczos import lanczos, ritz_error_bounds
+from pnnh.probes.hessian.lanczos import _dot, lanczos, ritz_error_bounds
 from pnnh.probes.hessian.memory import activation_bytes, columns, hvp_bytes, parse_memory
+from pnnh.probes.hessian.progress import enabled, stage_bar
 from pnnh.probes.hessian.trace import TRACE_METHODS, estimate_trace
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -151,7 +152,12 @@ class HessianOperator:
     1 GiB) bounds what the estimators hold beyond the model and one HVP's graph: the Lanczos
     vectors (:meth:`lanczos_vectors`), the trace sketches (:func:`~.trace.plan_trace`) and the
     vectors of one batched HVP pass (:meth:`hvp_chunk`), whatever the number of HVPs.
+
+    ``progress``: a bar per stage on stderr (:mod:`~.progress`: HVPs done out of the budget,
+    the current estimate and error bound); ``None`` shows them where stderr is a terminal.
     """
+
+    _hvps, _bar = 0, None  # hvp_calls' count; the running stage's bar, if any
 
     def __init__(
         self,
@@ -163,6 +169,7 @@ class HessianOperator:
         fold_batchnorm: bool = True,
         allow_tf32: bool = False,
         max_memory: int | float | str | None = None,
+        progress: bool | None = None,
     ):
         if hvp_mode not in HVP_MODES:
             raise ConfigError(f"hvp_mode: one of {', '.join(HVP_MODES)}, got {hvp_mode!r}",
@@ -208,6 +215,28 @@ class HessianOperator:
         self.block_kind: str | None = None  # hvp_many's CPU blocks: "fwd-rev" once it ran
         self.max_memory = parse_memory(max_memory)  # bytes: see hvp_chunk, lanczos_vectors
         self._sample, self._per_hvp = first, None
+        self.progress = progress  # a bar per stage: None = where stderr is a terminal
+
+    @property
+    def hvp_calls(self) -> int:
+        """HVPs run so far (a running stage's progress bar advances with it)."""
+        return self._hvps
+
+    @hvp_calls.setter
+    def hvp_calls(self, value: int) -> None:
+        if self._bar is not None and value > self._hvps:
+            self._bar.update(value - self._hvps)
+        self._hvps = value
+
+    @contextlib.contextmanager
+    def _stage(self, desc: str, total: int):
+        """The bar of one stage (``None`` when progress is off), current while it runs."""
+        with stage_bar(enabled(self.progress), desc, total) as bar:
+            outer, self._bar = self._bar, bar
+            try:
+                yield bar
+            finally:
+                self._bar = outer
 
     @property
     def theta(self) -> torch.Tensor:
@@ -467,7 +496,9 @@ class HessianOperator:
             except (NotImplementedError, RuntimeError):
                 pass
         self.quadratic_kind = "hvp"
-        return (vs.double() * self.hvp_many(vs).double()).sum(1)
+        # row by row, accumulated in float64 slices: no float64 copy of the (k, dim) products
+        return torch.tensor([_dot(v, h) for v, h in zip(vs, self.hvp_many(vs))],
+                            dtype=torch.float64)
 
     # -- memory ---------------------------------------------------------------------------
     @property
@@ -513,7 +544,8 @@ class HessianOperator:
     def dense(self, chunk_size: int = 256) -> torch.Tensor:
         """The exact ``dim × dim`` Hessian: ``H e_j`` for every basis vector (vmapped HVPs)."""
         eye = torch.eye(self.dim, dtype=self.theta.dtype, device=self.theta.device)
-        h = self.hvp_many(eye, chunk_size)
+        with self._stage("dense Hessian", self.dim):
+            h = self.hvp_many(eye, chunk_size)
         return 0.5 * (h + h.T)
 
     def extreme_eigenvalues(
@@ -540,9 +572,15 @@ class HessianOperator:
             start = "gradient" if which == "max" else "mixed"
         calls0 = self.hvp_calls
         v0 = self.start_vector(start, seed)
-        res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, bound=bound, v0=v0,
-                      device=self.theta.device, stop="max" if which == "max" else "extremes",
-                      dtype=self.vector_dtype, max_vectors=self.lanczos_vectors())
+        with self._stage("Lanczos", min(max_iter, self.dim)) as bar:
+            show = None if bar is None else (lambda t, s, b: bar.set_postfix_str(
+                "λmax {:.6g} ± {:.2g}, λmin {:.6g} ± {:.2g}".format(
+                    float(t[-1]), (e := ritz_error_bounds(t, s, b, bound))["max"],
+                    float(t[0]), e["min"]), refresh=False))
+            res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, bound=bound, v0=v0,
+                          device=self.theta.device, stop="max" if which == "max" else "extremes",
+                          dtype=self.vector_dtype, max_vectors=self.lanczos_vectors(),
+                          on_step=show)
         del v0
         theta = res["ritz"]
         scale = max(float(theta.abs().max()), 1e-300)
@@ -585,9 +623,13 @@ class HessianOperator:
             raise ConfigError(f"trace method: one of {', '.join(TRACE_METHODS)}, got {method!r}",
                               field="trace_method")
         calls0 = self.hvp_calls
-        out = estimate_trace(self.hvp_many, self.dim, num_samples, method=method, seed=seed,
-                             rel_tol=rel_tol, z=z, chunk=chunk, device=self.theta.device,
-                             quadform=self.quadratic_forms, max_memory=self.max_memory)
+        with self._stage(f"trace ({method})", min(num_samples, self.dim)) as bar:
+            show = None if bar is None else (lambda t, err: bar.set_postfix_str(
+                f"trace {t:.6g} ± {z * err:.2g}", refresh=False))
+            out = estimate_trace(self.hvp_many, self.dim, num_samples, method=method,
+                                 seed=seed, rel_tol=rel_tol, z=z, chunk=chunk,
+                                 device=self.theta.device, quadform=self.quadratic_forms,
+                                 max_memory=self.max_memory, on_estimate=show)
         out.update(hvps=self.hvp_calls - calls0, hvp=self.hvp_kind, method=self.hvp_method,
                    quadratic_forms=self.quadratic_kind, block_hvp=self.block_kind)
         return out
@@ -611,9 +653,10 @@ class HessianOperator:
         steps = min(num_steps, self.dim)
         for r in range(num_runs):
             v0 = _rademacher(1, self.dim, gen, "cpu")[0].to(self.vector_dtype)  # ±1: exact
-            res = lanczos(self.hvp, self.dim, steps, seed=seed + r, v0=v0,
-                          device=self.theta.device, stop="none", dtype=self.vector_dtype,
-                          max_vectors=self.lanczos_vectors())
+            with self._stage(f"SLQ run {r + 1}/{num_runs}", steps):
+                res = lanczos(self.hvp, self.dim, steps, seed=seed + r, v0=v0,
+                              device=self.theta.device, stop="none", dtype=self.vector_dtype,
+                              max_vectors=self.lanczos_vectors())
             rule = quadrature if res["steps"] == steps and steps < self.dim else "gauss"
             n, w = slq_quadrature(res["alphas"], res["betas"], rule)
             nodes.append(n)

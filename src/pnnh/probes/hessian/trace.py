@@ -70,6 +70,7 @@ def estimate_trace(
     chunk: int = 16, device: torch.device | str = "cpu",
     quadform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_memory: int | None = None,
+    on_estimate: Callable[[float, float], None] | None = None,
 ) -> dict:
     """Trace of a symmetric ``A`` given by ``matmat(rows) = rows @ A`` with at most ``budget``
     products.
@@ -87,7 +88,8 @@ def estimate_trace(
     (standard error of the random part), ``samples`` (the products used) and ``converged``
     (``z·stderr <= rel_tol·|trace|``). ``max_memory`` (bytes) caps what the estimator holds
     (:func:`plan_trace`): ``trace_method`` is then the method that ran and ``trace_plan`` says
-    why it is not the one asked for.
+    why it is not the one asked for. ``on_estimate(trace, stderr)`` sees every intermediate
+    estimate (a progress bar).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     budget = max(2, int(budget))
@@ -101,13 +103,13 @@ def estimate_trace(
         return {"trace": t, "trace_stderr": 0.0, "samples": dim, "converged": True,
                 "trace_method": "exact (basis vectors)", "error_bound": 0.0, "z": z}
     if method == "xtrace":
-        out = _xtrace(matmat, dim, budget, gen, rel_tol, z, chunk, device)
+        out = _xtrace(matmat, dim, budget, gen, rel_tol, z, chunk, device, on_estimate)
     elif method == "hutch++":
         out = _hutchpp(matmat, dim, budget, gen, rel_tol, z, chunk, device, quadform=quadform,
-                       k=sketch, max_rows=rows)
+                       k=sketch, max_rows=rows, on_estimate=on_estimate)
     else:
         out = _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device,
-                          quadform=quadform, max_rows=rows)
+                          quadform=quadform, max_rows=rows, on_estimate=on_estimate)
     out.update(trace_method=method, error_bound=z * out["trace_stderr"], z=z)
     if why is not None:
         out.update(trace_plan=why, trace_method_asked=asked)

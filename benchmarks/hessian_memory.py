@@ -19,6 +19,7 @@ steps (no torchvision needed).
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model, args.trace_samples = "tiny_cnn", 4
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_before = list(os.getloadavg())
     rows = []
 
     def row(stage: str, t0: float, hvps: int, **extra) -> None:
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0, calls = time.perf_counter(), op.hvp_calls
         op.spectral_density(1, args.slq_steps or (4 if args.quick else kept + 2))
         row("slq", t0, op.hvp_calls - calls)
-    return save_results(f"hessian_memory_{args.model}", args, machine_info(), rows=rows)
+    info = {**machine_info(), "loadavg_before": load_before}
+    return save_results(f"hessian_memory_{args.model}", args, info, rows=rows)
 
 
 if __name__ == "__main__":

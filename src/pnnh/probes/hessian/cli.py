@@ -8,6 +8,8 @@ Writes ``hessian.json`` (one record per model: ``lambda_max``, ``lambda_min``, `
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from pnnh.probes.common import ProbeResult, ProbeTarget
 from pnnh.probes.hessian.blocks import block_curvature
 from pnnh.probes.hessian.density import QUADRATURES, slq_density
 from pnnh.probes.hessian.memory import parse_memory
-from pnnh.probes.hessian.operator import HVP_MODES, LOSSES, HessianOperator
+from pnnh.probes.hessian.operator import HVP_MODES, LOSSES, HessianOperator, _world_size
 from pnnh.probes.hessian.summary import hessian_summary
 from pnnh.probes.hessian.trace import TRACE_METHODS
 
@@ -113,7 +115,9 @@ def _loss_targets(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 
 def prepare(args: argparse.Namespace) -> None:
     """``--shortcut/--init/--init-scale`` become model options of the ``--model`` built here;
-    ``--max-memory`` is checked (and becomes bytes) before any model is built."""
+    ``--max-memory`` is checked (and becomes bytes) before any model is built. Under
+    ``torchrun`` the process group is formed here and ranks other than 0 write into a
+    temporary folder of their own (their results are rank 0's)."""
     model_args = dict(getattr(args, "model_args", {}) or {})
     for flag, key in (("shortcut", "shortcut"), ("init", "init"), ("init_scale", "scale")):
         if getattr(args, flag, None) is not None:
@@ -123,12 +127,28 @@ def prepare(args: argparse.Namespace) -> None:
             model_args[key] = getattr(args, flag)
     args.model_args = model_args
     args.max_memory = parse_memory(getattr(args, "max_memory", None))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one shard of the batch per rank
+        from pnnh.device import Distributed
+
+        dist = Distributed(getattr(args, "device", "cpu") or "cpu")
+        if not dist.is_main:  # every rank computes the same result; rank 0 writes it
+            args.out = tempfile.mkdtemp(prefix=f"pnnh-hessian-rank{dist.rank}-")
+
+
+def _shard(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under ``torchrun``: this rank's contiguous share of the batch (sizes differ by one at
+    most); the operator all-reduces gradients and HVPs weighted by the shares' sizes."""
+    world = _world_size()
+    if world == 1:
+        return inputs, targets
+    rank = torch.distributed.get_rank()
+    return torch.tensor_split(inputs, world)[rank], torch.tensor_split(targets, world)[rank]
 
 
 def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, dict]:
     """One model's ``hessian.json`` record and its spectral density (for the plot)."""
     targets = _loss_targets(t.model, t.inputs, t.targets, args.loss)
-    op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params,
+    op = HessianOperator(t.model, _shard(t.inputs, targets), args.loss, args.params,
                          hvp_mode=getattr(args, "hvp", "auto"),
                          fold_batchnorm=getattr(args, "fold_batchnorm", True),
                          max_memory=getattr(args, "max_memory", None),
@@ -145,7 +165,7 @@ def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, d
 
 def _block_records(t: ProbeTarget, args: argparse.Namespace) -> list[dict]:
     """``--blocks``: the curvature of each named diagonal block of one model's Hessian."""
-    blocks = block_curvature(t.model, (t.inputs, t.targets), args.blocks, args.loss,
+    blocks = block_curvature(t.model, _shard(t.inputs, t.targets), args.blocks, args.loss,
                              hvp_mode=getattr(args, "hvp", "auto"), tol=args.tol,
                              max_iter=args.max_iter, seed=args.seed,
                              trace_samples=args.hutchinson_samples,

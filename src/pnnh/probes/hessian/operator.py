@@ -114,6 +114,12 @@ def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, LossFn] = {"ce": F.cross_entropy, "mse": mse_loss}
 
 
+def _world_size() -> int:
+    """Ranks of the initialised default process group (``torchrun``), else 1."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def select_parameters(model: nn.Module, params: str | Sequence[str] | None = None) -> list[str]:
     """Names of the trainable parameters to differentiate: all of them, or those whose name
     starts with one of the given prefixes (``"blocks"``, ``"head.weight"``, ...)."""
@@ -155,6 +161,11 @@ class HessianOperator:
 
     ``progress``: a bar per stage on stderr (:mod:`~.progress`: HVPs done out of the budget,
     the current estimate and error bound); ``None`` shows them where stderr is a terminal.
+
+    Data parallel: where a process group is initialised (``torchrun``; :func:`_world_size`)
+    each rank passes its own shard of the data, and every gradient and HVP is all-reduced
+    (:meth:`_all_sum`, weighted by the shards' sample counts), so every rank holds one shard's
+    graph and gets the single-process result.
     """
 
     _hvps, _bar = 0, None  # hvp_calls' count; the running stage's bar, if any
@@ -216,6 +227,19 @@ class HessianOperator:
         self.max_memory = parse_memory(max_memory)  # bytes: see hvp_chunk, lanczos_vectors
         self._sample, self._per_hvp = first, None
         self.progress = progress  # a bar per stage: None = where stderr is a terminal
+        self.world_size = _world_size()  # > 1 under torchrun: data-parallel, see _all_sum
+        if self.world_size > 1:
+            self.local_samples = self.num_samples
+            self.num_samples = int(self._all_sum(torch.tensor([float(self.num_samples)]))[0])
+
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Data parallel (``world_size > 1``): the sum over the ranks of ``t`` (in place), so
+        each rank's ``Σ_b (n_b/N) ·`` over its own shard adds up to the mean over all ``N``
+        samples; the same result, bit for bit, on every rank, which then all run the same
+        Lanczos / trace / SLQ iteration. A single process: ``t`` itself."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t
 
     @property
     def hvp_calls(self) -> int:
@@ -354,7 +378,7 @@ class HessianOperator:
             for x, y in self._iter():
                 term = (x.shape[0] / self.num_samples) * fn(x, y)
                 out = term if out is None else out + term
-        return out
+        return self._all_sum(out)
 
     def _hvp_data(self, v: torch.Tensor) -> torch.Tensor:
         """``Σ_b (n_b/N) H_b v`` over the batches."""
@@ -371,7 +395,9 @@ class HessianOperator:
                 gb, lb = torch.func.grad_and_value(self._loss)(self.theta, x, y)
                 total += w * float(lb)
                 g += w * gb
-        return total, g
+        if self.world_size > 1:
+            total = float(self._all_sum(torch.tensor([total], dtype=torch.float64))[0])
+        return total, self._all_sum(g)
 
     def gradient(self) -> torch.Tensor:
         """``∇L(θ)``: taken from the kept gradient graph where double backward will run (so the
@@ -380,7 +406,10 @@ class HessianOperator:
         if one and self.hvp_mode != "fwd-rev" and self.hvp_kind in (None, "rev-rev"):
             try:  # _resolve keeps this graph if rev-rev (as tagged) then works
                 with self._attention(), self._precision():
-                    return self._gradient_graph(*next(self._iter()))[1].detach()
+                    g = self._gradient_graph(*next(self._iter()))[1].detach()
+                if self.world_size > 1:  # this shard's mean, weighted and summed over ranks
+                    g = self._all_sum(g * (self.local_samples / self.num_samples))
+                return g
             except (NotImplementedError, RuntimeError):
                 self._graph = None
         return self.loss_and_grad()[1]

@@ -97,7 +97,8 @@ def hessian_summary(
             num_params=op.dim,
             extra={"hvp": op.hvp_kind, "zero_tol": zero_tol, "num_zero": cn["num_zero"],
                    "num_negative": cn["num_negative"], "num_positive": cn["num_positive"],
-                   "num_samples": op.num_samples, "batchnorm_folded": len(op.folded)},
+                   "num_samples": op.num_samples, "batchnorm_folded": len(op.folded),
+                   "world_size": op.world_size},
         )
         return summary, {"eigenvalues": lam}
     ext = op.extreme_eigenvalues(tol=tol, max_iter=max_iter, seed=seed)
@@ -125,6 +126,7 @@ def hessian_summary(
                "lanczos_converged": ext["converged"], "hutchinson_samples": tr["samples"],
                "trace_method": tr["trace_method"], "slq_quadrature": slq_quadrature,
                "num_samples": op.num_samples, "batchnorm_folded": len(op.folded),
+               "world_size": op.world_size,
                "max_memory": op.max_memory, "lanczos_vectors": ext["lanczos_vectors"],
                **({"trace_plan": tr["trace_plan"]} if "trace_plan" in tr else {})},
     )

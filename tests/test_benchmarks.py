@@ -145,6 +145,23 @@ def test_hessian_vs_pyhessian_quick(tmp_path):
     assert (tmp_path / "hessian_quick.png").stat().st_size > 1000
 
 
+def test_hessian_memory_quick(tmp_path):
+    data = _load("hessian_memory").main(["--quick", "--out", str(tmp_path)])
+    saved = _check_common(tmp_path / "hessian_memory_tiny_cnn_quick.json",
+                          "hessian_memory_tiny_cnn")
+    assert [r["stage"] for r in saved["rows"]] == ["setup", "gradient", "hvp", "lanczos",
+                                                   "trace", "slq"]
+    assert all(r["peak_rss_mb"] > 0 for r in data["rows"])
+
+
+def test_hessian_ddp_quick(tmp_path):
+    pytest.importorskip("torch.distributed")
+    data = _load("hessian_ddp").main(["--quick", "--out", str(tmp_path)])
+    saved = _check_common(tmp_path / "hessian_ddp_quick.json", "hessian_ddp")
+    assert [r["ranks"] for r in saved["rows"]] == [1, 2]
+    assert all(r["seconds_per_hvp"] > 0 for r in data["rows"])
+
+
 def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path):
     # the GPU script is run rarely and for minutes: its steps, limits and packing are checked
     # here at smoke size on the CPU, so a lent GPU's time is not spent on the script's bugs

@@ -43,16 +43,19 @@ def block_curvature(
     blocks: str | Sequence[str] | dict[str, Sequence[str]], loss_fn: LossFn | str = "ce",
     hvp_mode: str = "auto", tol: float = 1e-3, max_iter: int = 100, trace_samples: int = 64,
     trace_method: str = "xtrace", trace_rel_tol: float | None = None, seed: int = 0,
-    fold_batchnorm: bool = True, output: str | int | None = None,
+    fold_batchnorm: bool = True, max_memory: int | float | str | None = None,
+    progress: bool | None = None, output: str | int | None = None,
 ) -> list[dict]:
     """Per-block curvature: for each block ``B`` of parameters, the diagonal block ``H_BB``
     of the Hessian (the Hessian of the loss in ``θ_B`` with the other parameters fixed) —
     its extreme eigenvalues (Lanczos) and its trace (``tr H = Σ_B tr H_BB``, so stage-wise
-    traces add up to the whole trace). One record per block."""
+    traces add up to the whole trace). One record per block. ``max_memory``, ``progress``:
+    see :class:`HessianOperator`."""
     records = []
     for name, prefixes in parse_blocks(blocks).items():
         op = HessianOperator(model, data, loss_fn, params=prefixes, hvp_mode=hvp_mode,
-                             fold_batchnorm=fold_batchnorm, output=output)
+                             fold_batchnorm=fold_batchnorm, max_memory=max_memory,
+                             progress=progress, output=output)
         ext = op.extreme_eigenvalues(tol=tol, max_iter=max_iter, seed=seed, bound="gap")
         tr = op.trace(trace_samples, seed=seed, rel_tol=trace_rel_tol, method=trace_method)
         records.append({

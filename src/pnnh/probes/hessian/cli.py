@@ -8,6 +8,8 @@ Writes ``hessian.json`` (one record per model: ``lambda_max``, ``lambda_min``, `
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from pnnh.io import save_figure, write_records
 from pnnh.probes.common import ProbeResult, ProbeTarget, select_output
 from pnnh.probes.hessian.blocks import block_curvature
 from pnnh.probes.hessian.density import QUADRATURES, slq_density
-from pnnh.probes.hessian.operator import HVP_MODES, LOSSES, HessianOperator
+from pnnh.probes.hessian.memory import parse_memory
+from pnnh.probes.hessian.operator import HVP_MODES, LOSSES, HessianOperator, _world_size
 from pnnh.probes.hessian.summary import hessian_summary
 from pnnh.probes.hessian.trace import TRACE_METHODS
 
@@ -82,6 +85,12 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     a("--blocks", default=None,
       help="per-block curvature, e.g. 'stage1=blocks.0,blocks.1,blocks.2;head': λmax, λmin, "
            "trace of each diagonal Hessian block, in hessian_blocks.csv/json")
+    a("--max-memory", default="1G",
+      help="memory for the estimators' vectors and batched HVPs beyond the model and one "
+           "HVP's graph (e.g. 2G, 500M): Lanczos keeps the vectors that fit, the trace "
+           "estimator falls back from xtrace to hutch++/hutchinson when its sketch does not")
+    a("--quiet", action="store_true",
+      help="no progress bars (by default each stage shows one on stderr when it is a terminal)")
     a("--slq-runs", type=int, default=5)
     a("--slq-steps", type=int, default=40)
     a("--slq-quadrature", choices=list(QUADRATURES), default="averaged",
@@ -105,7 +114,10 @@ def _loss_targets(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 
 
 def prepare(args: argparse.Namespace) -> None:
-    """``--shortcut/--init/--init-scale`` become model options of the ``--model`` built here."""
+    """``--shortcut/--init/--init-scale`` become model options of the ``--model`` built here;
+    ``--max-memory`` is checked (and becomes bytes) before any model is built. Under
+    ``torchrun`` the process group is formed here and ranks other than 0 write into a
+    temporary folder of their own (their results are rank 0's)."""
     model_args = dict(getattr(args, "model_args", {}) or {})
     for flag, key in (("shortcut", "shortcut"), ("init", "init"), ("init_scale", "scale")):
         if getattr(args, flag, None) is not None:
@@ -114,15 +126,35 @@ def prepare(args: argparse.Namespace) -> None:
                                   "here, not to --checkpoint/--model-file", field=flag)
             model_args[key] = getattr(args, flag)
     args.model_args = model_args
+    args.max_memory = parse_memory(getattr(args, "max_memory", None))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one shard of the batch per rank
+        from pnnh.device import Distributed
+
+        dist = Distributed(getattr(args, "device", "cpu") or "cpu")
+        if not dist.is_main:  # every rank computes the same result; rank 0 writes it
+            args.out = tempfile.mkdtemp(prefix=f"pnnh-hessian-rank{dist.rank}-")
+
+
+def _shard(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under ``torchrun``: this rank's contiguous share of the batch (sizes differ by one at
+    most); the operator all-reduces gradients and HVPs weighted by the shares' sizes."""
+    world = _world_size()
+    if world == 1:
+        return inputs, targets
+    rank = torch.distributed.get_rank()
+    return torch.tensor_split(inputs, world)[rank], torch.tensor_split(targets, world)[rank]
 
 
 def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, dict]:
     """One model's ``hessian.json`` record and its spectral density (for the plot)."""
     output = getattr(args, "output", None)
     targets = _loss_targets(t.model, t.inputs, t.targets, args.loss, output)
-    op = HessianOperator(t.model, (t.inputs, targets), args.loss, args.params,
+    op = HessianOperator(t.model, _shard(t.inputs, targets), args.loss, args.params,
                          hvp_mode=getattr(args, "hvp", "auto"),
-                         fold_batchnorm=getattr(args, "fold_batchnorm", True), output=output)
+                         fold_batchnorm=getattr(args, "fold_batchnorm", True),
+                         max_memory=getattr(args, "max_memory", None),
+                         progress=False if getattr(args, "quiet", False) else None,
+                         output=output)
     summary, spec = hessian_summary(
         op, dense=args.dense, dense_limit=args.dense_limit, tol=args.tol,
         zero_tol=args.zero_tol, hutchinson_samples=args.hutchinson_samples,
@@ -135,12 +167,14 @@ def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, d
 
 def _block_records(t: ProbeTarget, args: argparse.Namespace) -> list[dict]:
     """``--blocks``: the curvature of each named diagonal block of one model's Hessian."""
-    blocks = block_curvature(t.model, (t.inputs, t.targets), args.blocks, args.loss,
+    blocks = block_curvature(t.model, _shard(t.inputs, t.targets), args.blocks, args.loss,
                              hvp_mode=getattr(args, "hvp", "auto"), tol=args.tol,
                              max_iter=args.max_iter, seed=args.seed,
                              trace_samples=args.hutchinson_samples,
                              trace_method=getattr(args, "trace_method", "xtrace"),
                              fold_batchnorm=getattr(args, "fold_batchnorm", True),
+                             max_memory=getattr(args, "max_memory", None),
+                             progress=False if getattr(args, "quiet", False) else None,
                              output=getattr(args, "output", None))
     return [{"model": t.label, **b} for b in blocks]
 

@@ -16,7 +16,9 @@ import torch
 
 
 def _rademacher(k: int, dim: int, gen: torch.Generator, device) -> torch.Tensor:
-    return (torch.randint(0, 2, (k, dim), generator=gen, dtype=torch.float64) * 2 - 1).to(device)
+    """``k`` rows of independent ±1 (in place: one ``k × dim`` float64 buffer)."""
+    return torch.randint(0, 2, (k, dim), generator=gen, dtype=torch.float64).mul_(2).sub_(1).to(
+        device)
 
 
 def _sphere(k: int, dim: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -40,13 +42,13 @@ def _apply(matmat, rows: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device, basis=None,
-                quadform=None) -> dict:
+                quadform=None, max_rows: int | None = None, on_estimate=None) -> dict:
     """``(1/n) Σ vᵀ P A P v`` over Rademacher ``v`` with ``P = I − QQᵀ`` (``P = I`` without a
     basis), ``chunk`` probes per batched call, stopping when ``z·stderr <= rel_tol·|total|``.
     ``quadform(rows)``, when given, returns ``vᵀAv`` per row directly (else ``v·(Av)``); without
-    a stopping rule all probes go to it at once."""
+    a stopping rule all probes go to it at once, or ``max_rows`` at a time (the memory cap)."""
     if quadform is not None and rel_tol is None:
-        chunk = budget
+        chunk = budget if max_rows is None else max(1, min(budget, max_rows))
     base = 0.0 if basis is None else basis[1]
     vals: list[float] = []
     t, err = base, float("inf")
@@ -58,6 +60,8 @@ def _hutchinson(matmat, dim, budget, gen, rel_tol, z, chunk, device, basis=None,
                  else (v * matmat(v).double()).sum(1)).tolist()
         t, err = _mean_stderr(torch.tensor(vals, dtype=torch.float64))
         t += base
+        if on_estimate is not None:
+            on_estimate(t, err)
         if len(vals) >= 8 and _stop(t, err, rel_tol, z):
             break
     return {"trace": t, "trace_stderr": err, "samples": len(vals),

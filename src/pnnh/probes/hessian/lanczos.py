@@ -20,9 +20,12 @@ with ``stop="none"``, feed stochastic Lanczos quadrature (:mod:`.density`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+
+_SLICE = 2**18  # elements per slice of a float64-accumulated dot product
 
 
 def ritz_error_bounds(ritz: torch.Tensor, s: torch.Tensor, beta: float,
@@ -55,6 +58,14 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]):
     return torch.linalg.eigh(t)
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``a·b`` accumulated in float64 (in slices, so no float64 copy of a float32 vector)."""
+    if a.dtype == torch.float64 and b.dtype == torch.float64:
+        return float(a @ b)
+    return float(sum(a[i:i + _SLICE].double() @ b[i:i + _SLICE].double()
+                     for i in range(0, a.numel(), _SLICE)))
+
+
 def lanczos(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     dim: int,
@@ -65,38 +76,50 @@ def lanczos(
     stop: str = "extremes",
     v0: torch.Tensor | None = None,
     bound: str = "residual",
+    dtype: torch.dtype = torch.float64,
+    max_vectors: int | None = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor, float], None] | None = None,
 ) -> dict:
-    """Lanczos tridiagonalisation with full re-orthogonalisation (in float64).
+    """Lanczos tridiagonalisation with full re-orthogonalisation.
 
     ``q_{j+1} β_j = H q_j - α_j q_j - β_{j-1} q_{j-1}``, then ``q_{j+1}`` is orthogonalised
     against every earlier ``q`` twice (classical Gram-Schmidt, "twice is enough"). Returns the
     Ritz values (ascending), the eigenvectors ``s`` of ``T`` (columns), ``beta_last`` and the
     number of steps. ``stop="extremes"`` stops when the extreme Ritz values' error bounds
     (:func:`ritz_error_bounds`) are below ``tol·max|θ|`` (``stop="max"``: the largest only);
-    ``stop="none"`` runs ``max_steps``
-    (SLQ). An invariant subspace (``β ≈ 0``) ends the iteration: the Ritz values are then
-    exact eigenvalues.
+    ``stop="none"`` runs ``max_steps`` (SLQ). An invariant subspace (``β ≈ 0``) ends it, exact.
+
+    Memory: vectors in ``dtype`` (float32 halves float64's; ``α``, ``β`` accumulated in
+    float64), at most ``max_vectors``; past that, re-orthogonalisation against the latest
+    ``max_vectors`` only: orthogonality to older ones is lost as Ritz values converge (Paige
+    1976), the extreme ones still converge with residual bounds ``|β_m s_{m,i}|`` up to
+    rounding, but may reappear as copies ("ghosts"); ``window`` says so.
     """
     max_steps = max(1, min(max_steps, dim))
+    cap = max_steps + 1 if max_vectors is None else max(3, min(int(max_vectors), max_steps + 1))
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(dim, generator=gen, dtype=torch.float64) if v0 is None else v0.double().cpu()
+    q = (torch.randn(dim, generator=gen, dtype=torch.float64) if v0 is None  # no float64 copy
+         else v0.double().cpu() if dtype == torch.float64 else v0.detach().to("cpu", dtype))
     q = (q / q.norm()).to(device)
-    # Lanczos vectors, grown by doubling (a full (max_steps, dim) block can be GBs)
-    Q = torch.empty(min(16, max_steps + 1), dim, dtype=torch.float64, device=device)
+    # q_k in row k % cap; grown by doubling without max_vectors, else cap rows at once
+    Q = torch.empty(min(16, cap) if max_vectors is None else cap, dim, dtype=dtype, device=device)
     Q[0] = q
+    del q
     alphas, betas = [], []
     beta = 0.0
     ritz = s = None
     for j in range(max_steps):
-        w = matvec(Q[j]).double()  # in place from here: no new dim-sized buffers per step
-        alpha = float(Q[j] @ w)
-        w.sub_(Q[j], alpha=alpha)
+        cur = Q[j % cap]
+        w = matvec(cur).to(dtype)  # in place from here: no new dim-sized buffers per step
+        alpha = _dot(cur, w)
+        w.sub_(cur, alpha=alpha)
         if j > 0:
-            w.sub_(Q[j - 1], alpha=beta)
+            w.sub_(Q[(j - 1) % cap], alpha=beta)
+        held = Q[: min(j + 1, cap)]
         for _ in range(2):
-            w.addmv_(Q[: j + 1].T, Q[: j + 1] @ w, alpha=-1.0)
+            w.addmv_(held.T, held @ w, alpha=-1.0)
         alphas.append(alpha)
-        beta = float(w.norm())
+        beta = float(w.norm()) if dtype == torch.float64 else math.sqrt(_dot(w, w))
         last = j + 1 >= max_steps
         if stop == "none" and not last:  # SLQ: no eigh per step; max|α| <= max|θ| serves
             scale = max(abs(a) for a in alphas)  # to detect an invariant subspace (β ≈ 0)
@@ -105,6 +128,8 @@ def lanczos(
                 break
         else:
             ritz, s = _tridiagonal_eigh(alphas, betas)
+            if on_step is not None:  # progress: (Ritz values, their vectors in T, β)
+                on_step(ritz, s, beta)
             scale = max(float(ritz.abs().max()), 1e-300)
             if beta <= 1e-12 * scale or last:
                 break
@@ -113,13 +138,11 @@ def lanczos(
                 if e["max"] <= tol * scale and (stop == "max" or e["min"] <= tol * scale):
                     break
         betas.append(beta)
-        if j + 1 >= Q.shape[0]:
-            grown = torch.empty(min(2 * Q.shape[0], max_steps + 1), dim, dtype=Q.dtype,
-                                device=device)
+        if (j + 1) % cap >= Q.shape[0]:
+            grown = torch.empty(min(2 * Q.shape[0], cap), dim, dtype=Q.dtype, device=device)
             grown[: Q.shape[0]] = Q
             Q = grown
-        torch.div(w, beta, out=Q[j + 1])
+        torch.div(w, beta, out=Q[(j + 1) % cap])
     return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas),
-            "alphas": alphas, "betas": betas[: len(alphas) - 1]}
-
-
+            "alphas": alphas, "betas": betas[: len(alphas) - 1], "vectors_kept": cap,
+            "window": len(alphas) > cap}

@@ -41,7 +41,9 @@ from pnnh.probes.bnfold import foldable_pairs, folded
 from pnnh.probes.common import cross_entropy, math_attention, select_output
 from pnnh.probes.hessian.density import _check_quadrature, slq_quadrature
 from pnnh.probes.hessian.hutchinson import _rademacher
-from pnnh.probes.hessian.lanczos import lanczos, ritz_error_bounds
+from pnnh.probes.hessian.lanczos import _dot, lanczos, ritz_error_bounds
+from pnnh.probes.hessian.memory import activation_bytes, columns, hvp_bytes, parse_memory
+from pnnh.probes.hessian.progress import enabled, stage_bar
 from pnnh.probes.hessian.substitutes import exact_substitutes
 from pnnh.probes.hessian.trace import TRACE_METHODS, estimate_trace
 
@@ -105,6 +107,12 @@ def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "mse": mse_loss}
 
 
+def _world_size() -> int:
+    """Ranks of the initialised default process group (``torchrun``), else 1."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def select_parameters(model: nn.Module, params: str | Sequence[str] | None = None) -> list[str]:
     """Names of the trainable parameters to differentiate: all of them, or those whose name
     starts with one of the given prefixes (``"blocks"``, ``"head.weight"``, ...)."""
@@ -139,12 +147,27 @@ class HessianOperator:
     TF32 is on (cuDNN's default for convolutions; see :func:`full_float32`). ``True`` keeps
     the global settings: faster on large convolutions, with ~1e-3 relative rounding per HVP.
 
+    ``max_memory`` (bytes, or text such as ``"2G"``; default :data:`~.memory.MAX_MEMORY`,
+    1 GiB) bounds what the estimators hold beyond the model and one HVP's graph: the Lanczos
+    vectors (:meth:`lanczos_vectors`), the trace sketches (:func:`~.trace.plan_trace`) and the
+    vectors of one batched HVP pass (:meth:`hvp_chunk`), whatever the number of HVPs.
+
+    ``progress``: a bar per stage on stderr (:mod:`~.progress`: HVPs done out of the budget,
+    the current estimate and error bound); ``None`` shows them where stderr is a terminal.
+
+    Data parallel: where a process group is initialised (``torchrun``; :func:`_world_size`)
+    each rank passes its own shard of the data, and every gradient and HVP is all-reduced
+    (:meth:`_all_sum`, weighted by the shards' sample counts), so every rank holds one shard's
+    graph and gets the single-process result.
+
     Models as users bring them: a forward that returns a ``ModelOutput``, dict or tuple is
     measured on ``select_output(out, output)`` (``logits`` by default); inputs may be token ids
     (only parameters are differentiated); ``"ce"`` is per token for ``(batch, tokens, vocab)``
     logits; activations with no double backward in PyTorch (``hardsigmoid``) are computed by
     exact substitutes inside the loss (:mod:`.substitutes`), which :attr:`hvp_method` names.
     """
+
+    _hvps, _bar = 0, None  # hvp_calls' count; the running stage's bar, if any
 
     def __init__(
         self,
@@ -155,6 +178,8 @@ class HessianOperator:
         hvp_mode: str = "auto",
         fold_batchnorm: bool = True,
         allow_tf32: bool = False,
+        max_memory: int | float | str | None = None,
+        progress: bool | None = None,
         output: str | int | None = None,
     ):
         if hvp_mode not in HVP_MODES:
@@ -201,6 +226,43 @@ class HessianOperator:
         self.batched: bool | None = None  # hvp_many: batched passes (None: on accelerators)
         self.quadratic_kind: str | None = None  # quadratic_forms: "fwd-fwd" or "hvp" once run
         self.block_kind: str | None = None  # hvp_many's CPU blocks: "fwd-rev" once it ran
+        self.max_memory = parse_memory(max_memory)  # bytes: see hvp_chunk, lanczos_vectors
+        self._sample, self._per_hvp = first, None
+        self.progress = progress  # a bar per stage: None = where stderr is a terminal
+        self.world_size = _world_size()  # > 1 under torchrun: data-parallel, see _all_sum
+        if self.world_size > 1:
+            self.local_samples = self.num_samples
+            self.num_samples = int(self._all_sum(torch.tensor([float(self.num_samples)]))[0])
+
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Data parallel (``world_size > 1``): the sum over the ranks of ``t`` (in place), so
+        each rank's ``Σ_b (n_b/N) ·`` over its own shard adds up to the mean over all ``N``
+        samples; the same result, bit for bit, on every rank, which then all run the same
+        Lanczos / trace / SLQ iteration. A single process: ``t`` itself."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    @property
+    def hvp_calls(self) -> int:
+        """HVPs run so far (a running stage's progress bar advances with it)."""
+        return self._hvps
+
+    @hvp_calls.setter
+    def hvp_calls(self, value: int) -> None:
+        if self._bar is not None and value > self._hvps:
+            self._bar.update(value - self._hvps)
+        self._hvps = value
+
+    @contextlib.contextmanager
+    def _stage(self, desc: str, total: int):
+        """The bar of one stage (``None`` when progress is off), current while it runs."""
+        with stage_bar(enabled(self.progress), desc, total) as bar:
+            outer, self._bar = self._bar, bar
+            try:
+                yield bar
+            finally:
+                self._bar = outer
 
     @property
     def theta(self) -> torch.Tensor:
@@ -321,7 +383,7 @@ class HessianOperator:
             for x, y in self._iter():
                 term = (x.shape[0] / self.num_samples) * fn(x, y)
                 out = term if out is None else out + term
-        return out
+        return self._all_sum(out)
 
     def _hvp_data(self, v: torch.Tensor) -> torch.Tensor:
         """``Σ_b (n_b/N) H_b v`` over the batches."""
@@ -338,7 +400,9 @@ class HessianOperator:
                 gb, lb = torch.func.grad_and_value(self._loss)(self.theta, x, y)
                 total += w * float(lb)
                 g += w * gb
-        return total, g
+        if self.world_size > 1:
+            total = float(self._all_sum(torch.tensor([total], dtype=torch.float64))[0])
+        return total, self._all_sum(g)
 
     def gradient(self) -> torch.Tensor:
         """``∇L(θ)``: taken from the kept gradient graph where double backward will run (so the
@@ -347,7 +411,10 @@ class HessianOperator:
         if one and self.hvp_mode != "fwd-rev" and self.hvp_kind in (None, "rev-rev"):
             try:  # _resolve keeps this graph if rev-rev (as tagged) then works
                 with self._attention(), self._precision():
-                    return self._gradient_graph(*next(self._iter()))[1].detach()
+                    g = self._gradient_graph(*next(self._iter()))[1].detach()
+                if self.world_size > 1:  # this shard's mean, weighted and summed over ranks
+                    g = self._all_sum(g * (self.local_samples / self.num_samples))
+                return g
             except (NotImplementedError, RuntimeError):
                 self._graph = None
         return self.loss_and_grad()[1]
@@ -358,15 +425,15 @@ class HessianOperator:
         ``mixed`` (``g/‖g‖ + r/‖r‖``, overlapping both ends of the spectrum)."""
         if start == "random":
             return None
-        g = self.gradient().double()
+        g = self.gradient().to(self.vector_dtype)  # in the vectors' dtype: no float64 copies
         if not torch.isfinite(g).all() or float(g.norm()) == 0.0:
             return None
         g = g / g.norm()
         if start == "gradient":
             return g
         r = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed),
-                        dtype=torch.float64).to(g.device)
-        return g + r / r.norm()
+                        dtype=self.vector_dtype).to(g.device)
+        return r.div_(r.norm()).add_(g)
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` (averaged exactly over all batches)."""
@@ -375,17 +442,18 @@ class HessianOperator:
 
     def hvp_many(self, vs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """``H v`` for every row ``v`` of ``vs``: the rows go through in blocks of
-        ``chunk_size`` (all at once by default) as one batched pass (``vmap`` for fwd-rev,
-        ``is_grads_batched`` for rev-rev); one at a time where an op has no batching rule, and
-        on a CPU for more than ``BATCHED_CPU_DIM`` parameters unless :attr:`batched` is set
-        (on the development CPU the batched backward was slower per vector than single HVPs
-        on ResNet-20, 272k parameters, and faster on a 938-parameter conv net)."""
+        ``chunk_size`` (all at once by default; at most :meth:`hvp_chunk`, the memory cap) as
+        one batched pass (``vmap`` for fwd-rev, ``is_grads_batched`` for rev-rev); one at a time
+        where an op has no batching rule, and on a CPU for more than ``BATCHED_CPU_DIM``
+        parameters unless :attr:`batched` is set (on the development CPU the batched backward
+        was slower per vector than single HVPs on ResNet-20, 272k parameters, and faster on a
+        938-parameter conv net)."""
         vs = vs.to(self.theta)
         batched = self._use_batched()
         if not batched:
             self.hvp_calls += vs.shape[0]
             return torch.stack([self._hvp_data(v) for v in vs]) if len(vs) else vs.clone()
-        step = chunk_size or max(1, vs.shape[0])
+        step = min(chunk_size or max(1, vs.shape[0]), self.hvp_chunk())
         outs = []
         for i in range(0, vs.shape[0], step):
             block = vs[i:i + step]
@@ -452,6 +520,7 @@ class HessianOperator:
         vs = vs.to(self.theta)
         batched = self._use_batched()
         if batched and self.quadratic_kind in (None, "fwd-fwd"):
+            chunk_size = min(chunk_size, self.hvp_chunk())
             try:
                 out = torch.cat([self._quadratic_fwd_fwd(vs[i:i + chunk_size])
                                  for i in range(0, vs.shape[0], chunk_size)])
@@ -461,12 +530,56 @@ class HessianOperator:
             except (NotImplementedError, RuntimeError):
                 pass
         self.quadratic_kind = "hvp"
-        return (vs.double() * self.hvp_many(vs).double()).sum(1)
+        # row by row, accumulated in float64 slices: no float64 copy of the (k, dim) products
+        return torch.tensor([_dot(v, h) for v, h in zip(vs, self.hvp_many(vs))],
+                            dtype=torch.float64)
+
+    # -- memory ---------------------------------------------------------------------------
+    @property
+    def vector_dtype(self) -> torch.dtype:
+        """The dtype Lanczos stores its vectors in: the model's (float32 or float64)."""
+        return self.theta.dtype if self.theta.dtype == torch.float64 else torch.float32
+
+    def lanczos_vectors(self) -> int:
+        """Lanczos vectors kept within :attr:`max_memory`, less four for the ``dim``-sized
+        buffers of each step (the start, the product, its scaled copy, the new vector); 3 at
+        least."""
+        size = torch.empty((), dtype=self.vector_dtype).element_size()
+        return max(3, columns(self.max_memory, self.dim, size) - 4)
+
+    def hvp_chunk(self) -> int:
+        """Vectors per batched HVP pass within :attr:`max_memory`: the budget over the
+        estimated cost of one more vector (:func:`~.memory.hvp_bytes`: the activations of one
+        sample, measured once by a forward pass with hooks, times the largest batch, plus four
+        vectors of ``dim``)."""
+        if self._per_hvp is None:
+            self._per_hvp = hvp_bytes(self.dim, self.theta.element_size(),
+                                      self._largest_batch(), self._sample_activations())
+        return max(1, int(self.max_memory // self._per_hvp))
+
+    def _largest_batch(self) -> int:
+        if isinstance(self._batches, list):
+            return max(int(x.shape[0]) for x, _ in self._batches)
+        return self.num_samples  # a loader: at most every sample in one batch
+
+    def _sample_activations(self) -> int:
+        """Bytes of the activations of one sample (0 where the model cannot run on one); the
+        buffers are copies, so train-mode BatchNorm statistics do not move."""
+        state = {n: b.clone() for n, b in self.model.named_buffers()}
+        state.update({n: p.detach() for n, p in self.model.named_parameters()})
+        try:
+            with self._attention(), self._precision():
+                return activation_bytes(
+                    lambda x: functional_call(self.model, state, (x,)), self.model,
+                    self._sample)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            return 0
 
     def dense(self, chunk_size: int = 256) -> torch.Tensor:
         """The exact ``dim × dim`` Hessian: ``H e_j`` for every basis vector (vmapped HVPs)."""
         eye = torch.eye(self.dim, dtype=self.theta.dtype, device=self.theta.device)
-        h = self.hvp_many(eye, chunk_size)
+        with self._stage("dense Hessian", self.dim):
+            h = self.hvp_many(eye, chunk_size)
         return 0.5 * (h + h.T)
 
     def extreme_eigenvalues(
@@ -493,8 +606,16 @@ class HessianOperator:
             start = "gradient" if which == "max" else "mixed"
         calls0 = self.hvp_calls
         v0 = self.start_vector(start, seed)
-        res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, bound=bound, v0=v0,
-                      device=self.theta.device, stop="max" if which == "max" else "extremes")
+        with self._stage("Lanczos", min(max_iter, self.dim)) as bar:
+            show = None if bar is None else (lambda t, s, b: bar.set_postfix_str(
+                "λmax {:.6g} ± {:.2g}, λmin {:.6g} ± {:.2g}".format(
+                    float(t[-1]), (e := ritz_error_bounds(t, s, b, bound))["max"],
+                    float(t[0]), e["min"]), refresh=False))
+            res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, bound=bound, v0=v0,
+                          device=self.theta.device, stop="max" if which == "max" else "extremes",
+                          dtype=self.vector_dtype, max_vectors=self.lanczos_vectors(),
+                          on_step=show)
+        del v0
         theta = res["ritz"]
         scale = max(float(theta.abs().max()), 1e-300)
         err = ritz_error_bounds(theta, res["ritz_vectors"], res["beta_last"], bound)
@@ -512,6 +633,9 @@ class HessianOperator:
             "converged": bool(err["max"] <= tol * scale
                               and (which == "max" or err["min"] <= tol * scale)),
             "ritz_values": theta.tolist(),
+            "lanczos_vectors": res["vectors_kept"],
+            "reorthogonalisation": (f"local: against the latest {res['vectors_kept']} vectors "
+                                    "(max_memory)" if res["window"] else "full"),
             "hvp": self.hvp_kind,
             "method": self.hvp_method,
         }
@@ -533,9 +657,13 @@ class HessianOperator:
             raise ConfigError(f"trace method: one of {', '.join(TRACE_METHODS)}, got {method!r}",
                               field="trace_method")
         calls0 = self.hvp_calls
-        out = estimate_trace(self.hvp_many, self.dim, num_samples, method=method, seed=seed,
-                             rel_tol=rel_tol, z=z, chunk=chunk, device=self.theta.device,
-                             quadform=self.quadratic_forms)
+        with self._stage(f"trace ({method})", min(num_samples, self.dim)) as bar:
+            show = None if bar is None else (lambda t, err: bar.set_postfix_str(
+                f"trace {t:.6g} ± {z * err:.2g}", refresh=False))
+            out = estimate_trace(self.hvp_many, self.dim, num_samples, method=method,
+                                 seed=seed, rel_tol=rel_tol, z=z, chunk=chunk,
+                                 device=self.theta.device, quadform=self.quadratic_forms,
+                                 max_memory=self.max_memory, on_estimate=show)
         out.update(hvps=self.hvp_calls - calls0, hvp=self.hvp_kind, method=self.hvp_method,
                    quadratic_forms=self.quadratic_kind, block_hvp=self.block_kind)
         return out
@@ -558,9 +686,11 @@ class HessianOperator:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         steps = min(num_steps, self.dim)
         for r in range(num_runs):
-            v0 = _rademacher(1, self.dim, gen, "cpu")[0]
-            res = lanczos(self.hvp, self.dim, steps, seed=seed + r, v0=v0,
-                          device=self.theta.device, stop="none")
+            v0 = _rademacher(1, self.dim, gen, "cpu")[0].to(self.vector_dtype)  # ±1: exact
+            with self._stage(f"SLQ run {r + 1}/{num_runs}", steps):
+                res = lanczos(self.hvp, self.dim, steps, seed=seed + r, v0=v0,
+                              device=self.theta.device, stop="none", dtype=self.vector_dtype,
+                              max_vectors=self.lanczos_vectors())
             rule = quadrature if res["steps"] == steps and steps < self.dim else "gauss"
             n, w = slq_quadrature(res["alphas"], res["betas"], rule)
             nodes.append(n)

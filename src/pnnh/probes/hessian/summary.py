@@ -97,7 +97,8 @@ def hessian_summary(
             num_params=op.dim,
             extra={"hvp": op.hvp_kind, "zero_tol": zero_tol, "num_zero": cn["num_zero"],
                    "num_negative": cn["num_negative"], "num_positive": cn["num_positive"],
-                   "num_samples": op.num_samples, "batchnorm_folded": len(op.folded)},
+                   "num_samples": op.num_samples, "batchnorm_folded": len(op.folded),
+                   "world_size": op.world_size},
         )
         return summary, {"eigenvalues": lam}
     ext = op.extreme_eigenvalues(tol=tol, max_iter=max_iter, seed=seed)
@@ -113,7 +114,8 @@ def hessian_summary(
         condition_number=lmax / lmin if pd else None,
         condition_number_positive=lmax / lmin if pd else None,
         method=(f"Lanczos (full re-orthogonalisation, tol {tol:g} relative Ritz residual, "
-                f"{ext['iterations']} steps, converged={ext['converged']}); {trace_method} trace "
+                f"{ext['iterations']} steps, converged={ext['converged']}, "
+                f"{ext['reorthogonalisation']} re-orthogonalisation); {tr['trace_method']} trace "
                 f"({tr['samples']} HVPs); SLQ density ({slq_runs}x{slq_steps}, {slq_quadrature} "
                 f"quadrature); "
                 f"condition numbers only when λmin > {zero_tol:g}·max|λ| (else null: the "
@@ -122,7 +124,10 @@ def hessian_summary(
         extra={"hvp": op.hvp_kind, "zero_tol": zero_tol, "lanczos_tol": tol,
                "lanczos_iterations": ext["iterations"],
                "lanczos_converged": ext["converged"], "hutchinson_samples": tr["samples"],
-               "trace_method": trace_method, "slq_quadrature": slq_quadrature,
-               "num_samples": op.num_samples, "batchnorm_folded": len(op.folded)},
+               "trace_method": tr["trace_method"], "slq_quadrature": slq_quadrature,
+               "num_samples": op.num_samples, "batchnorm_folded": len(op.folded),
+               "world_size": op.world_size,
+               "max_memory": op.max_memory, "lanczos_vectors": ext["lanczos_vectors"],
+               **({"trace_plan": tr["trace_plan"]} if "trace_plan" in tr else {})},
     )
     return summary, spec

@@ -40,7 +40,8 @@ def xtrace_estimates(om: torch.Tensor, y: torch.Tensor, q: torch.Tensor, r: torc
     return torch.trace(h) - dshs + core * scale
 
 
-def _xtrace(matmat, dim: int, budget: int, gen, rel_tol, z: float, chunk: int, device) -> dict:
+def _xtrace(matmat, dim: int, budget: int, gen, rel_tol, z: float, chunk: int, device,
+            on_estimate=None) -> dict:
     """Adaptive XTrace: ``m`` test vectors cost ``2m`` products; ``m`` doubles until the
     stopping rule holds or the budget is spent. The sketch is extended, not redrawn: with
     ``[Y, Y'] = Q'R'`` the old ``Z = AQ`` is reused as ``Z U`` (``U = QᵀQ'_{:, :m}``, the
@@ -60,6 +61,8 @@ def _xtrace(matmat, dim: int, budget: int, gen, rel_tol, z: float, chunk: int, d
         q = qn
         ests = xtrace_estimates(om, y, q, rn, zq)
         t, err = _mean_stderr(ests)
+        if on_estimate is not None:
+            on_estimate(t, err)
         if _stop(t, err, rel_tol, z) or m >= m_max:
             return {"trace": t, "trace_stderr": err, "samples": 2 * m,
                     "converged": _stop(t, err, rel_tol, z)}

@@ -28,3 +28,20 @@ class Crash:
     def on_step(self, step, **_):
         if step == self.step:
             raise RuntimeError("power cut")
+
+
+def randomised(model: nn.Module, seed: int = 0, weight_noise: float = 0.05) -> nn.Module:
+    """Weights moved off init (by ``weight_noise``) and random BatchNorm statistics and affine,
+    with signed γ (a fresh BatchNorm in eval mode is the identity, which hides mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(weight_noise * torch.randn(p.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(0.3 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.3 + torch.rand(n, generator=g))
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(0.3 * torch.randn(n, generator=g))
+    return model.eval()

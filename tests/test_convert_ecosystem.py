@@ -11,22 +11,15 @@ pytestmark = pytest.mark.ecosystem
 torchvision = pytest.importorskip("torchvision", reason="needs the ecosystem environment")
 timm = pytest.importorskip("timm", reason="needs the ecosystem environment")
 
+from _helpers import randomised  # noqa: E402
+
 from pnnh.convert import resnet_to_plain  # noqa: E402
 from pnnh.errors import ConfigError  # noqa: E402
 from pnnh.plainness import find_skips  # noqa: E402
 
 
 def _randomised(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                m.weight.copy_(torch.randn(n, generator=g))
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-    return model.eval()
+    return randomised(model, weight_noise=0.0)
 
 
 MODELS = {

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import user_models as um
+from _helpers import randomised
 from torch import nn
 
 from pnnh.convert import plain_cost, resnet_to_plain
@@ -16,22 +17,6 @@ from pnnh.errors import ConfigError
 from pnnh.plainness import find_skips
 
 PLAIN = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.MaxPool2d, nn.AdaptiveAvgPool2d)
-
-
-def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights moved off init and random BatchNorm statistics and affine (signed γ)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(0.3 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.3 + torch.rand(n, generator=g))
-                m.weight.copy_(torch.randn(n, generator=g))
-                m.bias.copy_(0.3 * torch.randn(n, generator=g))
-    return model.eval()
 
 
 def assert_exact_plain(model: nn.Module, x: torch.Tensor) -> nn.Sequential:

@@ -170,7 +170,7 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
             _mark_transitions([r for r in init if r["model"] == f"{base}{depth}"], m)
     write_records(init, out, "init_ratios",
                   columns=["family", "model", "depth", "index", "block", "transition",
-                           "grad_in_norm", "grad_out_norm", "ratio"])
+                           "grad_in_norm", "grad_out_norm", "ratio", "bn"])
     init_summary = _summarize_init(init)
     write_records(init_summary, out, "init_summary")
 

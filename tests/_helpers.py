@@ -1,5 +1,9 @@
 """Helpers shared by several test modules (not tests themselves)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -45,3 +49,18 @@ def randomised(model: nn.Module, seed: int = 0, weight_noise: float = 0.05) -> n
                 m.weight.copy_(torch.randn(n, generator=g))
                 m.bias.copy_(0.3 * torch.randn(n, generator=g))
     return model.eval()
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def torchrun(argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m pnnh ARGV``; a second try if the free port
+    it picked was taken meanwhile (other jobs on the machine), which is no fault of pnnh."""
+    for _ in range(2):
+        p = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pnnh",
+                            *argv], capture_output=True, text=True, env=env, timeout=300)
+        if p.returncode == 0 or not any(s in p.stderr for s in (
+                "EADDRINUSE", "Address already in use", "DistNetworkError")):
+            return p
+    return p

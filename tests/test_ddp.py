@@ -2,11 +2,10 @@
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _helpers import TORCHRUN, torchrun
 
 import pnnh
 import pnnh.cli
@@ -14,26 +13,12 @@ from pnnh.checkpoint import load_checkpoint
 from pnnh.io import read_jsonl
 from pnnh.train import epoch_batches, shard_loss_scale
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-
 # a small MLP without BatchNorm; batches of 101 (of 8,000 samples) split 51/50 across two ranks,
 # so the shard-size-exact loss scaling is exercised, not only the equal-shard case
 ARGS = ["--model", "resnet_mlp", "--depth", "4", "--width", "32", "--dataset", "mnist1d",
         "--epochs", "2", "--batch-size", "101", "--lr", "3e-3",
         "--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "1e-4", "--device", "cpu",
         "--no-progress"]
-
-
-def _torchrun(argv: list[str], env: dict) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 -m pnnh ARGV``; a second try if the free port
-    it picked was taken meanwhile (other jobs on the machine), which is no fault of pnnh."""
-    for _ in range(2):
-        p = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pnnh",
-                            *argv], capture_output=True, text=True, env=env, timeout=300)
-        if p.returncode == 0 or not any(s in p.stderr for s in (
-                "EADDRINUSE", "Address already in use", "DistNetworkError")):
-            return p
-    return p
 
 
 def test_epoch_batches_split_every_global_batch_across_ranks():
@@ -91,7 +76,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     ddp = tmp_path / "ddp"
-    p = _torchrun(["train", *ARGS, "--out", str(ddp)], env)
+    p = torchrun(["train", *ARGS, "--out", str(ddp)], env)
     assert p.returncode == 0, p.stderr[-3000:]
 
     single = tmp_path / "single"
@@ -125,8 +110,6 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert summary["world_size"] == 2 and summary["status"] == "finished"
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not available")
 def test_sigterm_to_torchrun_saves_mid_epoch_and_resumes_exactly(tmp_path):
@@ -139,7 +122,7 @@ def test_sigterm_to_torchrun_saves_mid_epoch_and_resumes_exactly(tmp_path):
            "--augment", "--dataset", "synthetic", "--num-samples", "4000",
            "--dataset-arg", "input_shape=[1,8,8]"]
     full, part = tmp_path / "full", tmp_path / "part"
-    p = _torchrun(run[6:] + ["--out", str(full)], env)
+    p = torchrun(run[6:] + ["--out", str(full)], env)
     assert p.returncode == 0, p.stderr[-3000:]
     proc = subprocess.Popen([*run, "--out", str(part)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -154,7 +137,7 @@ def test_sigterm_to_torchrun_saves_mid_epoch_and_resumes_exactly(tmp_path):
     assert err.count("SIGTERM received: stopped at epoch 2, step ") == 1, err[-3000:]
     ckpt = load_checkpoint(part / "checkpoints" / "last.pt")
     assert ckpt["partial_epoch"]["epoch"] == 2 and len(ckpt["partial_epoch"]["aug_rng"]) == 2
-    p = _torchrun(run[6:] + ["--resume", "--out", str(part)], env)
+    p = torchrun(run[6:] + ["--resume", "--out", str(part)], env)
     assert p.returncode == 0, p.stderr[-3000:]
     strip = [{k: v for k, v in r.items() if k not in ("images_per_s", "time_s")}
              for r in read_jsonl(full / "metrics.jsonl")]

@@ -4,16 +4,13 @@ process's."""
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _helpers import TORCHRUN, torchrun
 
 from pnnh.cli import main
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 # 37 samples: shards of 19 and 18, so the sample-count weighting is exercised
 ARGS = ["probe", "hessian", "--model", "shortcut_mlp", "--depth", "4", "--width", "16",
         "--input-shape", "8", "--num-samples", "37", "--dense", "never", "--max-iter", "60",
@@ -21,24 +18,12 @@ ARGS = ["probe", "hessian", "--model", "shortcut_mlp", "--depth", "4", "--width"
         "--blocks", "head", "--quiet", "--seed", "3", "--device", "cpu"]
 
 
-def _torchrun(argv: list[str], env: dict) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 -m pnnh ARGV``; a second try if the port it
-    picked was taken meanwhile (other jobs on the machine)."""
-    for _ in range(2):
-        p = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pnnh",
-                            *argv], capture_output=True, text=True, env=env, timeout=300)
-        if p.returncode == 0 or not any(s in p.stderr for s in (
-                "EADDRINUSE", "Address already in use", "DistNetworkError")):
-            return p
-    return p
-
-
 @pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(),
                     reason="torchrun / torch.distributed not available")
 def test_two_ranks_give_the_single_process_curvature(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    p = _torchrun([*ARGS, "--out", str(tmp_path / "ddp")], env)
+    p = torchrun([*ARGS, "--out", str(tmp_path / "ddp")], env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert main([*ARGS, "--out", str(tmp_path / "one")]) == 0
     (ddp,) = json.loads((tmp_path / "ddp" / "hessian.json").read_text())

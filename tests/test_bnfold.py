@@ -74,12 +74,32 @@ def test_pairs_found_and_refused():
     assert foldable_pairs(model.train(), x[:1]) == []  # batch statistics: not affine
 
 
+def test_folding_only_where_it_pays():
+    """By default a pair folds only where the layer's output over the batch has at least as many
+    elements as its weight (folding swaps the BatchNorm's activation-sized ops for weight-sized
+    ones): ``fc`` (a 3x4 weight, 4 outputs a sample) folds from 3 samples up."""
+    torch.manual_seed(0)
+    model = _randomize_bn(ConvBN()).double()
+    x, y = _data()
+    assert foldable_pairs(model, x[:1], batch_size=2) == [("c1", "b1"), ("c2", "b2")]
+    assert foldable_pairs(model, x[:1], batch_size=3) == [("c1", "b1"), ("c2", "b2"), ("fc", "b4")]
+    op = HessianOperator(model, (x[:2], y[:2]))
+    every = HessianOperator(model, (x[:2], y[:2]), fold_batchnorm="all")
+    assert op.folded == [("c1", "b1"), ("c2", "b2")] and len(every.folded) == 3
+    loader = [(x[:2], y[:2]), (x[2:5], y[2:5])]  # the largest batch decides
+    assert len(HessianOperator(model, loader).folded) == 3
+    ref = HessianOperator(model, (x[:2], y[:2]), fold_batchnorm=False)
+    v = torch.randn(op.dim, dtype=torch.float64)
+    assert torch.allclose(op.hvp(v), ref.hvp(v), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(every.hvp(v), ref.hvp(v), rtol=1e-10, atol=1e-12)
+
+
 def test_folded_hessian_equals_the_original_exactly():
     torch.manual_seed(0)
     model = _randomize_bn(ConvBN()).double()
     x, y = _data()
     ref = HessianOperator(model, (x, y), fold_batchnorm=False)
-    op = HessianOperator(model, (x, y))
+    op = HessianOperator(model, (x, y), fold_batchnorm="all")
     assert len(op.folded) == 3 and not ref.folded
     assert "folded into the layer before it (3 pairs" in (op.hvp(torch.ones(op.dim)), op.hvp_method)[1]
     h_ref, h = ref.dense(), op.dense()  # vmapped forward-over-reverse blocks
@@ -99,7 +119,8 @@ def test_registry_resnet_folds_every_conv_bn_pair():
     model = _randomize_bn(create_model("resnet20", in_shape=(3, 8, 8), num_classes=10)).double()
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3])
-    op, ref = HessianOperator(model, (x, y)), HessianOperator(model, (x, y), fold_batchnorm=False)
+    op = HessianOperator(model, (x, y), fold_batchnorm="all")
+    ref = HessianOperator(model, (x, y), fold_batchnorm=False)
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     assert len(op.folded) == convs
     v = torch.randn(op.dim, dtype=torch.float64)
@@ -183,7 +204,8 @@ def test_timm_norm_act_modules_fold_with_their_activation_kept():
     model = _randomize_bn(_timm_style()).double()
     x, y = _data()
     assert foldable_pairs(model, x[:1]) == [("0", "1"), ("2", "3")]
-    ref, op = HessianOperator(model, (x, y), fold_batchnorm=False), HessianOperator(model, (x, y))
+    ref = HessianOperator(model, (x, y), fold_batchnorm=False)
+    op = HessianOperator(model, (x, y), fold_batchnorm="all")
     assert len(op.folded) == 2
     assert torch.allclose(op.dense(), ref.dense(), atol=1e-10, rtol=0)
     with folded(model, op.folded):

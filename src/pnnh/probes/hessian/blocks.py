@@ -43,7 +43,7 @@ def block_curvature(
     blocks: str | Sequence[str] | dict[str, Sequence[str]], loss_fn: LossFn | str = "ce",
     hvp_mode: str = "auto", tol: float = 1e-3, max_iter: int = 100, trace_samples: int = 64,
     trace_method: str = "xtrace", trace_rel_tol: float | None = None, seed: int = 0,
-    fold_batchnorm: bool = True, max_memory: int | float | str | None = None,
+    fold_batchnorm: bool | str = True, max_memory: int | float | str | None = None,
     progress: bool | None = None, output: str | int | None = None,
 ) -> list[dict]:
     """Per-block curvature: for each block ``B`` of parameters, the diagonal block ``H_BB``

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -141,7 +142,9 @@ class HessianOperator:
 
     ``fold_batchnorm=True``: eval-mode BatchNorms are folded into the convolution or linear
     layer before them inside the loss (:mod:`pnnh.probes.bnfold`: the same function of every
-    parameter, so the same Hessian, with a cheaper graph); :attr:`folded` lists the pairs.
+    parameter, so the same Hessian, with a cheaper graph) where that pays, i.e. where the
+    layer's output over the largest batch is at least as large as its weight
+    (``fold_batchnorm="all"``: every pair that can be folded); :attr:`folded` lists the pairs.
 
     ``allow_tf32=False``: gradients and HVPs run in full float32 precision on CUDA, even where
     TF32 is on (cuDNN's default for convolutions; see :func:`full_float32`). ``True`` keeps
@@ -176,7 +179,7 @@ class HessianOperator:
         loss_fn: LossFn | str = "ce",
         params: str | Sequence[str] | None = None,
         hvp_mode: str = "auto",
-        fold_batchnorm: bool = True,
+        fold_batchnorm: bool | str = True,
         allow_tf32: bool = False,
         max_memory: int | float | str | None = None,
         progress: bool | None = None,
@@ -208,9 +211,10 @@ class HessianOperator:
             self._batches: Iterable[Batch] = [data]
         else:
             self._batches = data
-        self.num_samples, first = 0, None
+        self.num_samples, self._max_batch, first = 0, 0, None
         for x, _ in self._iter():  # one pass over the data: its size, and a sample to fold on
             self.num_samples += int(x.shape[0])
+            self._max_batch = max(self._max_batch, int(x.shape[0]))
             if first is None and x.shape[0]:
                 first = x[:1].clone()
         if self.num_samples == 0:
@@ -219,7 +223,8 @@ class HessianOperator:
         self.fold_error: str | None = None  # why folding was given up, if it was
         if fold_batchnorm:
             try:  # one sample shows the graph; a model that cannot run on it is not folded
-                self.folded = foldable_pairs(model, first)
+                self.folded = foldable_pairs(
+                    model, first, None if fold_batchnorm == "all" else self._largest_batch())
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 self.fold_error = f"{type(e).__name__}: {str(e).strip()[:120]}"
         self.hvp_calls = 0
@@ -381,7 +386,8 @@ class HessianOperator:
         out = None
         with self._precision():
             for x, y in self._iter():
-                term = (x.shape[0] / self.num_samples) * fn(x, y)
+                w = x.shape[0] / self.num_samples
+                term = fn(x, y) if w == 1.0 else w * fn(x, y)  # one batch: no scaled copy
                 out = term if out is None else out + term
         return self._all_sum(out)
 
@@ -426,9 +432,10 @@ class HessianOperator:
         if start == "random":
             return None
         g = self.gradient().to(self.vector_dtype)  # in the vectors' dtype: no float64 copies
-        if not torch.isfinite(g).all() or float(g.norm()) == 0.0:
+        norm = float(g.norm())  # not finite where any entry is not
+        if not math.isfinite(norm) or norm == 0.0:
             return None
-        g = g / g.norm()
+        g = g / norm  # not in place: g may be the kept graph's own gradient
         if start == "gradient":
             return g
         r = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed),
@@ -558,9 +565,7 @@ class HessianOperator:
         return max(1, int(self.max_memory // self._per_hvp))
 
     def _largest_batch(self) -> int:
-        if isinstance(self._batches, list):
-            return max(int(x.shape[0]) for x, _ in self._batches)
-        return self.num_samples  # a loader: at most every sample in one batch
+        return self._max_batch  # the largest batch of the one pass over the data
 
     def _sample_activations(self) -> int:
         """Bytes of the activations of one sample (0 where the model cannot run on one); the

@@ -6,6 +6,12 @@ halves while an all-reduce of ``P`` numbers is added. The launcher runs ``torchr
 --standalone --nproc-per-node N`` for N in ``--ranks`` (one thread per rank), each worker times
 ``--hvps`` HVPs after one warm-up and rank 0 reports the median; the ratio is the speed-up.
 
+Where the time goes: with several ranks each worker also times an all-reduce of ``P`` float32
+numbers on its own (the communication every HVP adds), and one more 1-rank run takes the
+largest shard alone (``--samples / N`` samples: the compute a rank is left with, as if the
+ranks cost nothing to run side by side). So ``2 ranks ≈ shard compute + all-reduce +
+contention`` can be read off the table.
+
     .venv-ecosystem/bin/python benchmarks/hessian_ddp.py --model resnet18 --samples 32
 
 Writes ``benchmarks/results/hessian_ddp.json``. ``--quick``: the tiny CNN, 3 HVPs.
@@ -65,9 +71,20 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         op.hvp(v)
         times.append(time.perf_counter() - t0)
+    reduce = []
+    if dist.world > 1:  # the communication alone: one all-reduce of P numbers, as per HVP
+        buf = torch.randn(op.dim)
+        for _ in range(args.hvps):
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            torch.distributed.all_reduce(buf)
+            reduce.append(time.perf_counter() - t0)
     if dist.is_main:
-        print("RESULT " + json.dumps({"ranks": dist.world, "seconds_per_hvp":
-                                      statistics.median(times), "params": op.dim}), flush=True)
+        print("RESULT " + json.dumps({
+            "ranks": dist.world, "samples_per_rank": int(shard[0].shape[0]),
+            "seconds_per_hvp": statistics.median(times), "params": op.dim,
+            "seconds_per_all_reduce": statistics.median(reduce) if reduce else None}),
+            flush=True)
     dist.close()
 
 
@@ -79,9 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     torchrun = Path(sys.executable).with_name("torchrun")
     load_before = list(os.getloadavg())
     rows = []
-    for n in (int(r) for r in args.ranks.split(",")):
+    ranks = [int(r) for r in args.ranks.split(",")]
+    shard = -(-args.samples // max(ranks))  # the largest shard, alone on 1 rank
+    for n, samples in [(n, args.samples) for n in ranks] + [(1, shard)]:
         cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(n), __file__,
-               "--model", args.model, "--samples", str(args.samples), "--hvps", str(args.hvps),
+               "--model", args.model, "--samples", str(samples), "--hvps", str(args.hvps),
                "--image-size", str(args.image_size)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -89,7 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
         if out.returncode != 0 or not line:
             raise SystemExit(f"torchrun with {n} ranks failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(line[-1][len("RESULT "):]))
-        print(f"{n} rank(s): {rows[-1]['seconds_per_hvp']:.4f} s per HVP", flush=True)
+        r = rows[-1]
+        comm = ("" if r["seconds_per_all_reduce"] is None
+                else f"; an all-reduce alone {r['seconds_per_all_reduce']:.4f} s")
+        print(f"{n} rank(s), {r['samples_per_rank']} samples each: {r['seconds_per_hvp']:.4f} "
+              f"s per HVP{comm}", flush=True)
     base = rows[0]["seconds_per_hvp"]
     for r in rows:
         r["speedup"] = base / r["seconds_per_hvp"]

@@ -21,6 +21,7 @@ from pnnh.probes.hessian import (
     slq_density,
     slq_quadrature,
 )
+from pnnh.probes.hessian.lanczos import _norm
 
 
 def small_net(seed: int = 0) -> nn.Module:
@@ -622,3 +623,23 @@ def test_tf32_guard_works_with_per_operator_precision_settings():
         assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == ("tf32", "ieee")
     finally:
         cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = before
+
+
+def test_lanczos_normalises_a_large_float32_start_in_float64():
+    """torch's float32 ``norm`` on a CPU accumulates in float32 (4e-4 relative error at 11M
+    entries): a start vector normalised by it is not a unit vector, and the first Lanczos
+    coefficient ``α₁ = q₁ᵀHq₁`` (with it every Ritz value) is off by twice that. At 8M entries
+    ``α₁`` is the float64 Rayleigh quotient of the start to 1e-7, and λmax of a known diagonal
+    operator comes out to 1e-6."""
+    n = 8_000_000
+    gen = torch.Generator().manual_seed(0)
+    d = torch.rand(n, generator=gen)
+    d[:3] = torch.tensor([10.0, 5.0, 4.0])
+    v0 = torch.randn(n, generator=gen)
+    exact = math.sqrt(float(v0.double() @ v0.double()))
+    assert _norm(v0) == pytest.approx(exact, rel=1e-7)
+    r = lanczos(lambda v: d * v, n, 40, tol=1e-9, v0=v0, dtype=torch.float32, max_vectors=6,
+                stop="max", bound="gap")
+    rayleigh = float((v0.double() * d.double() * v0.double()).sum()) / exact**2
+    assert r["alphas"][0] == pytest.approx(rayleigh, rel=1e-7)
+    assert float(r["ritz"][-1]) == pytest.approx(10.0, rel=1e-6)

@@ -20,10 +20,16 @@ ARGS = ["probe", "hessian", "--model", "shortcut_mlp", "--depth", "4", "--width"
 
 @pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(),
                     reason="torchrun / torch.distributed not available")
-def test_two_ranks_give_the_single_process_curvature(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+@pytest.mark.parametrize("batch_size", [None, 7])
+def test_two_ranks_give_the_single_process_curvature(tmp_path, batch_size):
+    """With ``--batch-size 7`` each rank also splits its shard (19 and 18 samples) into batches
+    of 7: the data-set path, one batch's graph at a time, against one process with one batch."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     env.pop("RANK", None)
-    p = torchrun([*ARGS, "--out", str(tmp_path / "ddp")], env)
+    extra = [] if batch_size is None else ["--batch-size", str(batch_size)]
+    p = torchrun([*ARGS, *extra, "--out", str(tmp_path / "ddp")], env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert main([*ARGS, "--out", str(tmp_path / "one")]) == 0
     (ddp,) = json.loads((tmp_path / "ddp" / "hessian.json").read_text())
@@ -36,5 +42,19 @@ def test_two_ranks_give_the_single_process_curvature(tmp_path):
     (bo,) = json.loads((tmp_path / "one" / "hessian_blocks.json").read_text())
     for key in ("lambda_max", "trace"):
         assert bd[key] == pytest.approx(bo[key], rel=1e-5), key
-    # rank 0 alone wrote the folder; rank 1's copy went to a temporary folder of its own
+    # rank 0 alone wrote the folder and printed; rank 1's temporary folder is gone
     assert p.stdout.count(f"hessian: {tmp_path / 'ddp' / 'hessian.json'}") == 1
+    assert not list(scratch.glob("pnnh-hessian-rank*"))
+
+
+def test_batch_size_gives_the_one_batch_curvature(tmp_path, capsys):
+    """``--batch-size``: the exact mean over the batches, so the one-batch values."""
+    short = [a for a in ARGS if a != "--blocks" and a != "head"]
+    assert main([*short, "--batch-size", "10", "--out", str(tmp_path / "b")]) == 0
+    assert main([*short, "--out", str(tmp_path / "one")]) == 0
+    (b,) = json.loads((tmp_path / "b" / "hessian.json").read_text())
+    (one,) = json.loads((tmp_path / "one" / "hessian.json").read_text())
+    for key in ("lambda_max", "lambda_min", "trace"):
+        assert b[key] == pytest.approx(one[key], rel=1e-5), key
+    assert main([*short, "--batch-size", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--batch-size: at least 1, got 0" in capsys.readouterr().err

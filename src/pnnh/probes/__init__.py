@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -63,14 +65,24 @@ def describe() -> str:
 
 def run_cli(name: str, args: argparse.Namespace):
     """``pnnh probe NAME``: build the targets, run the probe, write ``OUT/NAME.csv``/``.json``,
-    print its notes; returns the :class:`~pnnh.probes.common.ProbeResult`."""
-    from pnnh.io import write_records
-    from pnnh.probes.common import ProbeResult, bn_statistics, probe_targets
-
+    print its notes; returns the :class:`~pnnh.probes.common.ProbeResult`. Under ``torchrun``
+    every rank runs the probe (a data-parallel one, such as the Hessian's, takes part in its
+    collectives) and rank 0 alone writes and prints; the others write into a temporary folder
+    that is removed after."""
     mod = probe(name)
     if hasattr(mod, "prepare"):
         mod.prepare(args)
-    out = Path(args.out)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        with tempfile.TemporaryDirectory(prefix=f"pnnh-{name}-rank{os.environ['RANK']}-") as tmp:
+            return _run(mod, args, Path(tmp), quiet=True)  # the same result as rank 0's
+    return _run(mod, args, Path(args.out))
+
+
+def _run(mod: ModuleType, args: argparse.Namespace, out: Path, quiet: bool = False):
+    from pnnh.io import write_records
+    from pnnh.probes.common import ProbeResult, bn_statistics, probe_targets
+
+    name = mod.NAME
     targets = probe_targets(args)
     bn_mode = getattr(args, "bn", None) or "auto"
     if not getattr(mod, "BATCHNORM", True):  # the probe's result does not depend on statistics
@@ -88,6 +100,8 @@ def run_cli(name: str, args: argparse.Namespace):
         if result.columns is not None:
             result.columns = [*result.columns, "bn"]
     write_records(result.records, out, mod.NAME, columns=result.columns)
+    if quiet:
+        return result
     batch = {label: how for label, how in ran.items() if how.startswith("batch")}
     for label, how in batch.items():
         why = "every BatchNorm (--bn batch)" if bn_mode == "batch" else (

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,6 +84,11 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     a("--blocks", default=None,
       help="per-block curvature, e.g. 'stage1=blocks.0,blocks.1,blocks.2;head': λmax, λmin, "
            "trace of each diagonal Hessian block, in hessian_blocks.csv/json")
+    a("--batch-size", type=int, default=None,
+      help="the --num-samples in batches of this many (default: one batch): the loss is the "
+           "exact mean over all of them, one batch's graph in memory at a time (each HVP "
+           "then recomputes every batch's forward and gradient); under torchrun each rank "
+           "batches its own shard")
     a("--max-memory", default="1G",
       help="memory for the estimators' vectors and batched HVPs beyond the model and one "
            "HVP's graph (e.g. 2G, 500M): Lanczos keeps the vectors that fit, the trace "
@@ -115,9 +119,9 @@ def _loss_targets(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 
 def prepare(args: argparse.Namespace) -> None:
     """``--shortcut/--init/--init-scale`` become model options of the ``--model`` built here;
-    ``--max-memory`` is checked (and becomes bytes) before any model is built. Under
-    ``torchrun`` the process group is formed here and ranks other than 0 write into a
-    temporary folder of their own (their results are rank 0's)."""
+    ``--max-memory`` and ``--batch-size`` are checked (the first becomes bytes) before any
+    model is built. Under ``torchrun`` the process group is formed here (the runner has rank
+    0 alone write the results: :func:`pnnh.probes.run_cli`)."""
     model_args = dict(getattr(args, "model_args", {}) or {})
     for flag, key in (("shortcut", "shortcut"), ("init", "init"), ("init_scale", "scale")):
         if getattr(args, flag, None) is not None:
@@ -127,29 +131,35 @@ def prepare(args: argparse.Namespace) -> None:
             model_args[key] = getattr(args, flag)
     args.model_args = model_args
     args.max_memory = parse_memory(getattr(args, "max_memory", None))
+    size = getattr(args, "batch_size", None)
+    if size is not None and size < 1:
+        raise ConfigError(f"--batch-size: at least 1, got {size}", field="batch_size")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one shard of the batch per rank
         from pnnh.device import Distributed
 
-        dist = Distributed(getattr(args, "device", "cpu") or "cpu")
-        if not dist.is_main:  # every rank computes the same result; rank 0 writes it
-            args.out = tempfile.mkdtemp(prefix=f"pnnh-hessian-rank{dist.rank}-")
+        Distributed(getattr(args, "device", "cpu") or "cpu")
 
 
-def _shard(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Under ``torchrun``: this rank's contiguous share of the batch (sizes differ by one at
-    most); the operator all-reduces gradients and HVPs weighted by the shares' sizes."""
+def _data(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None):
+    """The operator's data: under ``torchrun`` this rank's contiguous share of the samples
+    (sizes differ by one at most; the operator all-reduces gradients and HVPs weighted by the
+    shares' sizes), as one batch or, with ``batch_size``, a list of batches of that size."""
     world = _world_size()
-    if world == 1:
+    if world > 1:
+        rank = torch.distributed.get_rank()
+        inputs = torch.tensor_split(inputs, world)[rank]
+        targets = torch.tensor_split(targets, world)[rank]
+    if batch_size is None or batch_size >= inputs.shape[0]:
         return inputs, targets
-    rank = torch.distributed.get_rank()
-    return torch.tensor_split(inputs, world)[rank], torch.tensor_split(targets, world)[rank]
+    return list(zip(inputs.split(batch_size), targets.split(batch_size)))
 
 
 def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, dict]:
     """One model's ``hessian.json`` record and its spectral density (for the plot)."""
     output = getattr(args, "output", None)
     targets = _loss_targets(t.model, t.inputs, t.targets, args.loss, output)
-    op = HessianOperator(t.model, _shard(t.inputs, targets), args.loss, args.params,
+    op = HessianOperator(t.model, _data(t.inputs, targets, getattr(args, "batch_size", None)),
+                         args.loss, args.params,
                          hvp_mode=getattr(args, "hvp", "auto"),
                          fold_batchnorm=getattr(args, "fold_batchnorm", True),
                          max_memory=getattr(args, "max_memory", None),
@@ -167,7 +177,8 @@ def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, d
 
 def _block_records(t: ProbeTarget, args: argparse.Namespace) -> list[dict]:
     """``--blocks``: the curvature of each named diagonal block of one model's Hessian."""
-    blocks = block_curvature(t.model, _shard(t.inputs, t.targets), args.blocks, args.loss,
+    data = _data(t.inputs, t.targets, getattr(args, "batch_size", None))
+    blocks = block_curvature(t.model, data, args.blocks, args.loss,
                              hvp_mode=getattr(args, "hvp", "auto"), tol=args.tol,
                              max_iter=args.max_iter, seed=args.seed,
                              trace_samples=args.hutchinson_samples,

@@ -42,7 +42,7 @@ from pnnh.probes.bnfold import foldable_pairs, folded
 from pnnh.probes.common import cross_entropy, math_attention, select_output
 from pnnh.probes.hessian.density import _check_quadrature, slq_quadrature
 from pnnh.probes.hessian.hutchinson import _rademacher
-from pnnh.probes.hessian.lanczos import _dot, lanczos, ritz_error_bounds
+from pnnh.probes.hessian.lanczos import _dot, _norm, lanczos, ritz_error_bounds
 from pnnh.probes.hessian.memory import activation_bytes, columns, hvp_bytes, parse_memory
 from pnnh.probes.hessian.progress import enabled, stage_bar
 from pnnh.probes.hessian.substitutes import exact_substitutes
@@ -432,7 +432,7 @@ class HessianOperator:
         if start == "random":
             return None
         g = self.gradient().to(self.vector_dtype)  # in the vectors' dtype: no float64 copies
-        norm = float(g.norm())  # not finite where any entry is not
+        norm = _norm(g)  # float64-accumulated; not finite where any entry is not
         if not math.isfinite(norm) or norm == 0.0:
             return None
         g = g / norm  # not in place: g may be the kept graph's own gradient
@@ -440,7 +440,7 @@ class HessianOperator:
             return g
         r = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed),
                         dtype=self.vector_dtype).to(g.device)
-        return r.div_(r.norm()).add_(g)
+        return r.div_(_norm(r)).add_(g)
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` (averaged exactly over all batches)."""

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -158,8 +159,10 @@ def test_hessian_ddp_quick(tmp_path):
     pytest.importorskip("torch.distributed")
     data = _load("hessian_ddp").main(["--quick", "--out", str(tmp_path)])
     saved = _check_common(tmp_path / "hessian_ddp_quick.json", "hessian_ddp")
-    assert [r["ranks"] for r in saved["rows"]] == [1, 2]
+    # 1 rank, 2 ranks, then the largest shard alone on 1 rank; the all-reduce timed apart
+    assert [(r["ranks"], r["samples_per_rank"]) for r in saved["rows"]] == [(1, 8), (2, 4), (1, 4)]
     assert all(r["seconds_per_hvp"] > 0 for r in data["rows"])
+    assert [r["seconds_per_all_reduce"] is not None for r in saved["rows"]] == [False, True, False]
 
 
 def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path):
@@ -195,3 +198,30 @@ def test_plain_cost_quick(tmp_path):
     assert row["plain"]["params"] > row["plain"]["nonzero_params"]
     assert row["plain"]["macs"] > row["original"]["macs"]
     assert {"torch/original", "torch/plain"} <= set(row["times_s"]["1"])
+
+
+@pytest.mark.ecosystem
+def test_hessian_real_quick(tmp_path):
+    """The real-model curvature benchmark end to end on the tiny CNN: every contender runs in
+    its own process, cold then warm, profiled; ratios at equal error; the trace table."""
+    pytest.importorskip("pyhessian")
+    pytest.importorskip("curvlinops")
+    threads = torch.get_num_threads()
+    try:
+        _load("hessian_real").main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "hessian_real_quick.json").read_text())
+    lam = data["lambda_max"]["tiny_cnn"]
+    assert {r["tool"] for r in lam["rows"]} == {"pyhessian", "pnnh", "curvlinops"}
+    for r in lam["rows"]:
+        for when in ("cold", "warm"):
+            run = r[when]
+            assert run["hvps"] == len(run["per_hvp"]) > 0 and 0 <= run["setup"] < run["seconds"]
+            assert run["error"] == pytest.approx(
+                abs(run["value"] - lam["reference"]["lambda_max"]) / lam["reference"]["lambda_max"])
+    assert all(q["ratio"] is None or q["ratio"] > 0 for q in lam["equal_error"]["pyhessian cold"])
+    trace = data["trace"]["tiny_cnn"]
+    assert {r["ran"] for r in trace["rows"] if r["tool"] == "pnnh"} <= {"hutchinson", "hutch++",
+                                                                         "xtrace"}
+    assert all(len(r["values"]) == 2 for r in trace["rows"])  # --quick: 2 seeds

@@ -77,6 +77,19 @@ def _norm(w: torch.Tensor) -> float:
     return float(w.norm()) if w.dtype == torch.float64 else math.sqrt(_dot(w, w))
 
 
+def _orthogonalise(w: torch.Tensor, held: torch.Tensor) -> float:
+    """Classical Gram-Schmidt of ``w`` (in place) against the rows of ``held``, a second pass
+    where the first cancelled more than ``1 − 1/√2`` of its norm (Daniel, Gragg, Kaufman &
+    Stewart 1976); returns ``‖w‖`` after."""
+    before = _norm(w)
+    w.addmv_(held.T, held @ w, alpha=-1.0)
+    after = _norm(w)
+    if after < _DGKS * before:
+        w.addmv_(held.T, held @ w, alpha=-1.0)
+        after = _norm(w)
+    return after
+
+
 def lanczos(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     dim: int,
@@ -128,13 +141,7 @@ def lanczos(
         w.sub_(cur, alpha=alpha)
         if j > 0:
             w.sub_(Q[(j - 1) % cap], alpha=beta)
-        held = Q[: min(j + 1, cap)]
-        before = _norm(w)
-        w.addmv_(held.T, held @ w, alpha=-1.0)  # Gram-Schmidt against every held q
-        beta = _norm(w)
-        if beta < _DGKS * before:  # cancellation: once more (Daniel-Gragg-Kaufman-Stewart)
-            w.addmv_(held.T, held @ w, alpha=-1.0)
-            beta = _norm(w)
+        beta = _orthogonalise(w, Q[: min(j + 1, cap)])
         alphas.append(alpha)
         last = j + 1 >= max_steps
         if stop == "none" and not last:  # SLQ: no eigh per step; max|α| <= max|θ| serves

@@ -33,30 +33,6 @@ def assert_exact_plain(model: nn.Module, x: torch.Tensor) -> nn.Sequential:
 # --------------------------------------------------------------------------- torchvision layout
 
 
-class TVBottleneck(nn.Module):
-    """torchvision's Bottleneck (V1.5: stride on the 3x3; groups and base width)."""
-
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64):
-        super().__init__()
-        width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
-
-
 def tv_resnet(block, layers=(1, 2, 1, 1), widths=(8, 16, 32, 64), **block_kw):
     """torchvision's ResNet layout with ``block`` (``block_kw``: ResNeXt groups, Wide width)."""
     net = um.ResNet(block=um.BasicBlock, layers=(1, 1, 1, 1), widths=widths)
@@ -77,9 +53,9 @@ def tv_resnet(block, layers=(1, 2, 1, 1), widths=(8, 16, 32, 64), **block_kw):
 
 TV_CASES = {
     "resnet-basic": lambda: tv_resnet(um.BasicBlock),
-    "resnet-bottleneck": lambda: tv_resnet(TVBottleneck),
-    "resnext-groups4": lambda: tv_resnet(TVBottleneck, groups=4, base_width=16),
-    "wide-resnet": lambda: tv_resnet(TVBottleneck, base_width=128),
+    "resnet-bottleneck": lambda: tv_resnet(um.Bottleneck),
+    "resnext-groups4": lambda: tv_resnet(um.Bottleneck, groups=4, base_width=16),
+    "wide-resnet": lambda: tv_resnet(um.Bottleneck, base_width=128),
     "preact-resnet": lambda: um.ResNet(block=um.PreActBlock),
 }
 
@@ -95,7 +71,7 @@ def test_bottleneck_carrier_is_grouped_in_the_3x3_layer():
     """Identity Bottleneck (C = 32 in, m = 8): layer 1 [W₁; I] (1x1, 8+32 out), layer 2 the
     3x3 as groups = (m + C)/m = 5 (branch group + 4 Dirac groups), layer 3 [W₃, I]."""
     torch.manual_seed(0)
-    block = randomised(TVBottleneck(32, 8))
+    block = randomised(um.Bottleneck(32, 8))
     from pnnh.convert import convert_block
 
     l1, _, l2, _, l3, _ = convert_block(block)
@@ -113,7 +89,7 @@ def test_bottleneck_carrier_is_grouped_in_the_3x3_layer():
 def test_resnext_carrier_groups_follow_the_branch_groups():
     """ResNeXt branch groups of 4 channels: the carrier joins as more groups of 4."""
     torch.manual_seed(0)
-    block = randomised(TVBottleneck(64, 16, groups=4, base_width=16))  # width 16, 4 groups of 4
+    block = randomised(um.Bottleneck(64, 16, groups=4, base_width=16))  # width 16, 4 groups of 4
     from pnnh.convert import convert_block
 
     l2 = convert_block(block)[2]
@@ -369,7 +345,7 @@ def test_cli_exports_a_users_resnet_from_a_model_file(tmp_path, capsys):
 
 def test_plain_cost_counts_dense_and_nonzero_weights():
     torch.manual_seed(0)
-    model = randomised(tv_resnet(TVBottleneck))
+    model = randomised(tv_resnet(um.Bottleneck))
     plain = resnet_to_plain(model)
     x = torch.randn(1, 3, 32, 32)
     a, b = plain_cost(model, x), plain_cost(plain, x)

@@ -211,7 +211,7 @@ class HessianOperator:
             self._batches: Iterable[Batch] = [data]
         else:
             self._batches = data
-        self.num_samples, self._max_batch, first = 0, 0, None
+        self.num_samples, self._max_batch, first = 0, 0, None  # _max_batch: the largest batch
         for x, _ in self._iter():  # one pass over the data: its size, and a sample to fold on
             self.num_samples += int(x.shape[0])
             self._max_batch = max(self._max_batch, int(x.shape[0]))
@@ -224,7 +224,7 @@ class HessianOperator:
         if fold_batchnorm:
             try:  # one sample shows the graph; a model that cannot run on it is not folded
                 self.folded = foldable_pairs(
-                    model, first, None if fold_batchnorm == "all" else self._largest_batch())
+                    model, first, None if fold_batchnorm == "all" else self._max_batch)
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 self.fold_error = f"{type(e).__name__}: {str(e).strip()[:120]}"
         self.hvp_calls = 0
@@ -561,11 +561,8 @@ class HessianOperator:
         vectors of ``dim``)."""
         if self._per_hvp is None:
             self._per_hvp = hvp_bytes(self.dim, self.theta.element_size(),
-                                      self._largest_batch(), self._sample_activations())
+                                      self._max_batch, self._sample_activations())
         return max(1, int(self.max_memory // self._per_hvp))
-
-    def _largest_batch(self) -> int:
-        return self._max_batch  # the largest batch of the one pass over the data
 
     def _sample_activations(self) -> int:
         """Bytes of the activations of one sample (0 where the model cannot run on one); the

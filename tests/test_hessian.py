@@ -256,6 +256,39 @@ def test_rev_rev_mode_matches_forward_over_reverse():
     assert top["converged"] and abs(top["lambda_max"] - lam[-1]) <= 1e-4 * abs(lam[-1])
 
 
+class WithSpareLayer(nn.Module):
+    """``small_net`` beside a layer its forward never calls (a head kept for another task)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.spare = small_net(), nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_hvp_into_a_given_buffer_and_zero_for_unused_parameters():
+    """``hvp(v, out=buf)`` (Lanczos writes each product into its next basis row) returns
+    ``buf`` holding the same product; the per-parameter double backward gives a parameter the
+    loss never reaches zero rows, as the exact Hessian has; a Lanczos run writing into its rows
+    gives the same Ritz values as one that allocates a product per step."""
+    model, (x, y) = WithSpareLayer(), batch()
+    op = HessianOperator(model, (x, y), "ce", hvp_mode="rev-rev")
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    buf = torch.full_like(v, float("nan"))
+    got = op.hvp(v, out=buf)
+    assert got is buf
+    torch.testing.assert_close(buf, op.hvp(v), rtol=0, atol=0)
+    dense = reference_hessian(model.net, x, y)
+    n = dense.shape[0]  # net's parameters come first in named_parameters
+    torch.testing.assert_close(buf[:n], dense @ v[:n], rtol=1e-9, atol=1e-11)
+    assert torch.all(buf[n:] == 0)
+    start = op.start_vector("mixed", 0)
+    a = lanczos(op.hvp, op.dim, 12, v0=start, stop="none", out_arg=True)
+    b = lanczos(lambda u: op.hvp(u), op.dim, 12, v0=start, stop="none")
+    assert a["alphas"] == b["alphas"] and a["betas"] == b["betas"]
+
+
 class TransformerClassifier(nn.Module):
     """A small batch-first ``nn.TransformerEncoder`` classifier (2 layers, d_model 16)."""
 

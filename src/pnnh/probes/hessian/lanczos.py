@@ -90,6 +90,19 @@ def _orthogonalise(w: torch.Tensor, held: torch.Tensor) -> float:
     return after
 
 
+def _converged(ritz: torch.Tensor, s: torch.Tensor, beta: float, stop: str, bound: str,
+               tol: float) -> bool:
+    """An invariant subspace (``β ≈ 0``: the Ritz values are exact), or for ``stop="extremes"``
+    / ``"max"`` the extreme Ritz values' error bounds within ``tol·max|θ|``."""
+    scale = max(float(ritz.abs().max()), 1e-300)
+    if beta <= 1e-12 * scale:
+        return True
+    if stop not in ("extremes", "max"):
+        return False
+    e = ritz_error_bounds(ritz, s, beta, bound)
+    return e["max"] <= tol * scale and (stop == "max" or e["min"] <= tol * scale)
+
+
 def lanczos(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     dim: int,
@@ -103,6 +116,7 @@ def lanczos(
     dtype: torch.dtype = torch.float64,
     max_vectors: int | None = None,
     on_step: Callable[[torch.Tensor, torch.Tensor, float], None] | None = None,
+    out_arg: bool = False,
 ) -> dict:
     """Lanczos tridiagonalisation with full re-orthogonalisation.
 
@@ -119,30 +133,35 @@ def lanczos(
     float64), at most ``max_vectors``; past that, re-orthogonalisation against the latest
     ``max_vectors`` only: orthogonality to older ones is lost as Ritz values converge (Paige
     1976), the extreme ones still converge with residual bounds ``|β_m s_{m,i}|`` up to
-    rounding, but may reappear as copies ("ghosts"); ``window`` says so.
+    rounding, but may reappear as copies ("ghosts"); ``window`` says so. ``out_arg``:
+    ``matvec(v, out=row)`` writes ``Hv`` into the basis row of the next vector, which the
+    step then turns into ``q_{j+1}`` in place (no new ``dim``-sized buffer, and no fresh
+    pages to fault in, per step).
     """
     max_steps = max(1, min(max_steps, dim))
     cap = max_steps + 1 if max_vectors is None else max(3, min(int(max_vectors), max_steps + 1))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = (torch.randn(dim, generator=gen, dtype=torch.float64) if v0 is None  # no float64 copy
-         else v0.double().cpu() if dtype == torch.float64 else v0.detach().to("cpu", dtype))
-    q = (q / _norm(q)).to(device)  # not q.norm(): in float32 on a CPU it is off by 4e-4 at 11M
+         else v0.detach().to(dtype=dtype))  # of a float32 start
     # q_k in row k % cap; grown by doubling without max_vectors, else cap rows at once
     Q = torch.empty(min(16, cap) if max_vectors is None else cap, dim, dtype=dtype, device=device)
-    Q[0] = q
-    del q
+    torch.div(q.to(device), _norm(q), out=Q[0])  # not q.norm(): in float32 on a CPU it is off
+    del q  # by 4e-4 at 11M entries
     alphas, betas = [], []
-    beta = 0.0
     ritz = s = None
     for j in range(max_steps):
+        nxt = (j + 1) % cap
+        if nxt >= Q.shape[0]:  # grown by doubling (no max_vectors)
+            Q = torch.cat([Q, torch.empty_like(Q[: min(Q.shape[0], cap - Q.shape[0])])])
         cur = Q[j % cap]
-        w = matvec(cur).to(dtype)  # in place from here: no new dim-sized buffers per step
-        alpha = _dot(cur, w)
-        w.sub_(cur, alpha=alpha)
+        # into q_{j+1}'s own row where that row is free (not past the window): no new buffer
+        w = matvec(cur, out=Q[nxt]) if out_arg and j + 1 < cap else matvec(cur)
+        w = w.to(dtype)
+        alphas.append(_dot(cur, w))  # α_j, then w = Hq_j − α_j q_j − β_{j-1} q_{j-1}
+        w.sub_(cur, alpha=alphas[-1])
         if j > 0:
-            w.sub_(Q[(j - 1) % cap], alpha=beta)
+            w.sub_(Q[(j - 1) % cap], alpha=betas[-1])
         beta = _orthogonalise(w, Q[: min(j + 1, cap)])
-        alphas.append(alpha)
         last = j + 1 >= max_steps
         if stop == "none" and not last:  # SLQ: no eigh per step; max|α| <= max|θ| serves
             scale = max(abs(a) for a in alphas)  # to detect an invariant subspace (β ≈ 0)
@@ -153,19 +172,13 @@ def lanczos(
             ritz, s = _tridiagonal_eigh(alphas, betas)
             if on_step is not None:  # progress: (Ritz values, their vectors in T, β)
                 on_step(ritz, s, beta)
-            scale = max(float(ritz.abs().max()), 1e-300)
-            if beta <= 1e-12 * scale or last:
+            if last or _converged(ritz, s, beta, stop if j >= 1 else "none", bound, tol):
                 break
-            if stop in ("extremes", "max") and j >= 1:
-                e = ritz_error_bounds(ritz, s, beta, bound)
-                if e["max"] <= tol * scale and (stop == "max" or e["min"] <= tol * scale):
-                    break
         betas.append(beta)
-        if (j + 1) % cap >= Q.shape[0]:
-            grown = torch.empty(min(2 * Q.shape[0], cap), dim, dtype=Q.dtype, device=device)
-            grown[: Q.shape[0]] = Q
-            Q = grown
-        torch.div(w, beta, out=Q[(j + 1) % cap])
+        if w.data_ptr() == Q[nxt].data_ptr():
+            w.div_(beta)
+        else:
+            torch.div(w, beta, out=Q[nxt])
     return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas),
             "alphas": alphas, "betas": betas[: len(alphas) - 1], "vectors_kept": cap,
             "window": len(alphas) > cap}

@@ -195,7 +195,7 @@ class HessianOperator:
         self.hvp_kind: str | None = None  # resolved on the first HVP (see hvp_method)
         self.math_attention = False
         self.hvp_fallbacks: list[str] = []
-        self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graph: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
         self._graph_tag: tuple[str, bool] | None = None  # (kind, math attention) it serves
         self.model = model
         self.loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
@@ -310,8 +310,12 @@ class HessianOperator:
         return {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes)}
 
     def _loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._loss_of(self._unflatten(flat), x, y)
+
+    def _loss_of(self, params: dict[str, torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
         with folded(self.model, self.folded), exact_substitutes(self.substituted):
-            out = functional_call(self.model, {**self._fixed, **self._unflatten(flat)}, (x,))
+            out = functional_call(self.model, {**self._fixed, **params}, (x,))
         return self.loss_fn(select_output(out, self.output), y)
 
     def _attention(self):
@@ -326,35 +330,54 @@ class HessianOperator:
         return jvp(g, (self.theta,), (v,))[1]
 
     def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor):
-        """``(θ leaf, ∇L(θ) with its graph)``; kept across HVPs when there is one batch."""
+        """``(per-parameter views of the θ leaf, ∇L(θ) with its graph)``; kept across HVPs when
+        there is one batch."""
         if self._graph is not None:
             return self._graph
         leaf = self.theta.detach().requires_grad_(True)
+        parts = self._unflatten(leaf)
         with torch.enable_grad():
-            g = torch.autograd.grad(self._loss(leaf, x, y), leaf, create_graph=True)[0]
-        if isinstance(self._batches, list) and len(self._batches) == 1:
-            self._graph = (leaf, g)
+            g = torch.autograd.grad(self._loss_of(parts, x, y), leaf, create_graph=True)[0]
+        graph = (tuple(parts.values()), g)
+        if self._one_batch():
+            self._graph = graph
             self._graph_tag = ("rev-rev", self.math_attention)
-        return leaf, g
+        return graph
 
-    def _hvp_rev_rev(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _one_batch(self) -> bool:
+        return isinstance(self._batches, list) and len(self._batches) == 1
+
+    def _hvp_rev_rev(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
         """Double backward ``∂(∇L·v)/∂θ``; with one batch the gradient graph is built once and
         kept, so each HVP is a single backward pass (PyHessian's scheme). ``v`` may be a
-        ``(k, dim)`` block: then the k HVPs share one batched backward pass."""
-        leaf, g = self._gradient_graph(x, y)
-        batched = v.dim() == 2
-        return torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=True,
-                                   is_grads_batched=batched)[0].detach()
+        ``(k, dim)`` block: then the k HVPs share one batched backward pass.
 
-    def _hvp_kind_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        The products are taken per parameter (at the views of the flat leaf, not the leaf:
+        no concatenation inside autograd) and written into ``out`` where one is given (a
+        Lanczos vector's own row: no fresh ``dim``-sized allocation per HVP)."""
+        parts, g = self._gradient_graph(x, y)
+        batched = v.dim() == 2
+        hv = torch.autograd.grad(g, parts, grad_outputs=v, retain_graph=True,
+                                 is_grads_batched=batched, allow_unused=True)
+        lead = (v.shape[0], -1) if batched else (-1,)
+        flat = [torch.zeros(lead[:-1] + (p.numel(),), dtype=v.dtype, device=v.device)
+                if h is None else h.detach().reshape(lead) for h, p in zip(hv, parts)]
+        if out is not None and out.dtype == v.dtype and out.shape == v.shape:
+            return torch.cat(flat, dim=-1, out=out)
+        return torch.cat(flat, dim=-1)
+
+    def _hvp_kind_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         with self._attention():
             if self.hvp_kind == "rev-rev":
-                return self._hvp_rev_rev(v, x, y)
+                return self._hvp_rev_rev(v, x, y, out)
             if v.dim() == 2:
                 return vmap(self._hvp_batch, in_dims=(0, None, None))(v, x, y)
             return self._hvp_batch(v, x, y)
 
-    def _resolve(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _resolve(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """Pick the HVP kind on the first HVP: the requested one (``auto``: double backward
         over a kept graph, the fastest where it works), else double backward (``fwd-rev`` needs
         forward-mode AD, which some ops lack), then with attention on the math backend, then
@@ -368,7 +391,7 @@ class HessianOperator:
                 self._graph = None  # a graph built for another kind (e.g. by gradient())
             self.hvp_kind, self.math_attention = kind, math_attn
             try:
-                out = self._hvp_kind_batch(v, x, y)
+                result = self._hvp_kind_batch(v, x, y, out)
             except (NotImplementedError, RuntimeError) as e:  # a missing derivative, or OOM
                 self._graph = None
                 errors.append(e)
@@ -376,7 +399,7 @@ class HessianOperator:
                 self.hvp_fallbacks.append(f"{kind}{' (math attention)' if math_attn else ''}"
                                           f" failed: {type(e).__name__}: {why}")
                 continue
-            return out
+            return result
         self.hvp_kind = None
         raise errors[0]
 
@@ -391,10 +414,12 @@ class HessianOperator:
                 out = term if out is None else out + term
         return self._all_sum(out)
 
-    def _hvp_data(self, v: torch.Tensor) -> torch.Tensor:
-        """``Σ_b (n_b/N) H_b v`` over the batches."""
-        return self._batch_mean(lambda x, y: self._resolve(v, x, y) if self.hvp_kind is None
-                                else self._hvp_kind_batch(v, x, y))
+    def _hvp_data(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``Σ_b (n_b/N) H_b v`` over the batches (into ``out`` where the kind can write
+        there: double backward over one batch)."""
+        out = out if self._one_batch() else None
+        return self._batch_mean(lambda x, y: self._resolve(v, x, y, out) if self.hvp_kind is None
+                                else self._hvp_kind_batch(v, x, y, out))
 
     # -- public API -----------------------------------------------------------------------
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
@@ -413,8 +438,7 @@ class HessianOperator:
     def gradient(self) -> torch.Tensor:
         """``∇L(θ)``: taken from the kept gradient graph where double backward will run (so the
         graph serves the HVPs that follow), else by :meth:`loss_and_grad`."""
-        one = isinstance(self._batches, list) and len(self._batches) == 1
-        if one and self.hvp_mode != "fwd-rev" and self.hvp_kind in (None, "rev-rev"):
+        if self._one_batch() and self.hvp_mode != "fwd-rev" and self.hvp_kind in (None, "rev-rev"):
             try:  # _resolve keeps this graph if rev-rev (as tagged) then works
                 with self._attention(), self._precision():
                     g = self._gradient_graph(*next(self._iter()))[1].detach()
@@ -425,16 +449,20 @@ class HessianOperator:
                 self._graph = None
         return self.loss_and_grad()[1]
 
-    def start_vector(self, start: str, seed: int) -> torch.Tensor | None:
+    def start_vector(self, start: str, seed: int, unit: bool = True) -> torch.Tensor | None:
         """Lanczos start: ``random`` (None: Gaussian), ``gradient`` (``∇L``, which lies mostly in
         the top eigenspace of the loss Hessian, free where the gradient graph is kept) or
-        ``mixed`` (``g/‖g‖ + r/‖r‖``, overlapping both ends of the spectrum)."""
+        ``mixed`` (``g/‖g‖ + r/‖r‖``, overlapping both ends of the spectrum). ``unit=False``
+        leaves ``gradient`` unscaled (:func:`~.lanczos.lanczos` normalises its start itself:
+        no copy of ``dim`` entries)."""
         if start == "random":
             return None
         g = self.gradient().to(self.vector_dtype)  # in the vectors' dtype: no float64 copies
         norm = _norm(g)  # float64-accumulated; not finite where any entry is not
         if not math.isfinite(norm) or norm == 0.0:
             return None
+        if start == "gradient" and not unit:
+            return g
         g = g / norm  # not in place: g may be the kept graph's own gradient
         if start == "gradient":
             return g
@@ -442,10 +470,14 @@ class HessianOperator:
                         dtype=self.vector_dtype).to(g.device)
         return r.div_(_norm(r)).add_(g)
 
-    def hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """``H v`` for a flat vector ``v`` (averaged exactly over all batches)."""
+    def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` (averaged exactly over all batches); written into
+        ``out`` (a ``dim``-sized tensor, returned) where one is given."""
         self.hvp_calls += 1
-        return self._hvp_data(v.to(self.theta))
+        hv = self._hvp_data(v.to(self.theta), out)
+        if out is None or hv is out:
+            return hv
+        return out.copy_(hv)
 
     def hvp_many(self, vs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """``H v`` for every row ``v`` of ``vs``: the rows go through in blocks of
@@ -607,7 +639,7 @@ class HessianOperator:
         if start == "auto":
             start = "gradient" if which == "max" else "mixed"
         calls0 = self.hvp_calls
-        v0 = self.start_vector(start, seed)
+        v0 = self.start_vector(start, seed, unit=False)
         with self._stage("Lanczos", min(max_iter, self.dim)) as bar:
             show = None if bar is None else (lambda t, s, b: bar.set_postfix_str(
                 "λmax {:.6g} ± {:.2g}, λmin {:.6g} ± {:.2g}".format(
@@ -616,7 +648,7 @@ class HessianOperator:
             res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, bound=bound, v0=v0,
                           device=self.theta.device, stop="max" if which == "max" else "extremes",
                           dtype=self.vector_dtype, max_vectors=self.lanczos_vectors(),
-                          on_step=show)
+                          on_step=show, out_arg=True)
         del v0
         theta = res["ritz"]
         scale = max(float(theta.abs().max()), 1e-300)
@@ -692,7 +724,7 @@ class HessianOperator:
             with self._stage(f"SLQ run {r + 1}/{num_runs}", steps):
                 res = lanczos(self.hvp, self.dim, steps, seed=seed + r, v0=v0,
                               device=self.theta.device, stop="none", dtype=self.vector_dtype,
-                              max_vectors=self.lanczos_vectors())
+                              max_vectors=self.lanczos_vectors(), out_arg=True)
             rule = quadrature if res["steps"] == steps and steps < self.dim else "gauss"
             n, w = slq_quadrature(res["alphas"], res["betas"], rule)
             nodes.append(n)

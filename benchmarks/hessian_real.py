@@ -158,9 +158,10 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def run_worker(spec: dict) -> dict:
+def run_worker(spec: dict, script: str = __file__) -> dict:
+    """``script --worker spec`` in a fresh process: its last line of output, as JSON."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:  # e.g. curvlinops on an op with no forward-mode derivative
         last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:]

@@ -225,3 +225,37 @@ def test_hessian_real_quick(tmp_path):
     assert {r["ran"] for r in trace["rows"] if r["tool"] == "pnnh"} <= {"hutchinson", "hutch++",
                                                                          "xtrace"}
     assert all(len(r["values"]) == 2 for r in trace["rows"])  # --quick: 2 seeds
+
+
+def test_hessian_ceiling_quick(tmp_path):
+    """The ceilings under hessian_real's ratios, on the tiny CNN: bare autograd setup and HVP
+    per fresh process; the zero-overhead ratio is the HVP-count arithmetic of the equal-error
+    rows; the deflated trace agrees with plain Hutchinson on the same samples."""
+    real = tmp_path / "hessian_real_quick.json"
+    real.write_text(json.dumps({"lambda_max": {"tiny_cnn": {
+        "rows": [{"tool": "pyhessian", "setting": "tol 0.01", "cold": {"hvps": 20},
+                  "warm": {"hvps": 20}},
+                 {"tool": "pnnh", "setting": "tol 0.01", "cold": {"hvps": 5}, "warm": {"hvps": 5}}],
+        "equal_error": {f"pyhessian {w}": [{"setting": "tol 0.01", "seconds": 1.0,
+                                             "pnnh": "tol 0.01", "pnnh_seconds": 0.5,
+                                             "ratio": 2.0}] for w in ("cold", "warm")}}}}))
+    threads = torch.get_num_threads()
+    try:
+        data = _load("hessian_ceiling").main(["--quick", "--real", str(real), "--out",
+                                              str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "hessian_ceiling_quick.json").read_text())["trace"]
+    lam = data["lambda_max"]["tiny_cnn"]
+    for when in ("cold", "warm"):
+        b = lam["bare"][when]
+        assert b["setup"] > 0 and b["hvp"] > 0 and len(b["per_hvp"]) == 2
+        (row,) = [r for r in lam["rows"] if r["when"] == when]
+        s, h = b["setup"], b["hvp"]
+        assert row["bare_both"] == pytest.approx((s + 20 * h) / (s + 5 * h))
+        assert row["bare_pnnh"] == pytest.approx(1.0 / (s + 5 * h))
+    tr = data["trace"]["tiny_cnn"]
+    assert tr["rho"] > 0 and tr["max_speedup"] == pytest.approx(1 / tr["rho"])
+    spread = 4 * ((tr["sd_plain"] ** 2 + tr["sd_deflated"] ** 2) / tr["samples"]) ** 0.5
+    assert abs(tr["trace_deflated"] - tr["trace_plain"]) <= spread
+    assert tr["speedup_at"]["10"] == pytest.approx(10 / (4 + 10 * tr["rho"]))

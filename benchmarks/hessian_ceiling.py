@@ -8,7 +8,10 @@ it: no estimator, no flat vectors) in a fresh process per model, cold (first in 
 and warm. With PyHessian's HVP count ``n_P`` and pnnh's ``n`` at equal error (from
 ``hessian_real.json``), ``(S + n_P h) / (S + n h)`` is the ratio any two implementations of the
 two methods reach with no overhead on either side, and ``T_P / (S + n h)`` the ratio against
-PyHessian's measured seconds ``T_P`` of a pnnh with none.
+PyHessian's measured seconds ``T_P`` of a pnnh with none. A stopping rule can also cost HVPs:
+the run also records Lanczos's own error after each HVP (from the gradient, against the
+reference λmax), and ``(S + n_P h) / (S + k h)`` with ``k`` the first HVP within PyHessian's
+error is the ceiling with an ideal stopping rule as well.
 
 **Trace.** The estimators of PyHessian, curvlinops and pnnh are all Hutchinson's, alone or
 beside an exactly computed low-rank part (Hutch++, XTrace)::
@@ -69,15 +72,38 @@ def bare_worker(spec: dict) -> dict:
     return out
 
 
+def lanczos_errors(name: str, reference: float, steps: int, batch: int) -> list[float]:
+    """Relative error of Lanczos's λmax (from the gradient, as pnnh's ``which="max"``) after
+    each of ``steps`` HVPs, whatever a stopping rule would have said."""
+    import importlib
+
+    from pnnh.probes.hessian import HessianOperator
+
+    lanczos = importlib.import_module("pnnh.probes.hessian.lanczos").lanczos
+    model, x, y = problem(name, batch)
+    op = HessianOperator(model, (x, y), "ce", progress=False)
+    errors: list[float] = []
+    lanczos(op.hvp, op.dim, steps, tol=0.0, v0=op.start_vector("gradient", 0), stop="max",
+            dtype=op.vector_dtype, out_arg=True,
+            on_step=lambda t, s, b: errors.append(abs(float(t[-1]) - reference) / reference))
+    return errors
+
+
 def lambda_max_ceiling(name: str, real: dict, args) -> dict:
     """Bare S and h of ``name`` (best of ``--repeats`` fresh processes) against the HVP counts
-    and seconds of ``hessian_real.json``'s equal-error rows."""
+    and seconds of ``hessian_real.json``'s equal-error rows, and against the fewest HVPs after
+    which Lanczos's λmax is as close as PyHessian's (an ideal stopping rule)."""
     spec = {"model": name, "batch": args.batch, "threads": args.threads, "hvps": args.hvps}
+    pyh = [r for r in real["rows"] if r["tool"] == "pyhessian"]
+    errors = lanczos_errors(name, real["reference"]["lambda_max"],
+                            max(r["cold"]["hvps"] for r in pyh), args.batch)
+    print(f"\n{name}: Lanczos λmax error after each HVP: "
+          + ", ".join(f"{e:.1e}" for e in errors))
     runs = [run_worker(spec, script=__file__) for _ in range(args.repeats)]
     bare = {when: min((r[when] for r in runs), key=lambda b: b["setup"] + b["hvp"])
             for when in ("cold", "warm")}
     rows = {(r["tool"], r["setting"]): r for r in real["rows"]}
-    print(f"\n{name}: bare setup S {bare['cold']['setup']:.2f} s cold / "
+    print(f"{name}: bare setup S {bare['cold']['setup']:.2f} s cold / "
           f"{bare['warm']['setup']:.2f} s warm, HVP h {bare['cold']['hvp']:.2f} / "
           f"{bare['warm']['hvp']:.2f} s")
     out = []
@@ -88,17 +114,21 @@ def lambda_max_ceiling(name: str, real: dict, args) -> dict:
                 continue
             n_p = rows[("pyhessian", q["setting"])][when]["hvps"]
             n = rows[("pnnh", q["pnnh"])][when]["hvps"]
+            k = next((i + 1 for i, e in enumerate(errors) if e <= q["error"]), None)
             row = {"when": when, "pyhessian": q["setting"], "pyhessian_hvps": n_p,
                    "pyhessian_seconds": q["seconds"], "pnnh": q["pnnh"], "pnnh_hvps": n,
                    "pnnh_seconds": q["pnnh_seconds"], "measured_ratio": q["ratio"],
                    "bare_both": (s + n_p * h) / (s + n * h),
-                   "bare_pnnh": q["seconds"] / (s + n * h)}
+                   "bare_pnnh": q["seconds"] / (s + n * h), "lanczos_hvps": k,
+                   "ideal_both": k and (s + n_p * h) / (s + k * h)}
             out.append(row)
+            ideal = f"{row['ideal_both']:.2f}x at {k} HVPs" if k else "not within the HVPs run"
             print(f"  {when}: PyHessian {q['setting']} ({n_p} HVPs, {q['seconds']:.2f} s) vs pnnh "
                   f"{q['pnnh']} ({n} HVPs, {q['pnnh_seconds']:.2f} s): measured "
                   f"{q['ratio']:.2f}x; no overhead on either side {row['bare_both']:.2f}x; "
-                  f"against PyHessian as measured {row['bare_pnnh']:.2f}x")
-    return {"bare": bare, "rows": out}
+                  f"against PyHessian as measured {row['bare_pnnh']:.2f}x; with an ideal "
+                  f"stopping rule and no overhead {ideal}")
+    return {"bare": bare, "lanczos_errors": errors, "rows": out}
 
 
 def trace_ceiling(name: str, args) -> dict:

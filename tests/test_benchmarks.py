@@ -233,10 +233,11 @@ def test_hessian_ceiling_quick(tmp_path):
     rows; the deflated trace agrees with plain Hutchinson on the same samples."""
     real = tmp_path / "hessian_real_quick.json"
     real.write_text(json.dumps({"lambda_max": {"tiny_cnn": {
+        "reference": {"lambda_max": 1.0},
         "rows": [{"tool": "pyhessian", "setting": "tol 0.01", "cold": {"hvps": 20},
                   "warm": {"hvps": 20}},
                  {"tool": "pnnh", "setting": "tol 0.01", "cold": {"hvps": 5}, "warm": {"hvps": 5}}],
-        "equal_error": {f"pyhessian {w}": [{"setting": "tol 0.01", "seconds": 1.0,
+        "equal_error": {f"pyhessian {w}": [{"setting": "tol 0.01", "seconds": 1.0, "error": 1e9,
                                              "pnnh": "tol 0.01", "pnnh_seconds": 0.5,
                                              "ratio": 2.0}] for w in ("cold", "warm")}}}}))
     threads = torch.get_num_threads()
@@ -254,6 +255,10 @@ def test_hessian_ceiling_quick(tmp_path):
         s, h = b["setup"], b["hvp"]
         assert row["bare_both"] == pytest.approx((s + 20 * h) / (s + 5 * h))
         assert row["bare_pnnh"] == pytest.approx(1.0 / (s + 5 * h))
+        assert row["lanczos_hvps"] == 1  # the first HVP whose error is within PyHessian's 1e9
+        assert row["ideal_both"] == pytest.approx((s + 20 * h) / (s + h))
+    errors = lam["lanczos_errors"]  # one per HVP up to PyHessian's 20, against the reference
+    assert len(errors) == 20 and all(e >= 0 for e in errors)
     tr = data["trace"]["tiny_cnn"]
     assert tr["rho"] > 0 and tr["max_speedup"] == pytest.approx(1 / tr["rho"])
     spread = 4 * ((tr["sd_plain"] ** 2 + tr["sd_deflated"] ** 2) / tr["samples"]) ** 0.5

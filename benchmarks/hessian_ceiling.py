@@ -75,11 +75,8 @@ def bare_worker(spec: dict) -> dict:
 def lanczos_errors(name: str, reference: float, steps: int, batch: int) -> list[float]:
     """Relative error of Lanczos's λmax (from the gradient, as pnnh's ``which="max"``) after
     each of ``steps`` HVPs, whatever a stopping rule would have said."""
-    import importlib
+    from pnnh.probes.hessian import HessianOperator, lanczos
 
-    from pnnh.probes.hessian import HessianOperator
-
-    lanczos = importlib.import_module("pnnh.probes.hessian.lanczos").lanczos
     model, x, y = problem(name, batch)
     op = HessianOperator(model, (x, y), "ce", progress=False)
     errors: list[float] = []

@@ -175,10 +175,7 @@ def lanczos(
             if last or _converged(ritz, s, beta, stop if j >= 1 else "none", bound, tol):
                 break
         betas.append(beta)
-        if w.data_ptr() == Q[nxt].data_ptr():
-            w.div_(beta)
-        else:
-            torch.div(w, beta, out=Q[nxt])
+        torch.div(w, beta, out=Q[nxt])  # in place where w is that row already
     return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas),
             "alphas": alphas, "betas": betas[: len(alphas) - 1], "vectors_kept": cap,
             "window": len(alphas) > cap}

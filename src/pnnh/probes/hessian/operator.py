@@ -449,23 +449,20 @@ class HessianOperator:
                 self._graph = None
         return self.loss_and_grad()[1]
 
-    def start_vector(self, start: str, seed: int, unit: bool = True) -> torch.Tensor | None:
-        """Lanczos start: ``random`` (None: Gaussian), ``gradient`` (``∇L``, which lies mostly in
-        the top eigenspace of the loss Hessian, free where the gradient graph is kept) or
-        ``mixed`` (``g/‖g‖ + r/‖r‖``, overlapping both ends of the spectrum). ``unit=False``
-        leaves ``gradient`` unscaled (:func:`~.lanczos.lanczos` normalises its start itself:
-        no copy of ``dim`` entries)."""
+    def start_vector(self, start: str, seed: int) -> torch.Tensor | None:
+        """Lanczos start direction (:func:`~.lanczos.lanczos` normalises it): ``random`` (None:
+        Gaussian), ``gradient`` (``∇L`` itself, no copy: it lies mostly in the top eigenspace of
+        the loss Hessian, free where the gradient graph is kept) or ``mixed`` (``g/‖g‖ + r/‖r‖``,
+        overlapping both ends of the spectrum)."""
         if start == "random":
             return None
         g = self.gradient().to(self.vector_dtype)  # in the vectors' dtype: no float64 copies
         norm = _norm(g)  # float64-accumulated; not finite where any entry is not
         if not math.isfinite(norm) or norm == 0.0:
             return None
-        if start == "gradient" and not unit:
-            return g
-        g = g / norm  # not in place: g may be the kept graph's own gradient
         if start == "gradient":
             return g
+        g = g / norm  # not in place: g may be the kept graph's own gradient
         r = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed),
                         dtype=self.vector_dtype).to(g.device)
         return r.div_(_norm(r)).add_(g)
@@ -639,7 +636,7 @@ class HessianOperator:
         if start == "auto":
             start = "gradient" if which == "max" else "mixed"
         calls0 = self.hvp_calls
-        v0 = self.start_vector(start, seed, unit=False)
+        v0 = self.start_vector(start, seed)
         with self._stage("Lanczos", min(max_iter, self.dim)) as bar:
             show = None if bar is None else (lambda t, s, b: bar.set_postfix_str(
                 "λmax {:.6g} ± {:.2g}, λmin {:.6g} ± {:.2g}".format(

@@ -8,6 +8,7 @@ Writes ``hessian.json`` (one record per model: ``lambda_max``, ``lambda_min``, `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,7 +68,12 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     a("--dense", choices=["auto", "always", "never"], default="auto",
       help="exact dense Hessian: auto = when the parameter count is <= --dense-limit")
     a("--dense-limit", type=int, default=5000)
-    a("--tol", type=float, default=1e-6, help="Lanczos relative Ritz-residual tolerance")
+    a("--tol", type=float, default=None,
+      help="Lanczos relative error tolerance (default 1e-5, 1e-6 with --float64: each above "
+           "what the vectors' rounding allows; a smaller one is raised to that floor, said so)")
+    a("--float64", action="store_true",
+      help="the model and batch in float64: HVPs and Lanczos vectors below float32's rounding "
+           "floor (~2e-6 relative), at twice the memory")
     a("--zero-tol", type=float, default=1e-8,
       help="eigenvalues with |λ| <= zero_tol·max|λ| count as zero in condition numbers")
     a("--max-iter", type=int, default=200, help="Lanczos steps at most")
@@ -154,9 +160,19 @@ def _data(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int | None = 
     return list(zip(inputs.split(batch_size), targets.split(batch_size)))
 
 
+def _in_float64(t: ProbeTarget) -> ProbeTarget:
+    """``--float64``: the model's floating parameters and buffers and a floating batch in
+    float64 (token ids stay integers)."""
+    x = t.inputs.double() if t.inputs.is_floating_point() else t.inputs
+    y = t.targets.double() if t.targets.is_floating_point() else t.targets
+    return dataclasses.replace(t, model=t.model.double(), inputs=x, targets=y)
+
+
 def _summarize_target(t: ProbeTarget, args: argparse.Namespace) -> tuple[dict, dict]:
     """One model's ``hessian.json`` record and its spectral density (for the plot)."""
     output = getattr(args, "output", None)
+    if getattr(args, "float64", False):
+        t = _in_float64(t)
     targets = _loss_targets(t.model, t.inputs, t.targets, args.loss, output)
     op = HessianOperator(t.model, _data(t.inputs, targets, getattr(args, "batch_size", None)),
                          args.loss, args.params,
@@ -194,12 +210,16 @@ def run(targets: Sequence[ProbeTarget], args: argparse.Namespace, out: Path) -> 
     """One record per model (``hessian.json`` is a list whatever the number of models),
     ``hessian_spectrum.png`` and, with ``--blocks``, ``hessian_blocks.csv``/``.json``."""
     records, spectra, block_records, notes = [], {}, [], []
+    if args.tol is None:  # above the rounding floor of float32 (float64) Lanczos vectors
+        args.tol = 1e-6 if getattr(args, "float64", False) else 1e-5
     for t in targets:
         rec, spectra[t.label] = _summarize_target(t, args)
         if getattr(args, "blocks", None):
             block_records += _block_records(t, args)
         records.append(rec)
         cn = rec["condition_number"]
+        if rec.get("precision_note"):
+            notes.append(f"{t.label}: {rec['precision_note']}")
         notes.append(f"{t.label}: lambda_max={rec['lambda_max']:.6g} "
                      f"lambda_min={rec['lambda_min']:.6g} trace={rec['trace']:.6g} "
                      f"condition_number={'n/a' if cn is None else f'{cn:.6g}'} "

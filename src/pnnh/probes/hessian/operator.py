@@ -42,7 +42,7 @@ from pnnh.probes.bnfold import foldable_pairs, folded
 from pnnh.probes.common import cross_entropy, math_attention, select_output
 from pnnh.probes.hessian.density import _check_quadrature, slq_quadrature
 from pnnh.probes.hessian.hutchinson import _rademacher
-from pnnh.probes.hessian.lanczos import _dot, _norm, lanczos, ritz_error_bounds
+from pnnh.probes.hessian.lanczos import _dot, _norm, lanczos, ritz_error_bounds, rounding_floor
 from pnnh.probes.hessian.memory import activation_bytes, columns, hvp_bytes, parse_memory
 from pnnh.probes.hessian.progress import enabled, stage_bar
 from pnnh.probes.hessian.substitutes import exact_substitutes
@@ -130,6 +130,18 @@ def select_parameters(model: nn.Module, params: str | Sequence[str] | None = Non
             field="params",
         )
     return chosen
+
+
+def precision_note(tol: float, floor: float, dtype: torch.dtype) -> str | None:
+    """One line when ``tol`` asks for less than the Lanczos vectors' precision allows
+    (:func:`~.lanczos.rounding_floor`), else ``None``."""
+    if tol >= floor:
+        return None
+    name = str(dtype).replace("torch.", "")
+    return (f"tol {tol:g} is below what {name} vectors allow here ({floor:.1g} relative); "
+            f"the error bounds reported include that floor"
+            + ("; --float64 (the model and batch in float64) goes below it"
+               if dtype != torch.float64 else ""))
 
 
 class HessianOperator:
@@ -619,12 +631,15 @@ class HessianOperator:
     ) -> dict:
         """Largest and smallest (algebraic) eigenvalues by Lanczos with full re-orthogonalisation.
 
-        Stops when the error bound of both extreme Ritz values is ``<= tol·max|θ|``, or after
-        ``max_iter`` steps (``converged`` says which). ``bound="residual"``: the Ritz residual
-        ``r = ||Hu − θu|| = |β_m s_{m,i}|``, a guaranteed bound (some eigenvalue lies within
-        ``r`` of ``θ``); ``bound="gap"``: ``min(r, r²/gap)`` with the gap to the next Ritz
-        value, the usual (Kato–Temple) error estimate, much tighter once the end is resolved
-        but not guaranteed. ``which="max"`` waits for the largest one only (``lambda_min`` is
+        Stops when the Ritz residual ``r = ||Hu − θu|| = |β_m s_{m,i}|`` of both extreme Ritz
+        values (a guaranteed bound: some eigenvalue lies within ``r`` of ``θ``) is
+        ``<= tol·max|θ|`` at two consecutive steps with the values settled (see
+        :func:`~.lanczos.lanczos`), or after ``max_iter`` steps (``converged`` says which).
+        ``tol`` below the vectors' rounding floor (:func:`~.lanczos.rounding_floor`) is raised
+        to it, and ``precision_note`` says so. ``error_bound_*`` is the residual
+        (``bound="residual"``) or the Kato–Temple estimate ``min(r, r²/gap)``
+        (``bound="gap"``: much tighter once the end is resolved, not guaranteed, no longer a
+        stopping rule), plus the rounding floor. ``which="max"`` waits for the largest one only (``lambda_min`` is
         then the current, possibly unconverged, smallest Ritz value). ``start``: see
         :meth:`start_vector`; ``auto`` is ``gradient`` for ``which="max"``, else ``mixed``.
         """
@@ -642,7 +657,7 @@ class HessianOperator:
                 "λmax {:.6g} ± {:.2g}, λmin {:.6g} ± {:.2g}".format(
                     float(t[-1]), (e := ritz_error_bounds(t, s, b, bound))["max"],
                     float(t[0]), e["min"]), refresh=False))
-            res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, bound=bound, v0=v0,
+            res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, v0=v0,
                           device=self.theta.device, stop="max" if which == "max" else "extremes",
                           dtype=self.vector_dtype, max_vectors=self.lanczos_vectors(),
                           on_step=show, out_arg=True)
@@ -650,19 +665,24 @@ class HessianOperator:
         theta = res["ritz"]
         scale = max(float(theta.abs().max()), 1e-300)
         err = ritz_error_bounds(theta, res["ritz_vectors"], res["beta_last"], bound)
+        floor = res["rounding_floor"]  # what the vectors' precision allows (relative)
+        bound_max, bound_min = err["max"] + floor * scale, err["min"] + floor * scale
         return {
             "lambda_max": float(theta[-1]),
             "lambda_min": float(theta[0]),
             "residual_max": err["residual_max"],
             "residual_min": err["residual_min"],
-            "error_bound_max": err["max"],
-            "error_bound_min": err["min"],
+            "error_bound_max": bound_max,
+            "error_bound_min": bound_min,
+            "rounding_floor": floor,
+            "precision_note": precision_note(tol, floor, self.vector_dtype),
             "bound": bound,
             "start": start,
             "iterations": res["steps"],
             "hvps": self.hvp_calls - calls0,
-            "converged": bool(err["max"] <= tol * scale
-                              and (which == "max" or err["min"] <= tol * scale)),
+            "converged": bool(err["residual_max"] <= max(tol, floor) * scale
+                              and (which == "max"
+                                   or err["residual_min"] <= max(tol, floor) * scale)),
             "ritz_values": theta.tolist(),
             "lanczos_vectors": res["vectors_kept"],
             "reorthogonalisation": (f"local: against the latest {res['vectors_kept']} vectors "

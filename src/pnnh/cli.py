@@ -69,7 +69,9 @@ def add_probe_common_arguments(p: argparse.ArgumentParser) -> None:
                    "never saw data, running otherwise; the default)")
     p.add_argument("--dataset", help="dataset of the probe batch (default: the checkpoint's, "
                    "else mnist1d)")
-    p.add_argument("--data-dir", help="directory for cifar10/cifar100/imagefolder")
+    p.add_argument("--data-dir", help="directory for cifar10/cifar100/imagefolder, or the IDX "
+                   "files of fashion_mnist/mnist (default for those: $PNNH_DATA_DIR, the pnnh "
+                   "cache, /usr/share/datasets)")
     p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, e.g. input_shape=[3,16,16] (repeatable)")
     p.add_argument("--num-samples", type=int, default=512, help="probe batch size (samples)")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from _helpers import write_idx, write_idx_set
 
+from pnnh import data
 from pnnh.cli import main
 from pnnh.data import (
     IDX_FILES,
@@ -81,9 +82,12 @@ def test_search_order_data_dir_then_env_then_cache_then_debian(tmp_path, monkeyp
     cache = tmp_path / "cache"
     monkeypatch.setenv("PNNH_CACHE_DIR", str(cache))
     monkeypatch.delenv("PNNH_DATA_DIR", raising=False)
-    debian = Path("/usr/share/datasets/fashion-mnist")
-    assert idx_search_path("fashion_mnist") == [cache / "fashion-mnist", debian]
+    assert idx_search_path("fashion_mnist") == [cache / "fashion-mnist",
+                                                Path("/usr/share/datasets/fashion-mnist")]
     assert idx_search_path("mnist") == [cache / "mnist"]  # Debian packages no MNIST
+    monkeypatch.setattr(data, "DEBIAN_DATASETS", tmp_path / "installed")
+    write_idx_set(tmp_path / "installed" / "fashion-mnist", n_train=20)
+    assert len(get_dataset("fashion_mnist")[0]) == 20  # where apt-get install puts it
     write_idx_set(cache / "fashion-mnist", n_train=40)
     assert len(get_dataset("fashion_mnist")[0]) == 40
     monkeypatch.setenv("PNNH_DATA_DIR", str(tmp_path / "root"))

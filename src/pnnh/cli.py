@@ -142,6 +142,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["plain", "onnx"], default="plain")
     p.add_argument("--out", required=True, help="output file")
 
+    p = sub.add_parser("data", help="get a data set: `pnnh data fetch fashion_mnist`")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+    pf = dsub.add_parser("fetch", help="a data set from Debian's package into the pnnh cache, "
+                                       "once (nothing when it is already there)")
+    pf.add_argument("name", metavar="NAME", type=lambda s: s.replace("-", "_"),
+                    choices=["fashion_mnist"], help="fashion_mnist (or fashion-mnist)")
+
     p = sub.add_parser("demo", help="the depth study on MNIST-1D (the main job)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a tiny version for tests (< 1 minute)")
@@ -331,6 +339,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    """``pnnh data fetch NAME``: one line; exit 0 also when it could not fetch (it says why),
+    so that the set-up goes on without the data."""
+    from pnnh.fetch import fetch
+
+    ok, message = fetch(args.name)
+    print(message, file=sys.stdout if ok else sys.stderr, flush=True)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pnnh.demo import run_demo
 
@@ -346,6 +364,7 @@ COMMANDS = {
     "report": cmd_report,
     "export": cmd_export,
     "demo": cmd_demo,
+    "data": cmd_data,
 }
 
 

@@ -192,8 +192,9 @@ class IdxSet:
     torchvision: str  # torchvision's folder name (``<root>/<name>/raw``)
     debian_package: str | None = None  # installs /usr/share/datasets/<folder>
 
-    def debian_dir(self) -> Path | None:
-        return Path("/usr/share/datasets") / self.folder if self.debian_package else None
+    def debian_tree(self) -> Path | None:
+        """Where the files lie inside the package's ``.deb`` (installed: under ``/``)."""
+        return Path("usr/share/datasets", self.folder) if self.debian_package else None
 
     def hint(self, name: str) -> str:
         """How to get the files, the tail of every error about them."""
@@ -211,6 +212,7 @@ IDX_SETS = {
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 IDX_IMAGE_SHAPE = (28, 28)
+DEBIAN_DATASETS = Path("/usr/share/datasets")  # where Debian's dataset-* packages are installed
 # the IDX type codes (the third byte of the magic number); values are big-endian
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32,
                0x0D: np.float32, 0x0E: np.float64}
@@ -228,8 +230,7 @@ def _idx_layouts(root: Path, spec: IdxSet) -> list[Path]:
     """The folders under ``root`` that may hold the files: itself, ``<root>/<folder>``,
     torchvision's ``<root>/<Name>/raw`` and Debian's tree as ``dpkg-deb -x`` extracts it."""
     out = [root, root / spec.folder, root / spec.torchvision / "raw"]
-    debian = spec.debian_dir()
-    return out + ([root / debian.relative_to("/")] if debian else [])
+    return out + ([root / spec.debian_tree()] if spec.debian_package else [])
 
 
 def idx_search_path(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -242,24 +243,29 @@ def idx_search_path(name: str, data_dir: str | os.PathLike | None = None) -> lis
     out = _idx_layouts(Path(os.environ["PNNH_DATA_DIR"]), spec) \
         if os.environ.get("PNNH_DATA_DIR") else []
     out.append(cache_dir() / spec.folder)
-    return out + ([spec.debian_dir()] if spec.debian_package else [])
+    return out + ([DEBIAN_DATASETS / spec.folder] if spec.debian_package else [])
+
+
+def idx_folder(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The folder the loader reads: the first of :func:`idx_search_path` holding any of the
+    four IDX files (complete or not), or None."""
+    return next((folder for folder in idx_search_path(name, data_dir)
+                 if any(_idx_file(folder, base) for base in IDX_FILES)), None)
 
 
 def find_idx_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """The first folder of :func:`idx_search_path` holding any of the four IDX files; it must
-    hold all four. A :class:`DataError` (one line: where it looked, how to get them) if none."""
+    """:func:`idx_folder`, which must hold all four files. A :class:`DataError` (one line:
+    where it looked, how to get the data) if it is missing or incomplete."""
     spec = _idx_spec(name)
     if data_dir and not Path(data_dir).is_dir():
         raise DataError(f"{name}: data directory not found: {data_dir}; {spec.hint(name)}",
                         field="data_dir")
-    for folder in idx_search_path(name, data_dir):
-        found = [_idx_file(folder, base) for base in IDX_FILES]
-        if any(found):
-            missing = [b + "[.gz]" for b, f in zip(IDX_FILES, found) if f is None]
-            if missing:
-                raise DataError(f"{name}: {folder} lacks {', '.join(missing)}; "
-                                f"{spec.hint(name)}")
-            return folder
+    folder = idx_folder(name, data_dir)
+    if folder is not None:
+        missing = [base + "[.gz]" for base in IDX_FILES if _idx_file(folder, base) is None]
+        if missing:
+            raise DataError(f"{name}: {folder} lacks {', '.join(missing)}; {spec.hint(name)}")
+        return folder
     looked = ", ".join(str(p) for p in idx_search_path(name, data_dir))
     raise DataError(f"{name}: no IDX files (train-images-idx3-ubyte[.gz], ...) in {looked}; "
                     f"{spec.hint(name)}")

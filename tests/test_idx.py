@@ -5,12 +5,15 @@ the command line, and the real Fashion-MNIST files the set-up fetches."""
 import gzip
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from _helpers import write_idx, write_idx_set
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pnnh import data
 from pnnh.cli import main
@@ -212,3 +215,23 @@ def test_the_real_fashion_mnist(user_cache):
     assert abs(vx.mean(dtype=np.float64) - 73.15) < 0.01
     assert sorted(p.name.removesuffix(".gz") for p in folder.iterdir()
                   if p.name.removesuffix(".gz") in IDX_FILES) == sorted(IDX_FILES)
+    train, val = get_dataset("fashion_mnist", num_samples=1000)
+    assert (len(train), len(val)) == (1000, 10_000) and val.input_shape == (1, 28, 28)
+    assert abs(val.tensors[0].mean().item()) < 0.05  # standardised with the subset's statistics
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(header=st.binary(min_size=0, max_size=24), body=st.binary(max_size=64), gz=st.booleans())
+def test_any_bytes_are_an_idx_array_or_a_data_error_naming_the_file(header, body, gz):
+    """Random bytes, with and without a valid-looking magic number, gzipped or not: an
+    array whose size agrees with its header, or one DataError line naming the file."""
+    with tempfile.TemporaryDirectory() as d:
+        raw = (b"\x00\x00" + header[2:] if header[:1] == b"\x00" else header) + body
+        path = Path(d) / "x-idx3-ubyte"
+        path.write_bytes(gzip.compress(raw) if gz else raw)
+        try:
+            a = read_idx(path)
+        except DataError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+        else:
+            assert a.size * a.itemsize == len(raw) - 4 - 4 * a.ndim

@@ -126,6 +126,14 @@ def test_missing_package_lists_one_update_as_root_only(fake_debian, capsys, monk
         assert _calls(fake_debian) == ["download -q dataset-fashion-mnist"]
 
 
+def test_a_cache_that_cannot_be_written_is_one_line(fake_debian, capsys, monkeypatch):
+    (fake_debian / "a-file").write_text("")
+    monkeypatch.setenv("PNNH_CACHE_DIR", str(fake_debian / "a-file" / "cache"))
+    _, err = _fetch(capsys)
+    assert err.startswith(f"fashion_mnist: not fetched: cannot write {fake_debian / 'a-file'}")
+    assert _calls(fake_debian) == []
+
+
 def test_a_package_whose_files_do_not_read_installs_nothing(fake_debian, capsys):
     deb = fake_debian / "package.deb"
     with tarfile.open(deb, "w") as tar:

@@ -300,10 +300,10 @@ def _read_idx_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
         raw = Path(path).read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        what = "bad gzip data" if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)) \
-            else "cannot read it"
-        raise DataError(f"{path}: {what} ({e}); the file is damaged") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: bad gzip data ({e}); the file is damaged") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
         raise DataError(f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'}, "
                         f"expected 0x0000TTNN)")
@@ -362,8 +362,8 @@ def _check_idx_pair(img_path: Path, images: np.ndarray, lab_path: Path,
 def _idx(name: str, data_dir: str | None, num_samples: int | None
          ) -> tuple[TensorData, TensorData]:
     """The training split (or its first ``num_samples`` in a fixed seed-0 permutation: every
-    smaller subset inside every larger one) and the whole test split, scaled to [0, 1] and
-    standardised with the training subset's mean and standard deviation."""
+    smaller subset inside every larger one) and the whole test split, standardised with the
+    training subset's pixel mean and standard deviation (the same as scaling to [0, 1] first)."""
     a = idx_arrays(name, data_dir)
     (tx, ty), (vx, vy) = a["train"], a["test"]
     if num_samples is not None:

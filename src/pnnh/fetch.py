@@ -66,20 +66,30 @@ def fetch(name: str) -> tuple[bool, str]:
     if missing:
         return False, (f"{name}: not fetched: no {' or '.join(missing)} here (not Debian); "
                        f"put the four IDX files in {target} or pass --data-dir DIR")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder}-fetch-", dir=target.parent))
     try:
-        deb, problem = _download(spec.debian_package, tmp)
-        if problem is None:
-            problem = _unpack_and_install(name, deb, tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        deb, problem = _fetch_into(name, target)
+    except OSError as e:  # the cache cannot be written
+        deb, problem = None, f"cannot write {e.filename or target}: {e.strerror or e}"
     if problem is not None:
         return False, f"{name}: not fetched: {problem}"
     size = sum(p.stat().st_size for p in target.iterdir()) / 1e6
     version = deb.name.split("_")[1] if deb.name.count("_") >= 2 else "?"
     return True, (f"{name}: fetched Debian's {spec.debian_package} {version} into {target} "
                   f"({len(IDX_FILES)} files, {size:.0f} MB{replacing})")
+
+
+def _fetch_into(name: str, target: Path) -> tuple[Path | None, str | None]:
+    """Download, unpack, check and install, in a temporary folder beside ``target`` that goes
+    in every case: ``(the .deb's path, None)`` or ``(_, why not)``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-fetch-", dir=target.parent))
+    try:
+        deb, problem = _download(IDX_SETS[name].debian_package, tmp)
+        if problem is None:
+            problem = _unpack_and_install(name, deb, tmp, target)
+        return deb, problem
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run(cmd: list[str], cwd: Path) -> tuple[int, str]:

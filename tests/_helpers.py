@@ -64,3 +64,40 @@ def torchrun(argv: list[str], env: dict) -> subprocess.CompletedProcess:
                 "EADDRINUSE", "Address already in use", "DistNetworkError")):
             return p
     return p
+
+
+def write_idx(path, array, gz: bool | None = None) -> Path:
+    """``array`` as an IDX file (magic 0x0000TTNN, big-endian sizes and values), gzipped when
+    ``gz`` (default: when the name ends in ``.gz``), as the MNIST files are written."""
+    import gzip
+
+    import numpy as np
+
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
+             np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+    array = np.asarray(array)
+    header = bytes([0, 0, codes[array.dtype], array.ndim])
+    header += np.asarray(array.shape, ">u4").tobytes()
+    raw = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gz = path.name.endswith(".gz") if gz is None else gz
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def write_idx_set(folder, n_train: int = 60, n_test: int = 20, gz: bool = True,
+                  seed: int = 0) -> Path:
+    """The four MNIST-format files of a tiny learnable set (class-dependent mean brightness,
+    every class present) in ``folder``; ``gz``: the ``.gz`` names, else the plain ones."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    suffix = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, (n, 28, 28)) + 18 * labels[:, None, None]
+        write_idx(Path(folder) / f"{prefix}-images-idx3-ubyte{suffix}", images.astype(np.uint8))
+        write_idx(Path(folder) / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+    return Path(folder)

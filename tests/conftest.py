@@ -14,6 +14,20 @@ import torch  # noqa: E402
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+#: the user's pnnh cache, where the set-up (`make data`: `pnnh data fetch`) put the real data
+#: sets, before :func:`_isolated_cache` points PNNH_CACHE_DIR at a per-session one
+USER_CACHE_DIR = os.environ.get("PNNH_CACHE_DIR")
+
+
+@pytest.fixture
+def user_cache(monkeypatch):
+    """For one test, the user's own pnnh cache again (the real data the set-up fetched)."""
+    if USER_CACHE_DIR is None:
+        monkeypatch.delenv("PNNH_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("PNNH_CACHE_DIR", USER_CACHE_DIR)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Generated datasets (MNIST-1D) go to a per-session cache, not the user's."""

@@ -16,8 +16,9 @@ Conventions (also in docs/ARCHITECTURE.md, "Documented commands are tested"):
   test-sized form (part of its contract) that runs all its parts and writes all its files in
   seconds, so ``pnnh reproduce NAME`` and a later ``pnnh report runs/reproduce/NAME`` run here.
 - Files the docs assume exist are made first: ``my.yaml``, the checkpoints
-  ``runs/p/checkpoints/best.pt`` and ``runs/train/checkpoints/best.pt``, and a copy of
-  ``tests/user_models.py`` (the hand-written models of the ``--model-file`` examples).
+  ``runs/p/checkpoints/best.pt`` and ``runs/train/checkpoints/best.pt``, a copy of
+  ``tests/user_models.py`` (the hand-written models of the ``--model-file`` examples), and
+  tiny Fashion-MNIST IDX files in ``$PNNH_DATA_DIR`` (so ``pnnh data fetch`` downloads nothing).
 - Anything else must match an entry of :data:`EXCEPTIONS` (a regular expression and the reason
   it is not run: GPUs, torchrun, CIFAR files, installation, the minutes-long benchmarks). An entry
   that matches no command any more fails the test, so the list stays true.
@@ -36,6 +37,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _helpers import write_idx_set
 
 from pnnh.cli import main
 
@@ -112,6 +114,11 @@ def workdir(tmp_path_factory):
     old = os.getcwd()
     os.chdir(d)
     os.environ["PNNH_QUICK"] = "1"
+    old_data_dir = os.environ.get("PNNH_DATA_DIR")
+    # tiny Fashion-MNIST files where the loader and `pnnh data fetch` look first (>= 512
+    # training images: PNNH_QUICK's subset), so that nothing is downloaded
+    os.environ["PNNH_DATA_DIR"] = str(write_idx_set(tmp_path_factory.mktemp("idx") / "fashion-mnist",
+                                                    n_train=600, n_test=100).parent)
     try:
         (d / "my.yaml").write_text("model: resnet_mlp\ndepth: 4\nepochs: 1\nout: runs/my\n")
         (d / "tests").mkdir()
@@ -123,6 +130,10 @@ def workdir(tmp_path_factory):
         yield d
     finally:
         os.environ.pop("PNNH_QUICK", None)
+        if old_data_dir is None:
+            os.environ.pop("PNNH_DATA_DIR", None)
+        else:
+            os.environ["PNNH_DATA_DIR"] = old_data_dir
         os.chdir(old)
 
 

@@ -69,7 +69,9 @@ def add_probe_common_arguments(p: argparse.ArgumentParser) -> None:
                    "never saw data, running otherwise; the default)")
     p.add_argument("--dataset", help="dataset of the probe batch (default: the checkpoint's, "
                    "else mnist1d)")
-    p.add_argument("--data-dir", help="directory for cifar10/cifar100/imagefolder")
+    p.add_argument("--data-dir", help="directory for cifar10/cifar100/imagefolder, or the IDX "
+                   "files of fashion_mnist/mnist (default for those: $PNNH_DATA_DIR, the pnnh "
+                   "cache, /usr/share/datasets)")
     p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, e.g. input_shape=[3,16,16] (repeatable)")
     p.add_argument("--num-samples", type=int, default=512, help="probe batch size (samples)")
@@ -139,6 +141,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "model's in_shape)")
     p.add_argument("--format", choices=["plain", "onnx"], default="plain")
     p.add_argument("--out", required=True, help="output file")
+
+    p = sub.add_parser("data", help="get a data set: `pnnh data fetch fashion_mnist`")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+    pf = dsub.add_parser("fetch", help="a data set from Debian's package into the pnnh cache, "
+                                       "once (nothing when it is already there)")
+    pf.add_argument("name", metavar="NAME", type=lambda s: s.replace("-", "_"),
+                    choices=["fashion_mnist"], help="fashion_mnist (or fashion-mnist)")
 
     p = sub.add_parser("demo", help="the depth study on MNIST-1D (the main job)")
     p.add_argument("--out", default="runs/demo")
@@ -329,6 +339,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    """``pnnh data fetch NAME``: one line; exit 0 also when it could not fetch (it says why),
+    so that the set-up goes on without the data."""
+    from pnnh.fetch import fetch
+
+    ok, message = fetch(args.name)
+    print(message, file=sys.stdout if ok else sys.stderr, flush=True)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pnnh.demo import run_demo
 
@@ -344,6 +364,7 @@ COMMANDS = {
     "report": cmd_report,
     "export": cmd_export,
     "demo": cmd_demo,
+    "data": cmd_data,
 }
 
 

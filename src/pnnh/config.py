@@ -39,7 +39,8 @@ class TrainConfig:
     (generated from these fields: ``pnnh.cli.add_config_flags``)."""
 
     model: str = _opt("resnet_mlp", "registered model name (see `pnnh models`)")
-    dataset: str = _opt("mnist1d", "mnist1d, digits, cifar10, cifar100, imagefolder, synthetic")
+    dataset: str = _opt("mnist1d", "mnist1d, digits, fashion_mnist, mnist, cifar10, cifar100, "
+                                   "imagefolder, synthetic")
     depth: int | None = _opt(None, "number of weight layers")
     width: int | None = _opt(None, "hidden width / base channels")
     model_args: dict = _opt({}, "family-specific options (coder_ratio, ...)", flag=False)
@@ -60,10 +61,14 @@ class TrainConfig:
     grad_clip: float | None = _opt(None, "clip the gradient norm to this value")
     seed: int = _opt(0, "seed of weights, batch order and augmentation")
     device: str = _opt("auto", "device", choices=DEVICES)
-    data_dir: str | None = _opt(None, "directory holding cifar/imagefolder data")
+    data_dir: str | None = _opt(None, "directory holding cifar/imagefolder data, or the IDX files of "
+                                      "fashion_mnist/mnist (default for those: $PNNH_DATA_DIR, "
+                                      "the pnnh cache, /usr/share/datasets)")
     dataset_args: dict = _opt({}, "e.g. synthetic input_shape, image_size", flag=False)
     augment: bool | None = _opt(None, "random crop + flip (default: on for 2-D image datasets)")
-    num_samples: int | None = _opt(None, "dataset size for mnist1d/synthetic")
+    num_samples: int | None = _opt(None, "dataset size for mnist1d/synthetic; for fashion_mnist/mnist "
+                                         "a fixed subset of the training split (the test split "
+                                         "stays whole)")
     val_batch_size: int = _opt(1000, "batch size of the evaluation")
     num_workers: int = _opt(0, "DataLoader worker processes for datasets read item by item "
                                "(imagefolder; 0: the main process)")

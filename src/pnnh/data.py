@@ -7,15 +7,23 @@ DataLoader; ``imagefolder`` is read lazily from disk.
 
 Inputs are normalised per channel with the training split's mean and standard deviation.
 Nothing is downloaded: MNIST-1D is generated offline by the ``mnist1d`` package (and cached),
-``digits`` ships with scikit-learn, CIFAR and image folders are read from ``data_dir``.
+``digits`` ships with scikit-learn, CIFAR and image folders are read from ``data_dir``, and
+Fashion-MNIST / MNIST from their IDX files, found by :func:`find_idx_dir` (``data_dir``,
+``$PNNH_DATA_DIR``, the cache ``pnnh data fetch`` fills from Debian's package, Debian's
+install path).
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import io
+import math
 import os
 import pickle
 import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +32,8 @@ from torch.utils.data import Dataset
 
 from pnnh.errors import DataError
 
-DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("mnist1d", "digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder",
+            "synthetic")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".webp", ".tif", ".tiff")
 
 
@@ -172,6 +181,217 @@ def _digits() -> tuple[TensorData, TensorData]:
     tr, va = perm[:n_train], perm[n_train:]
     tx, vx = _normalize(x[tr], x[va])
     return TensorData(tx, y[tr], "digits", 10), TensorData(vx, y[va], "digits", 10)
+
+
+# ----------------------------------------------------------------------------- IDX (MNIST format)
+@dataclass(frozen=True)
+class IdxSet:
+    """An MNIST-format set: where its four IDX files live and how a user gets them."""
+
+    folder: str  # the sub-folder name, in the pnnh cache and under a data root
+    torchvision: str  # torchvision's folder name (``<root>/<name>/raw``)
+    debian_package: str | None = None  # installs /usr/share/datasets/<folder>
+
+    def debian_tree(self) -> Path | None:
+        """Where the files lie inside the package's ``.deb`` (installed: under ``/``)."""
+        return Path("usr/share/datasets", self.folder) if self.debian_package else None
+
+    def hint(self, name: str) -> str:
+        """How to get the files, the tail of every error about them."""
+        if self.debian_package:
+            return (f"get the data with `pnnh data fetch {name}` (what `make data` runs), "
+                    f"`apt-get install {self.debian_package}`, or --data-dir DIR")
+        return (f"put {', '.join(f + '.gz' for f in IDX_FILES)} in --data-dir DIR, "
+                f"$PNNH_DATA_DIR/{self.folder} or {cache_dir() / self.folder}")
+
+
+IDX_SETS = {
+    "fashion_mnist": IdxSet("fashion-mnist", "FashionMNIST", "dataset-fashion-mnist"),
+    "mnist": IdxSet("mnist", "MNIST"),
+}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_IMAGE_SHAPE = (28, 28)
+DEBIAN_DATASETS = Path("/usr/share/datasets")  # where Debian's dataset-* packages are installed
+# the IDX type codes (the third byte of the magic number); values are big-endian
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32,
+               0x0D: np.float32, 0x0E: np.float64}
+
+
+def _idx_file(folder: Path, base: str) -> Path | None:
+    """``base`` in ``folder``, plain or gzipped (the plain file first, as torchvision)."""
+    for path in (folder / base, folder / (base + ".gz")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _idx_layouts(root: Path, spec: IdxSet) -> list[Path]:
+    """The folders under ``root`` that may hold the files: itself, ``<root>/<folder>``,
+    torchvision's ``<root>/<Name>/raw`` and Debian's tree as ``dpkg-deb -x`` extracts it."""
+    out = [root, root / spec.folder, root / spec.torchvision / "raw"]
+    return out + ([root / spec.debian_tree()] if spec.debian_package else [])
+
+
+def idx_search_path(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The folders :func:`find_idx_dir` looks in, in order: ``data_dir`` (and its layouts)
+    alone when given; else ``$PNNH_DATA_DIR`` (and its layouts), ``cache_dir()/<folder>``
+    (what ``pnnh data fetch`` writes) and Debian's ``/usr/share/datasets/<folder>``."""
+    spec = _idx_spec(name)
+    if data_dir:
+        return _idx_layouts(Path(data_dir), spec)
+    out = _idx_layouts(Path(os.environ["PNNH_DATA_DIR"]), spec) \
+        if os.environ.get("PNNH_DATA_DIR") else []
+    out.append(cache_dir() / spec.folder)
+    return out + ([DEBIAN_DATASETS / spec.folder] if spec.debian_package else [])
+
+
+def idx_folder(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The folder the loader reads: the first of :func:`idx_search_path` holding any of the
+    four IDX files (complete or not), or None."""
+    return next((folder for folder in idx_search_path(name, data_dir)
+                 if any(_idx_file(folder, base) for base in IDX_FILES)), None)
+
+
+def find_idx_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """:func:`idx_folder`, which must hold all four files. A :class:`DataError` (one line:
+    where it looked, how to get the data) if it is missing or incomplete."""
+    spec = _idx_spec(name)
+    if data_dir and not Path(data_dir).is_dir():
+        raise DataError(f"{name}: data directory not found: {data_dir}; {spec.hint(name)}",
+                        field="data_dir")
+    folder = idx_folder(name, data_dir)
+    if folder is not None:
+        missing = [base + "[.gz]" for base in IDX_FILES if _idx_file(folder, base) is None]
+        if missing:
+            raise DataError(f"{name}: {folder} lacks {', '.join(missing)}; {spec.hint(name)}")
+        return folder
+    looked = ", ".join(str(p) for p in idx_search_path(name, data_dir))
+    raise DataError(f"{name}: no IDX files (train-images-idx3-ubyte[.gz], ...) in {looked}; "
+                    f"{spec.hint(name)}")
+
+
+def _idx_spec(name: str) -> IdxSet:
+    if name not in IDX_SETS:
+        raise DataError(f"not an IDX dataset: {name!r}; known: {', '.join(IDX_SETS)}")
+    return IDX_SETS[name]
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """One IDX file, gzipped or plain, as a read-only array of its type and shape.
+
+    The format (LeCun's MNIST page; torchvision's ``read_sn3_pascalvincent_tensor``): a magic
+    number ``0x0000TTNN`` (``TT`` the type code, ``NN`` the number of dimensions), ``NN``
+    big-endian int32 sizes, then the values, big-endian. A file that does not read, is not
+    gzip or IDX, or whose size differs from its header's is a :class:`DataError` naming it.
+    Decoded arrays are kept per process (keyed by path, size and modification time)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    return _read_idx_cached(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    """:func:`read_idx`'s work; ``size`` and ``mtime_ns`` only key the cache."""
+    try:
+        raw = Path(path).read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: bad gzip data ({e}); the file is damaged") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise DataError(f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'}, "
+                        f"expected 0x0000TTNN)")
+    ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]]).newbyteorder(">")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated in its header ({len(raw)} bytes)")
+    shape = tuple(int(s) for s in np.frombuffer(raw, ">u4", ndim, 4))
+    start, want = 4 + 4 * ndim, math.prod(shape) * dtype.itemsize
+    if len(raw) - start != want:
+        raise DataError(f"{path}: {'truncated' if len(raw) - start < want else 'too long'}: "
+                        f"its header says {'x'.join(map(str, shape))} values ({want:,} bytes), "
+                        f"it has {len(raw) - start:,} bytes of data")
+    arr = np.frombuffer(raw, dtype, math.prod(shape), start).reshape(shape)
+    arr = arr.astype(dtype.newbyteorder("="), copy=False)
+    arr.flags.writeable = False
+    return arr
+
+
+def idx_arrays(name: str, data_dir: str | os.PathLike | None = None
+               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"train": (images, labels), "test": (images, labels)}`` of an MNIST-format set, as
+    read-only uint8 arrays (images ``(N, 28, 28)``, labels ``(N,)``), found by
+    :func:`find_idx_dir` and checked: types, image size, equal counts, labels 0..9. Every
+    failure is one :class:`DataError` naming the file and how to get the data."""
+    spec = _idx_spec(name)
+    folder = find_idx_dir(name, data_dir)
+    out = {}
+    for split, (img_base, lab_base) in (("train", IDX_FILES[:2]), ("test", IDX_FILES[2:])):
+        img_path, lab_path = _idx_file(folder, img_base), _idx_file(folder, lab_base)
+        try:
+            images, labels = read_idx(img_path), read_idx(lab_path)
+            _check_idx_pair(img_path, images, lab_path, labels)
+        except DataError as e:
+            raise DataError(f"{name}: {e}; {spec.hint(name)}") from None
+        out[split] = (images, labels)
+    return out
+
+
+def _check_idx_pair(img_path: Path, images: np.ndarray, lab_path: Path,
+                    labels: np.ndarray) -> None:
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IDX_IMAGE_SHAPE:
+        raise DataError(f"{img_path}: holds {images.dtype} {images.shape}, expected uint8 "
+                        f"images (N, {IDX_IMAGE_SHAPE[0]}, {IDX_IMAGE_SHAPE[1]})")
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise DataError(f"{lab_path}: holds {labels.dtype} {labels.shape}, expected uint8 "
+                        f"labels (N,)")
+    if len(labels) != len(images):
+        raise DataError(f"{lab_path}: {len(labels):,} labels for the {len(images):,} images "
+                        f"of {img_path.name}")
+    if len(labels) == 0:
+        raise DataError(f"{img_path}: holds no images")
+    if labels.max() > 9:
+        raise DataError(f"{lab_path}: label {int(labels.max())} outside 0..9")
+
+
+def _idx(name: str, data_dir: str | None, num_samples: int | None
+         ) -> tuple[TensorData, TensorData]:
+    """The training split (or its first ``num_samples`` in a fixed seed-0 permutation: every
+    smaller subset inside every larger one) and the whole test split, standardised with the
+    training subset's pixel mean and standard deviation (the same as scaling to [0, 1] first)."""
+    a = idx_arrays(name, data_dir)
+    (tx, ty), (vx, vy) = a["train"], a["test"]
+    if num_samples is not None:
+        if not 0 < num_samples <= len(ty):
+            raise DataError(f"num_samples: {name} has {len(ty):,} training images, asked for "
+                            f"{num_samples:,}", field="num_samples")
+        keep = torch.randperm(len(ty), generator=torch.Generator().manual_seed(0))[:num_samples]
+        keep = keep.sort().values.numpy()
+        tx, ty = tx[keep], ty[keep]
+    mean, std = _pixel_stats(tx)
+    train_x = torch.from_numpy(tx.astype(np.float32)).unsqueeze(1)  # (N, 1, 28, 28)
+    val_x = torch.from_numpy(vx.astype(np.float32)).unsqueeze(1)
+    for x in (train_x, val_x):  # in place: no second 188 MB copy of the training images
+        x.sub_(mean).div_(std)
+    return (TensorData(train_x, torch.from_numpy(ty.astype(np.int64)), name, 10, augmentable=True),
+            TensorData(val_x, torch.from_numpy(vy.astype(np.int64)), name, 10, augmentable=True))
+
+
+def _pixel_stats(images: np.ndarray) -> tuple[float, float]:
+    """Mean and (unbiased) standard deviation of uint8 pixels, exactly, from their histogram
+    (counted in chunks: no float or int64 copy of the whole set)."""
+    flat, counts = images.reshape(-1), np.zeros(256, np.int64)
+    for i in range(0, flat.size, 1 << 22):
+        counts += np.bincount(flat[i:i + (1 << 22)], minlength=256)
+    values, n = np.arange(256, dtype=np.float64), counts.sum()
+    mean = float(counts @ values) / n
+    var = float(counts @ (values - mean) ** 2) / max(n - 1, 1)
+    return mean, max(var ** 0.5, 1e-8)
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -372,6 +592,9 @@ def get_dataset(
     - ``mnist1d``: generated offline (``num_samples`` in all, default 10,000 → 8,000/2,000),
       cached under :func:`cache_dir`; inputs (1, 40).
     - ``digits``: scikit-learn's 8×8 digits (1,797), a fixed 80/20 split; inputs (1, 8, 8).
+    - ``fashion_mnist`` / ``mnist``: the standard IDX files (gzipped or not) found by
+      :func:`find_idx_dir`; 60,000 training images (``num_samples``: a fixed subset of them)
+      and the 10,000 test images as ``val``; inputs (1, 28, 28).
     - ``cifar10`` / ``cifar100``: the python-pickle batches in ``data_dir`` (or its
       ``cifar-10-batches-py`` / ``cifar-100-python`` sub-folder), loaded without running code.
     - ``imagefolder``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or one
@@ -389,6 +612,8 @@ def _load(name, data_dir, num_samples, image_size, input_shape, num_classes, noi
         return _mnist1d(num_samples)
     if name == "digits":
         return _digits()
+    if name in IDX_SETS:
+        return _idx(name, data_dir, num_samples)
     if name in ("cifar10", "cifar100"):
         return _cifar(name, data_dir)
     if name == "imagefolder":
@@ -403,8 +628,8 @@ def holdout_split(train: Dataset, fraction: float) -> tuple[TensorData, TensorDa
     with seed 0, so every training seed sees the same split) as a validation set. Inputs keep
     the standardisation of the whole training split (its mean and std only: no label leaks)."""
     if not isinstance(train, TensorData):
-        raise DataError(f"holdout: needs an in-memory dataset (mnist1d, digits, cifar, "
-                        f"synthetic), not {type(train).__name__}")
+        raise DataError(f"holdout: needs an in-memory dataset (mnist1d, digits, "
+                        f"fashion_mnist, mnist, cifar, synthetic), not {type(train).__name__}")
     fraction = float(fraction)
     n = len(train)
     k = round(fraction * n)

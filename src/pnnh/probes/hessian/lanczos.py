@@ -186,8 +186,8 @@ def lanczos(
     number of steps. ``stop="extremes"`` stops when the extreme Ritz values' residual bounds
     (:func:`ritz_error_bounds`) are below ``tol·max|θ|`` at two consecutive steps, the extremes
     moved by no more than that between them and their residuals did not grow (:func:`_settled`;
-    ``stop="max"``: the largest only); ``tol`` is raised to :func:`rounding_floor` where it asks for less than the
-    vectors' precision allows (``rounding_floor`` in the result). ``stop="none"`` runs
+    ``stop="max"``: the largest only); ``tol`` is raised to :func:`rounding_floor` where it
+    asks for less than the vectors' precision allows (``rounding_floor`` in the result). ``stop="none"`` runs
     ``max_steps`` (SLQ). An invariant subspace (``β ≈ 0``) ends it, exact.
 
     Memory: vectors in ``dtype`` (float32 halves float64's; ``α``, ``β`` accumulated in

@@ -42,7 +42,7 @@ from pnnh.probes.bnfold import foldable_pairs, folded
 from pnnh.probes.common import cross_entropy, math_attention, select_output
 from pnnh.probes.hessian.density import _check_quadrature, slq_quadrature
 from pnnh.probes.hessian.hutchinson import _rademacher
-from pnnh.probes.hessian.lanczos import _dot, _norm, lanczos, ritz_error_bounds, rounding_floor
+from pnnh.probes.hessian.lanczos import _dot, _norm, lanczos, ritz_error_bounds
 from pnnh.probes.hessian.memory import activation_bytes, columns, hvp_bytes, parse_memory
 from pnnh.probes.hessian.progress import enabled, stage_bar
 from pnnh.probes.hessian.substitutes import exact_substitutes
@@ -639,9 +639,10 @@ class HessianOperator:
         to it, and ``precision_note`` says so. ``error_bound_*`` is the residual
         (``bound="residual"``) or the Kato–Temple estimate ``min(r, r²/gap)``
         (``bound="gap"``: much tighter once the end is resolved, not guaranteed, no longer a
-        stopping rule), plus the rounding floor. ``which="max"`` waits for the largest one only (``lambda_min`` is
-        then the current, possibly unconverged, smallest Ritz value). ``start``: see
-        :meth:`start_vector`; ``auto`` is ``gradient`` for ``which="max"``, else ``mixed``.
+        stopping rule), plus the rounding floor. ``which="max"`` waits for the largest one only
+        (``lambda_min`` is then the current, possibly unconverged, smallest Ritz value).
+        ``start``: see :meth:`start_vector`; ``auto`` is ``gradient`` for ``which="max"``, else
+        ``mixed``.
         """
         if bound not in ("residual", "gap"):
             raise ConfigError(f"bound: residual or gap, got {bound!r}", field="bound")

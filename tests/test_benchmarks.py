@@ -264,3 +264,27 @@ def test_hessian_ceiling_quick(tmp_path):
     spread = 4 * ((tr["sd_plain"] ** 2 + tr["sd_deflated"] ** 2) / tr["samples"]) ** 0.5
     assert abs(tr["trace_deflated"] - tr["trace_plain"]) <= spread
     assert tr["speedup_at"]["10"] == pytest.approx(10 / (4 + 10 * tr["rho"]))
+
+
+def test_hessian_stopping_quick(tmp_path):
+    """The stopping-rule check end to end on the tiny CNN: a float64 reference, then each
+    (bound, tol) call scored against it; a declared stop with an error above tol is counted."""
+    threads = torch.get_num_threads()
+    try:
+        data = _load("hessian_stopping").main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = data["models"]["tiny_cnn"]["rows"]
+    assert {(r["bound"], r["tol"]) for r in rows} == {(b, t) for b in ("residual", "gap")
+                                                     for t in (1e-1, 1e-2)}
+    for r in rows:
+        assert r["broken"] == (r["converged"] and r["error"] > r["tol"])
+        assert r["hvps"] > 0 and r["error_bound"] > 0
+
+
+def test_channels_last_quick(tmp_path):
+    data = _load("channels_last").main(["--quick", "--out", str(tmp_path)])
+    assert {r["model"] for r in data["rows"]} == {"plain20", "vit_tiny"}
+    for r in data["rows"]:
+        assert r["nchw_images_per_s"] > 0 and r["nhwc_images_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["nhwc_images_per_s"] / r["nchw_images_per_s"])

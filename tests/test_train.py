@@ -260,3 +260,18 @@ def test_lr_multiplier_patterns_most_specific_wins(tmp_path):
     with pytest.raises(ConfigError, match="no submodule 'blocks.\\*.coder2'"):
         build_optimizer(make_config(_small(tmp_path, lr_multipliers={"blocks.*.coder2": 2})),
                         model)
+
+
+def test_channels_last_is_the_default_for_2d_conv_nets_only():
+    """``channels_last`` unset: on for a model with a 2-D convolution wider than 1x1 (the
+    memory format that pays on this CPU, benchmarks/channels_last.py), off for an MLP or a
+    1-D CNN; an explicit setting wins."""
+    from pnnh import create_model
+    from pnnh.train import use_channels_last
+
+    cnn = create_model("resnet20", in_shape=(1, 28, 28), width=4)
+    assert use_channels_last(None, cnn) is True
+    assert use_channels_last(False, cnn) is False
+    assert use_channels_last(None, create_model("pnnh_mlp", depth=4, width=8)) is False
+    assert use_channels_last(None, create_model("plain_cnn1d", depth=4, width=4)) is False
+    assert use_channels_last(True, create_model("pnnh_mlp", depth=4, width=8)) is True

@@ -81,7 +81,8 @@ class TrainConfig:
     track_norms: int = _opt(0, "record per-block gradient norms every N steps (0: off)",
                             metavar="N")
     amp: bool = _opt(False, "mixed precision (CUDA only)")
-    channels_last: bool = _opt(False, "channels-last memory format (CUDA only)")
+    channels_last: bool | None = _opt(None, "channels-last memory format (default: on for 2-D "
+                                            "conv nets, CPU and CUDA; --no-channels-last: off)")
     compile: bool = _opt(False, "torch.compile")
     sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across torchrun processes "
                                 "(CUDA)")

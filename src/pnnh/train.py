@@ -369,6 +369,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     steps_per_epoch: int
+    channels_last: bool = False  # batches and weights in channels-last (NHWC) memory format
     train_model: nn.Module | None = None  # model, compiled and/or wrapped in DDP
     scaler: torch.amp.GradScaler | None = None
     hooks: list = field(default_factory=list)  # after_optimizer_step methods
@@ -448,7 +449,7 @@ def _train(cfg, dist: Distributed, callbacks: list, stop: dict) -> dict:
             t0, sums = _train_one_epoch(run, epoch)
             train_time = time.perf_counter() - t0
             val_loss, val_acc = evaluate(run.model, run.val_ds, cfg.val_batch_size, run.device,
-                                         dist, cfg.channels_last and run.device.type == "cuda")
+                                         dist, run.channels_last)
         except PnnhError as e:  # e.g. an unreadable image met mid-run: say so in summary.json
             _record_failure(run, epoch, e)
             raise
@@ -483,7 +484,8 @@ def _setup(cfg, dist: Distributed, callbacks: list, stop: dict) -> Run:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = count_parameters(model)
     model.to(device)
-    if cfg.channels_last and device.type == "cuda":
+    channels_last = use_channels_last(cfg.channels_last, model)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
     steps_per_epoch = sum(1 for _ in epoch_batches(len(train_ds), cfg.batch_size, 0, 0, 0, dist.world))
@@ -499,7 +501,18 @@ def _setup(cfg, dist: Distributed, callbacks: list, stop: dict) -> Run:
     return Run(cfg=cfg, dist=dist, device=device, callbacks=callbacks, stop=stop,
                train_ds=train_ds, val_ds=val_ds, augment=augment, model=model,
                model_kwargs=model_kwargs, params=params, optimizer=optimizer,
-               scheduler=scheduler, steps_per_epoch=steps_per_epoch)
+               scheduler=scheduler, steps_per_epoch=steps_per_epoch, channels_last=channels_last)
+
+
+def use_channels_last(setting: bool | None, model: nn.Module) -> bool:
+    """``channels_last``: as set, or by default on for a model with a 2-D convolution of a
+    kernel wider than 1x1 (a CNN; a ViT's patch embedding is a stride-``p`` ``p×p`` conv and
+    counts too, its cost is negligible either way). On this CPU a conv net's training step is
+    memory-format bound: NHWC ran ResNet-20 1.66x faster on 28x28 images (docs/BENCHMARKS.md,
+    "Channels-last on the CPU"); on CUDA it is cuDNN's fast layout for convolutions."""
+    if setting is not None:
+        return bool(setting)
+    return any(isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 for m in model.modules())
 
 
 def _tensorboard_writer_class():
@@ -680,7 +693,7 @@ def _train_one_epoch(run: Run, epoch: int) -> tuple[float, list[float]]:
         if run.augment:
             x = augment_batch(x, aug_gen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if cfg.channels_last and device.type == "cuda" and x.dim() == 4:
+        if run.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         try:
             logits, loss = _train_step(run, x, y, n_batch, epoch)

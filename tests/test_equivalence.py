@@ -161,3 +161,34 @@ def test_100_training_steps_follow_the_same_loss_curve(name, in_shape, kw, opt):
     other = pnnh_to_resnet(create_model(name, in_shape=in_shape, **kw))
     lo = _loss_curve(other, xs, ys, opt, 100)
     assert not torch.allclose(lp, lo, rtol=CURVE_RTOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+def test_default_cnn_pnnh_starts_as_the_he_init_resnet(depth):
+    """With BatchNorm, PNNH's default learner ends in a BatchNorm of scale 1 (not 0): the
+    default PNNH CNN at init computes what a He-init ResNet (the registry's ``resnet{d}``
+    default, ``zero_init_residual=False``) with its learner as the branch computes, not the
+    zero-init one (docs/PNNH.md, "Initialisation on BatchNorm CNNs"). Without BatchNorm (the
+    MLP) the decoder still starts at zero."""
+    torch.manual_seed(0)
+    pnnh = create_model(f"pnnh{depth}", in_shape=(1, 28, 28), width=4)
+    resnet = pnnh_to_resnet(pnnh)
+    he = create_model(f"resnet{depth}", in_shape=(1, 28, 28), width=4)
+    for b, h in zip(resnet.blocks, he.blocks):
+        assert torch.equal(b.bn2.weight, h.bn2.weight)  # ones: the standard ResNet's
+        assert torch.all(b.bn2.weight == 1)
+    x = torch.randn(8, 1, 28, 28)
+    for mode in (True, False):
+        pnnh.train(mode)
+        resnet.train(mode)
+        with torch.no_grad():
+            y = pnnh(x)
+            assert torch.allclose(y, resnet(x), atol=1e-5)
+    # the learner contributes at init (a zero-init block would pass its input only)
+    zero = create_model(f"pnnh{depth}", in_shape=(1, 28, 28), width=4, zero_init_decoder=True)
+    zero.load_state_dict({k: v for k, v in pnnh.state_dict().items() if "bn2.weight" not in k},
+                         strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(zero.eval()(x), pnnh.eval()(x), atol=1e-3)
+    mlp = create_model("pnnh_mlp", depth=8, width=16)
+    assert all(torch.all(b.dec.weight == 0) for b in mlp.blocks)

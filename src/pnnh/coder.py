@@ -83,7 +83,11 @@ class CoderOptions:
     - ``coder_constraint``: how ``AᵀA = I`` is kept while training (:data:`CONSTRAINTS`);
       ``"fixed"`` makes the coder a buffer; ``project_every`` steps between projections;
       ``penalty_weight`` the weight of ``‖AᵀA - I‖²`` for ``"penalty"``;
-    - ``zero_init_decoder``: the learner's decoder ``D`` starts at zero (the block starts as ``x``);
+    - ``zero_init_decoder``: the learner's decoder ``D`` starts at zero (the block starts as
+      ``x``); ``None`` (the default): zero where the learner has no BatchNorm (MLP, 1-D CNN:
+      what lets depth 100+ train there), and the He-init ResNet's BatchNorm scale 1 on BatchNorm
+      CNNs, where zero made PNNH-56 the zero-init ResNet-56, 9 points below the standard one on
+      Fashion-MNIST (docs/PNNH.md, "Initialisation on BatchNorm CNNs");
     - ``fused``: run coder and learner as the two plain layers ``[A; -A; E]``, ``[Aᵀ, -Aᵀ, D]``;
     - ``procrustes``: shorthand for ``coder_constraint="procrustes"`` (the ``--procrustes`` flag).
 
@@ -97,7 +101,7 @@ class CoderOptions:
     coder_constraint: str = DEFAULT_CONSTRAINT
     project_every: int = 1
     penalty_weight: float = 0.01
-    zero_init_decoder: bool = True
+    zero_init_decoder: bool | None = None
     fused: bool = True
     procrustes: bool = False
 
@@ -462,7 +466,8 @@ class PNNHBlock(nn.Module):
     ``y = relu( C(x) + bn2(D relu(bn1(E x + b1))) + b2 )`` where ``C(x) = AᵀA x`` (or ``P x`` in a
     transition). ``dims``: 0 Linear, 1 Conv1d, 2 Conv2d. ``stride=2`` / ``out_dim != dim``
     make a transition block (conv2d only). ``batchnorm`` puts BatchNorm on the learner units.
-    ``zero_init_decoder`` zeroes ``D`` (or, with BatchNorm, the last BatchNorm's scale).
+    ``zero_init_decoder`` zeroes ``D`` (or, with BatchNorm, the last BatchNorm's scale);
+    ``None``: zero without BatchNorm, not with it (see :class:`CoderOptions`).
     """
 
     def __init__(
@@ -478,10 +483,12 @@ class PNNHBlock(nn.Module):
         coder_kernel: int = 1,
         coder_init: str = "orthogonal",
         batchnorm: bool = False,
-        zero_init_decoder: bool = True,
+        zero_init_decoder: bool | None = None,
         fused: bool = True,
     ):
         super().__init__()
+        if zero_init_decoder is None:
+            zero_init_decoder = not batchnorm
         out_dim = dim if out_dim is None else out_dim
         self.dims, self.fused = dims, fused
         self.kernel_size = 1 if dims == 0 else kernel_size

@@ -33,6 +33,7 @@ EXPERIMENTS = {
     "shortcut-depth": "pnnh.reproduce.shortcut_depth",
     "pnnh-accuracy": "pnnh.reproduce.pnnh_accuracy",
     "deep-plain": "pnnh.reproduce.deep_plain",
+    "image-depth": "pnnh.reproduce.image_depth",
 }
 
 

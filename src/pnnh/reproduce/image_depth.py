@@ -1,0 +1,180 @@
+"""Experiment ``image-depth``: plain vs ResNet vs PNNH 2-D CNNs at depth on real images.
+
+The papers' depth experiment (He et al.'s Fig. 6; PNNH's Table 1) on Fashion-MNIST (the IDX
+files of Debian's ``dataset-fashion-mnist``, :func:`pnnh.data.get_dataset`), the registry's
+CIFAR-layout nets (``plain{d}``, ``resnet{d}``, ``pnnh{d}``: 3 stages of 16/32/64 channels,
+BatchNorm) at depths 20, 56 and 110 on ``(1, 28, 28)`` inputs. Two ablations answer *why*
+PNNH at a given init trains as it does: the He-init ResNet against the zero-init one
+(``zero_init_residual``), and PNNH with the learner's last BatchNorm scale at 1 (the default on
+BatchNorm CNNs) against 0 (``zero_init_decoder=True``, the earlier default, under which a PNNH
+net starts as the zero-init ResNet).
+
+**The CPU protocol** (``--scale cpu``; fixed before any run, not tuned: it is the short
+schedule of the first look on these files, and the test split is only ever reported): a fixed
+10,000-image subset of the 60,000 training images (``num_samples``: the first 10,000 of a
+seed-0 permutation), the whole 10,000-image test split, SGD with Nesterov momentum 0.9, peak
+lr 0.05 after 0.3 epochs of linear warm-up then cosine to 0, weight decay 5e-4 (weights only),
+batch 128, 3 epochs, no augmentation, channels-last. Seeds 0, 1, 2 at depths 20 and 56 and
+for the ablations (depth 56); seed 0 alone at depth 110 (its runs take ~5 minutes each). Each
+run records per-epoch training loss and error and test accuracy (``runs/*/metrics.jsonl``),
+and every 26 steps (3 times an epoch) the gradient-norm ratio ``‖∂L/∂x_in‖ / ‖∂L/∂x_out‖`` of
+every block on the training batch (``runs/*/norms.jsonl``: paper 2's measurement during
+training, :class:`pnnh.probes.norms.NormTracker`).
+
+``--scale paper``: all 60,000 training images, 40 epochs, lr 0.1, random crop (pad 3) + flip,
+every depth at seeds 0-2 (a GPU: data resident on the device; ``--device cuda``).
+``--scale quick``: depth 20, two steps per epoch on 384 of 512 images, scored on the other 128:
+seconds, numbers meaningless.
+
+Writes ``results.csv/json`` (one row per run), ``summary_table.csv/json`` (mean, min and max
+over seeds per model and depth), ``curves.png`` (training loss and training error per epoch,
+test accuracy against depth) and returns the table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pnnh.io import atomic_write_json, read_jsonl, save_figure, write_records
+
+DESCRIPTION = "plain vs ResNet vs PNNH CNNs at 20/56/110 layers on Fashion-MNIST (+ init ablation)"
+CPU_MINUTES = 55
+
+# (label, model kind, model_args): the three families at their registry defaults, and the
+# two ablations of the initialisation
+VARIANTS = {
+    "plain": ("plain", {}),
+    "resnet": ("resnet", {}),
+    "pnnh": ("pnnh", {}),
+    "resnet_zero_init": ("resnet", {"zero_init_residual": True}),
+    "pnnh_zero_init_decoder": ("pnnh", {"zero_init_decoder": True}),
+}
+TRAIN = {"dataset": "fashion_mnist", "optimizer": "sgd", "momentum": 0.9, "lr": 0.05,
+         "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 0.3, "batch_size": 128,
+         "augment": False, "track_norms": 26}
+CPU = {"train": {**TRAIN, "epochs": 3, "num_samples": 10_000},
+       # (depths, variants, seeds): what runs
+       "plan": [((20, 56), ("plain", "resnet", "pnnh"), (0, 1, 2)),
+                ((56,), ("resnet_zero_init", "pnnh_zero_init_decoder"), (0, 1, 2)),
+                ((110,), ("plain", "resnet", "pnnh"), (0,))]}
+QUICK = {"train": {**TRAIN, "epochs": 2, "num_samples": 512, "max_steps_per_epoch": 2,
+                   "dataset_args": {"holdout": 0.25}},
+         "plan": [((20,), ("plain", "resnet", "pnnh", "pnnh_zero_init_decoder"), (0,))]}
+PAPER = {"train": {**TRAIN, "epochs": 40, "lr": 0.1, "augment": True},
+         "plan": [((20, 56, 110), ("plain", "resnet", "pnnh"), (0, 1, 2)),
+                  ((56,), ("resnet_zero_init", "pnnh_zero_init_decoder"), (0, 1, 2))]}
+
+
+def runs(plan: list) -> list[tuple[int, str, int]]:
+    """``(depth, variant, seed)`` of every run in a plan, in the order they train."""
+    return [(d, v, s) for depths, variants, seeds in plan for s in seeds for d in depths
+            for v in variants]
+
+
+def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> dict:
+    """Train every run of the scale's plan (finished runs in ``out/runs`` are reused).
+    ``seed`` offsets every seed of the plan (``--seed 10`` runs seeds 10, 11, 12)."""
+    from pnnh.train import train_or_reuse
+
+    out = Path(out)
+    cfg = {"quick": QUICK, "cpu": CPU, "paper": PAPER}[scale]
+    rows = []
+    for depth, variant, s in runs(cfg["plan"]):
+        kind, model_args = VARIANTS[variant]
+        run_dir = out / "runs" / f"{variant}{depth}_seed{seed + s}"
+        summary = train_or_reuse({**cfg["train"], "model": f"{kind}{depth}",
+                                  "model_args": dict(model_args), "out": str(run_dir),
+                                  "device": device, "seed": seed + s, "progress": False})
+        hist = read_jsonl(run_dir / "metrics.jsonl")
+        rows.append({"variant": variant, "depth": depth, "seed": seed + s,
+                     "params": summary["params"], "test_acc": summary["final_val_acc"],
+                     "train_loss": summary["final_train_loss"],
+                     "train_error": 1.0 - summary["final_train_acc"],
+                     "train_loss_curve": [h["train_loss"] for h in hist],
+                     "train_error_curve": [1.0 - h["train_acc"] for h in hist],
+                     "images_per_s": hist[-1]["images_per_s"],
+                     "time_s": round(summary["time_s"], 1)})
+        print(f"{variant:>24}{depth:<4} seed {seed + s}: test acc {rows[-1]['test_acc']:.4f}  "
+              f"train loss {rows[-1]['train_loss']:.4f}  {rows[-1]['time_s']:.0f} s", flush=True)
+        write_records([{k: v for k, v in r.items() if not k.endswith("_curve")} for r in rows],
+                      out, "results")
+    stats = aggregate_rows(rows)
+    write_records(stats, out, "summary_table")
+    atomic_write_json(out / "results_curves.json", rows)
+    plot(rows, stats, out / "curves.png")
+    text = table(stats)
+    print(text)
+    return {"table": text, "stats": stats}
+
+
+def aggregate_rows(rows: list[dict]) -> list[dict]:
+    """Mean, min and max of test accuracy and final training loss over seeds, per variant and
+    depth, in the order first met."""
+    keys = list(dict.fromkeys((r["variant"], r["depth"]) for r in rows))
+    out = []
+    for variant, depth in keys:
+        mine = [r for r in rows if (r["variant"], r["depth"]) == (variant, depth)]
+        acc = [r["test_acc"] for r in mine]
+        loss = [r["train_loss"] for r in mine]
+        out.append({"variant": variant, "depth": depth, "seeds": len(mine),
+                    "params": mine[0]["params"], "test_acc_mean": sum(acc) / len(acc),
+                    "test_acc_min": min(acc), "test_acc_max": max(acc),
+                    "train_loss_mean": sum(loss) / len(loss), "train_loss_min": min(loss),
+                    "train_loss_max": max(loss),
+                    "minutes_per_run": sum(r["time_s"] for r in mine) / len(mine) / 60})
+    return out
+
+
+def table(stats: list[dict]) -> str:
+    """The markdown table of ``summary_table.csv`` (as docs/REPRODUCTION.md shows it)."""
+    lines = ["| model | depth | seeds | params | test acc mean [min, max] | final train loss "
+             "mean [min, max] | min/run |", "|---|---|---|---|---|---|---|"]
+    for s in stats:
+        lines.append(
+            f"| {s['variant']} | {s['depth']} | {s['seeds']} | {s['params']:,} | "
+            f"{s['test_acc_mean']:.4f} [{s['test_acc_min']:.4f}, {s['test_acc_max']:.4f}] | "
+            f"{s['train_loss_mean']:.3f} [{s['train_loss_min']:.3f}, {s['train_loss_max']:.3f}]"
+            f" | {s['minutes_per_run']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], stats: list[dict], path: Path) -> Path:
+    """Training loss and training error per epoch (seed 0 of each run, one line per model and
+    depth, deeper dashed), and test accuracy against depth (mean, min-max bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    colours = {"plain": "tab:red", "resnet": "tab:blue", "pnnh": "tab:green",
+               "resnet_zero_init": "tab:cyan", "pnnh_zero_init_decoder": "tab:olive"}
+    depths = sorted({r["depth"] for r in rows})
+    styles = dict(zip(depths, ["-", "--", ":", "-."]))
+    first = min(r["seed"] for r in rows)
+    for r in rows:
+        if r["seed"] != first:
+            continue
+        epochs = range(1, len(r["train_loss_curve"]) + 1)
+        label = f"{r['variant']}-{r['depth']}"
+        kw = {"color": colours.get(r["variant"]), "linestyle": styles[r["depth"]], "label": label}
+        axes[0].plot(epochs, r["train_loss_curve"], **kw)
+        axes[1].plot(epochs, r["train_error_curve"], **kw)
+    for ax, name in zip(axes[:2], ("training loss", "training error")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.set_yscale("log")
+        ax.set_title(f"{name} (seed {first})")
+    axes[0].legend(fontsize=7, ncol=2)
+    for variant in dict.fromkeys(s["variant"] for s in stats):
+        pts = sorted((s["depth"], s["test_acc_mean"], s["test_acc_min"], s["test_acc_max"])
+                     for s in stats if s["variant"] == variant)
+        axes[2].errorbar([p[0] for p in pts], [p[1] for p in pts],
+                         yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                         marker="o", capsize=3, color=colours.get(variant), label=variant)
+    axes[2].set_xlabel("depth (weight layers)")
+    axes[2].set_ylabel("test accuracy (mean, min-max over seeds)")
+    axes[2].set_title("Fashion-MNIST test accuracy")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)

@@ -150,8 +150,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     pf.add_argument("name", metavar="NAME", type=lambda s: s.replace("-", "_"),
                     choices=["fashion_mnist"], help="fashion_mnist (or fashion-mnist)")
 
-    p = sub.add_parser("demo", help="the depth study on MNIST-1D (the main job)")
+    p = sub.add_parser("demo", help="the depth study on Fashion-MNIST, or MNIST-1D without it "
+                                     "(the main job)")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--dataset", choices=["auto", "fashion_mnist", "mnist1d"], default="auto",
+                   help="auto: Fashion-MNIST where its files are found, else MNIST-1D (saying why)")
     p.add_argument("--quick", action="store_true", help="a tiny version for tests (< 1 minute)")
     p.add_argument("--seed", type=int, default=0)
     return parser
@@ -352,7 +355,7 @@ def cmd_data(args) -> int:
 def cmd_demo(args) -> int:
     from pnnh.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, seed=args.seed)
+    run_demo(out=args.out, quick=args.quick, seed=args.seed, dataset=args.dataset)
     return 0
 
 

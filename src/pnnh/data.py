@@ -55,6 +55,14 @@ class TensorData(Dataset):
         return self.tensors[0][i], self.tensors[1][i]
 
 
+# Class names, by label, of the sets whose labels are only numbers in their files
+CLASS_NAMES = {
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"],
+    "mnist": [str(d) for d in range(10)],
+}
+
+
 def cache_dir() -> Path:
     """``$PNNH_CACHE_DIR``, else ``$XDG_CACHE_HOME/pnnh``, else ``~/.cache/pnnh``."""
     if os.environ.get("PNNH_CACHE_DIR"):

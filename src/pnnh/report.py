@@ -222,16 +222,26 @@ def _experiments_section(experiments: list[dict]) -> tuple[list[str], list[str]]
 
 def _figures_section(root: Path, curves: Path | None,
                      figures: list[Path]) -> tuple[list[str], list[str]]:
-    """Every figure embedded as a base64 PNG (the training curves first)."""
+    """Every figure embedded as a base64 PNG: the training curves first, with the data's
+    sample grid (``samples.png``) beside them, then the rest."""
     if not (curves or figures):
         return [], []
+    samples = [f for f in figures if f == root / "samples.png"]
+    rest = [f for f in figures if f not in samples]
     parts, md = ["<h2 id='figures'>Figures</h2>"], ["## Figures", ""]
-    for fig in ([curves] if curves else []) + figures:
+    row = ([curves] if curves else []) + samples
+    captions = {curves: "Training curves of every run", root / "samples.png":
+                "The data: test images, one row per class"}
+    if row:
+        parts.append("<div style='display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start'>")
+    for i, fig in enumerate(row + rest):
         rel = str(fig.relative_to(root))
         data = base64.b64encode(fig.read_bytes()).decode("ascii")
-        caption = "Training curves of every run" if fig == curves else rel
+        caption = captions.get(fig, rel)
         parts.append(f"<figure><img alt='{html.escape(rel)}' src='data:image/png;base64,{data}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        if i == len(row) - 1:
+            parts.append("</div>")
         md += [f"![{caption}]({rel})", ""]
     return parts, md
 

@@ -131,10 +131,15 @@ def _lanczos_extremes(model, xh, yh, iters: int, seed: int) -> tuple[float, floa
     return ext["lambda_max"], ext["lambda_min"]
 
 
-def training_study(cfg: dict, seed: int, device: str, out: Path) -> list[dict]:
+def training_study(cfg: dict, seed: int, device: str, out: Path, dataset: str = "mnist1d",
+                   num_samples: int | None = None) -> list[dict]:
+    """(b): every ``TRAIN_RUNS`` net trained by SGD on ``dataset`` (``num_samples``: its size,
+    a fixed subset of the training split for Fashion-MNIST), the loss on the whole training
+    split, test accuracy and the Hessian's extremes on a fixed batch every ``eval_every``
+    steps; ``training.csv``."""
     from pnnh.data import get_dataset
 
-    train, val = get_dataset("mnist1d", seed=seed)
+    train, val = get_dataset(dataset, seed=seed, num_samples=num_samples)
     xtr, ytr = train.tensors[0].to(device), train.tensors[1].to(device)
     xva, yva = val.tensors[0].to(device), val.tensors[1].to(device)
     hb = cfg["hess_batch"]
@@ -211,6 +216,16 @@ def _plot(zero_rows: list[dict], train_rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     save_figure(fig, out / "zero_init_condition_number.png", dpi=120)
 
+    plot_training(train_rows, out / "training.png")
+
+
+def plot_training(train_rows: list[dict], path: Path, title: str = "") -> Path:
+    """Training loss, λmax and λmin against SGD steps, one line per ``TRAIN_RUNS`` net."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for label, _, _ in TRAIN_RUNS:
         rs = [r for r in train_rows if r["run"] == label]
@@ -223,10 +238,12 @@ def _plot(zero_rows: list[dict], train_rows: list[dict], out: Path) -> None:
         ax.set_xlabel("SGD step")
         ax.set_ylabel(name)
         ax.legend(fontsize=8)
+        if title:
+            ax.set_title(title, fontsize=9)
     axes[1].set_yscale("symlog")
     axes[2].set_yscale("symlog")
     fig.tight_layout()
-    save_figure(fig, out / "training.png", dpi=120)
+    return save_figure(fig, path, dpi=120)
 
 
 def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> dict:

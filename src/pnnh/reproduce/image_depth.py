@@ -15,11 +15,14 @@ schedule of the first look on these files, and the test split is only ever repor
 seed-0 permutation), the whole 10,000-image test split, SGD with Nesterov momentum 0.9, peak
 lr 0.05 after 0.3 epochs of linear warm-up then cosine to 0, weight decay 5e-4 (weights only),
 batch 128, 3 epochs, no augmentation, channels-last. Seeds 0, 1, 2 at depths 20 and 56 and
-for the ablations (depth 56); seed 0 alone at depth 110 (its runs take ~5 minutes each). Each
-run records per-epoch training loss and error and test accuracy (``runs/*/metrics.jsonl``),
-and every 26 steps (3 times an epoch) the gradient-norm ratio ``‖∂L/∂x_in‖ / ‖∂L/∂x_out‖`` of
-every block on the training batch (``runs/*/norms.jsonl``: paper 2's measurement during
-training, :class:`pnnh.probes.norms.NormTracker`).
+for the ablations (depth 56); seed 0 alone at depth 110 (~9 minutes a run here), in the order
+of ``CPU["plan"]``: a study cut short (Ctrl-C, then the same command with fewer entries reuses
+every finished run) has whole seeds. Paper 2's Procrustes ResNet-56 (``procrustes_resnet56``)
+runs last, over the same seeds. Each run records per-epoch training loss and error and test
+accuracy (``runs/*/metrics.jsonl``) and, every 26 steps (3 times an epoch), the gradient-norm
+ratio ``‖∂L/∂x_in‖ / ‖∂L/∂x_out‖`` of every block on the training batch
+(``runs/*/norms.jsonl``: paper 2's measurement during training,
+:class:`pnnh.probes.norms.NormTracker`).
 
 ``--scale paper``: all 60,000 training images, 40 epochs, lr 0.1, random crop (pad 3) + flip,
 every depth at seeds 0-2 (a GPU: data resident on the device; ``--device cuda``).
@@ -48,21 +51,28 @@ VARIANTS = {
     "pnnh": ("pnnh", {}),
     "resnet_zero_init": ("resnet", {"zero_init_residual": True}),
     "pnnh_zero_init_decoder": ("pnnh", {"zero_init_decoder": True}),
+    "procrustes_resnet": ("procrustes_resnet", {}),
 }
 TRAIN = {"dataset": "fashion_mnist", "optimizer": "sgd", "momentum": 0.9, "lr": 0.05,
          "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 0.3, "batch_size": 128,
          "augment": False, "track_norms": 26}
+# in this order, so that a study cut short has whole seeds: seed 0 of everything at 20 and 56
+# layers, seed 1, the two 110-layer nets that decide the PNNH-vs-ResNet question, seed 2, and last
+# the plain 110-layer net (the degradation is already visible from 20 to 56), and paper 2's
+# Procrustes ResNet-56 (norm-preserving transitions, ZCA-whitened classifier input)
+KINDS, ABLATION = ("plain", "resnet", "pnnh"), ("resnet_zero_init", "pnnh_zero_init_decoder")
 CPU = {"train": {**TRAIN, "epochs": 3, "num_samples": 10_000},
        # (depths, variants, seeds): what runs
-       "plan": [((20, 56), ("plain", "resnet", "pnnh"), (0, 1, 2)),
-                ((56,), ("resnet_zero_init", "pnnh_zero_init_decoder"), (0, 1, 2)),
-                ((110,), ("plain", "resnet", "pnnh"), (0,))]}
+       "plan": [((20, 56), KINDS, (0,)), ((56,), ABLATION, (0,)),
+                ((20, 56), KINDS, (1,)), ((56,), ABLATION, (1,)),
+                ((110,), ("resnet", "pnnh"), (0,)),
+                ((20, 56), KINDS, (2,)), ((56,), ABLATION, (2,)),
+                ((110,), ("plain",), (0,)), ((56,), ("procrustes_resnet",), (0, 1, 2))]}
 QUICK = {"train": {**TRAIN, "epochs": 2, "num_samples": 512, "max_steps_per_epoch": 2,
                    "dataset_args": {"holdout": 0.25}},
-         "plan": [((20,), ("plain", "resnet", "pnnh", "pnnh_zero_init_decoder"), (0,))]}
+         "plan": [((20,), KINDS + ("pnnh_zero_init_decoder",), (0,))]}
 PAPER = {"train": {**TRAIN, "epochs": 40, "lr": 0.1, "augment": True},
-         "plan": [((20, 56, 110), ("plain", "resnet", "pnnh"), (0, 1, 2)),
-                  ((56,), ("resnet_zero_init", "pnnh_zero_init_decoder"), (0, 1, 2))]}
+         "plan": [((20, 56, 110), KINDS, (0, 1, 2)), ((56,), ABLATION, (0, 1, 2))]}
 
 
 def runs(plan: list) -> list[tuple[int, str, int]]:
@@ -148,7 +158,8 @@ def plot(rows: list[dict], stats: list[dict], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colours = {"plain": "tab:red", "resnet": "tab:blue", "pnnh": "tab:green",
-               "resnet_zero_init": "tab:cyan", "pnnh_zero_init_decoder": "tab:olive"}
+               "resnet_zero_init": "tab:cyan", "pnnh_zero_init_decoder": "tab:olive",
+               "procrustes_resnet": "tab:purple"}
     depths = sorted({r["depth"] for r in rows})
     styles = dict(zip(depths, ["-", "--", ":", "-."]))
     first = min(r["seed"] for r in rows)

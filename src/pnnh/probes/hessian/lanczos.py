@@ -139,9 +139,10 @@ def _within(ritz: torch.Tensor, s: torch.Tensor, beta: float, stop: str, tol: fl
 
 
 def _settled(ritz: torch.Tensor, s: torch.Tensor, beta: float, prev: tuple | None, stop: str,
-             tol: float) -> bool:
+             tol: float, floor: float = 0.0) -> bool:
     """The extreme Ritz values moved by at most ``tol·max|θ|`` since the last step, and their
-    residuals ``|β s_{m,i}|`` did not grow. ``prev``: the last step's ``(ritz, s, beta)``.
+    residuals ``|β s_{m,i}|`` did not grow (beyond the rounding ``floor·max|θ|``, where a
+    converged residual is noise). ``prev``: the last step's ``(ritz, s, beta)``.
 
     The bounds speak of the Krylov space seen so far: the residual one of *some* eigenvalue
     near ``θ``, the gap one of the next Ritz value's distance. When the start barely overlaps
@@ -158,7 +159,8 @@ def _settled(ritz: torch.Tensor, s: torch.Tensor, beta: float, prev: tuple | Non
     old, s_old, beta_old = prev
     ends = (-1,) if stop == "max" else (-1, 0)
     return all(abs(float(ritz[i]) - float(old[i])) <= tol * scale
-               and abs(beta * float(s[-1, i])) <= abs(beta_old * float(s_old[-1, i]))
+               and abs(beta * float(s[-1, i])) <= max(abs(beta_old * float(s_old[-1, i])),
+                                                      floor * scale)
                for i in ends)
 
 
@@ -187,8 +189,8 @@ def lanczos(
     (:func:`ritz_error_bounds`) are below ``tol·max|θ|`` at two consecutive steps, the extremes
     moved by no more than that between them and their residuals did not grow (:func:`_settled`;
     ``stop="max"``: the largest only); ``tol`` is raised to :func:`rounding_floor` where it
-    asks for less than the vectors' precision allows (``rounding_floor`` in the result). ``stop="none"`` runs
-    ``max_steps`` (SLQ). An invariant subspace (``β ≈ 0``) ends it, exact.
+    asks for less than the vectors' precision allows (``rounding_floor`` in the result).
+    ``stop="none"`` runs ``max_steps`` (SLQ). An invariant subspace (``β ≈ 0``) ends it, exact.
 
     Memory: vectors in ``dtype`` (float32 halves float64's; ``α``, ``β`` accumulated in
     float64), at most ``max_vectors``; past that, re-orthogonalisation against the latest
@@ -237,9 +239,10 @@ def lanczos(
             scale = max(float(ritz.abs().max()), 1e-300)
             if beta <= 1e-12 * scale:  # an invariant subspace: the Ritz values are exact
                 break
-            eff = max(tol, rounding_floor(j + 1, dim, dtype))  # no bound below the rounding
+            floor = rounding_floor(j + 1, dim, dtype)
+            eff = max(tol, floor)  # no bound below the rounding
             ok = j >= 1 and _within(ritz, s, beta, stop, eff)
-            if last or (ok and held and _settled(ritz, s, beta, prev, stop, eff)):
+            if last or (ok and held and _settled(ritz, s, beta, prev, stop, eff, floor)):
                 break
             held, prev = ok, (ritz, s, beta)
         betas.append(beta)

@@ -211,11 +211,26 @@ def test_transition_coder_is_haar_coisometry():
 
 
 def test_transition_block_carries_P_x():
+    """A transition with BatchNorm carries ``carry_bn(P x)`` (the ResNet's projection shortcut
+    normalises too); with the learner at zero it computes exactly that, in train and eval mode,
+    and its plain form folds the carry's BatchNorm (eval statistics) exactly."""
     torch.manual_seed(0)
-    block = PNNHBlock(4, 8, dims=2, out_dim=8, stride=2, batchnorm=True).eval()
-    assert block.transition
+    block = PNNHBlock(4, 8, dims=2, out_dim=8, stride=2, batchnorm=True, zero_init_decoder=True)
+    assert block.transition and isinstance(block.carry_bn, nn.BatchNorm2d)
     x = torch.rand(2, 4, 8, 8)
-    assert torch.allclose(block(x), torch.relu(block.coder.carry(x)), atol=1e-5)
+    assert torch.allclose(block(x), torch.relu(block.carry_bn(block.coder.carry(x))), atol=1e-5)
+    with torch.no_grad():  # statistics and an affine map as after training
+        block.carry_bn.running_mean.uniform_(-1, 1)
+        block.carry_bn.running_var.uniform_(0.5, 2)
+        block.carry_bn.weight.uniform_(0.5, 1.5)
+        block.carry_bn.bias.uniform_(-0.5, 0.5)
+    block.eval()
+    want = torch.relu(block.carry_bn(block.coder.carry(x)))
+    assert torch.allclose(block(x), want, atol=1e-5)
+    plain = nn.Sequential(*block.to_plain_layers())
+    assert torch.allclose(plain(x), want, atol=1e-5)
+    bare = PNNHBlock(4, 8, dims=2, out_dim=8, stride=2, batchnorm=True, transition_norm=False)
+    assert bare.carry_bn is None
 
 
 def _perturbed(coders, scale=0.05):

@@ -102,7 +102,11 @@ def test_round_trip_through_the_resnet_keeps_transitions(name, in_shape, kw):
         y = pnnh(x)
         assert y.abs().max() > 0.1
         assert torch.allclose(back.eval()(x), y, atol=1e-5)
-        assert torch.allclose(resnet_to_plain(resnet)(x), y, atol=1e-5)
+        # the plain net folds every BatchNorm (the transitions' too) into its convolutions: the
+        # same function re-associated, float32 rounding of ~u per operation through ~20 layers,
+        # relative to the output's scale (logits ~50 here)
+        tol = 1e-5 * max(1.0, float(y.abs().max()))
+        assert torch.allclose(resnet_to_plain(resnet)(x), y, atol=tol, rtol=0)
     for b, orig in zip(back.blocks, pnnh.blocks):
         if orig.transition:
             assert torch.equal(b.coder.weight, orig.coder.weight)

@@ -44,7 +44,10 @@ def test_to_plain_equals_model(name, in_shape, kw):
     with torch.no_grad():
         y, yp = model(x), plain(x)
     assert y.abs().max() > 0.1  # a non-trivial function
-    assert torch.allclose(yp, y, atol=1e-5), float((yp - y).abs().max())
+    # the same function with every BatchNorm folded, re-associated in float32: ~u per operation
+    # through ~20 layers, relative to the output's scale (randomised statistics give logits ~60)
+    tol = 1e-5 * max(1.0, float(y.abs().max()))
+    assert torch.allclose(yp, y, atol=tol, rtol=0), float((yp - y).abs().max())
     # weights are materialized copies: changing the model does not change the export
     with torch.no_grad():
         next(model.parameters()).add_(1.0)

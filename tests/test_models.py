@@ -121,13 +121,19 @@ def test_pnnh_net_without_normalization_is_stem_then_head_at_init(name, in_shape
 
 
 def test_pnnh_cifar_blocks_at_init():
-    """With BatchNorm, non-transition PNNH blocks start as the identity on x >= 0 (eval)."""
+    """With BatchNorm the learner's last BatchNorm starts at scale 1 (the He-init ResNet's
+    branch) and transitions normalise their carry; with ``zero_init_decoder=True``
+    non-transition blocks start as the identity on x >= 0 (eval)."""
     m = create_model("pnnh20", width=4).eval()
-    for b in m.blocks:
+    zero = create_model("pnnh20", width=4, zero_init_decoder=True).eval()
+    for b, z in zip(m.blocks, zero.blocks):
         assert isinstance(b, PNNHBlock)
+        assert torch.all(b.bn2.weight == 1) and torch.all(z.bn2.weight == 0)
+        assert (b.carry_bn is not None) == b.transition
         x = torch.rand(2, b.coder.in_dim, 8, 8)
         if not b.transition:
-            assert torch.allclose(b(x), x, atol=1e-5)
+            assert torch.allclose(z(x), x, atol=1e-5)
+            assert not torch.allclose(b(x), x, atol=1e-3)
 
 
 def test_model_options_and_errors():
@@ -207,10 +213,11 @@ def test_coder_options_are_one_object_and_options_of_the_model():
     from pnnh.models.vit import VIT_CODER
 
     fields = ["coder_ratio", "coder_kernel", "coder_init", "coder_constraint", "project_every",
-              "penalty_weight", "zero_init_decoder", "fused", "procrustes"]
+              "penalty_weight", "zero_init_decoder", "transition_norm", "fused", "procrustes"]
     assert model_info("pnnh20").parameters()[-len(fields):] == fields
     mlp = model_info("pnnh_mlp").parameters()
-    assert "coder_kernel" not in mlp and mlp[-8:] == [f for f in fields if f != "coder_kernel"]
+    assert "coder_kernel" not in mlp and "transition_norm" not in mlp  # no convs, no transitions
+    assert mlp[-8:] == [f for f in fields if f not in ("coder_kernel", "transition_norm")]
     with pytest.raises(ConfigError, match="pnnh_mlp' does not take option.s. coder_kernel"):
         create_model("pnnh_mlp", coder_kernel=3)
     m = create_model("pnnh_mlp", depth=4, width=8, coder_constraint="penalty", penalty_weight=0.5,
@@ -227,7 +234,8 @@ def test_coder_options_are_one_object_and_options_of_the_model():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     # each family keeps its own defaults; CoderOptions is frozen
     vit = create_model("pnnh_vit_tiny", depth=1, width=8, heads=2)
-    assert VIT_CODER.zero_init_decoder is False and DEFAULT_CODER.zero_init_decoder is True
+    # None: zero without BatchNorm (MLP, 1-D CNN), scale 1 with it (CNNs); the ViT: not zero
+    assert VIT_CODER.zero_init_decoder is False and DEFAULT_CODER.zero_init_decoder is None
     assert vit.blocks[0].mlp.fc2.weight.abs().sum() > 0  # the ViT's own default: not zeroed
     assert not hasattr(vit, "coder_constraint")  # both fixed (A = I): nothing to project
     trained = create_model("pnnh_vit_tiny", depth=1, width=8, heads=2,

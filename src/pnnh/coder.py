@@ -88,6 +88,13 @@ class CoderOptions:
       what lets depth 100+ train there), and the He-init ResNet's BatchNorm scale 1 on BatchNorm
       CNNs, where zero made PNNH-56 the zero-init ResNet-56, 9 points below the standard one on
       Fashion-MNIST (docs/PNNH.md, "Initialisation on BatchNorm CNNs");
+    - ``transition_norm``: a BatchNorm on a transition's carried signal, ``bn_c(P x)``, as a
+      ResNet's projection shortcut has (``None``, the default: where the learner has BatchNorm).
+      Without it the carried signal keeps the scale every block of the stage added to it, while
+      the ResNet's shortcut BatchNorm resets it: PNNH-56 with He-init learners and a bare ``P``
+      started with logits 2.6x the ResNet's and trained like the plain net (docs/PNNH.md). In
+      eval mode it is a per-channel affine map of ``P x``: the plain form folds it into the
+      coder's decoder columns and bias, exactly;
     - ``fused``: run coder and learner as the two plain layers ``[A; -A; E]``, ``[Aᵀ, -Aᵀ, D]``;
     - ``procrustes``: shorthand for ``coder_constraint="procrustes"`` (the ``--procrustes`` flag).
 
@@ -102,6 +109,7 @@ class CoderOptions:
     project_every: int = 1
     penalty_weight: float = 0.01
     zero_init_decoder: bool | None = None
+    transition_norm: bool | None = None
     fused: bool = True
     procrustes: bool = False
 
@@ -109,7 +117,7 @@ class CoderOptions:
         """The options :class:`PNNHBlock` takes (the rest go to :func:`attach_constraint`)."""
         return {"coder_ratio": self.coder_ratio, "coder_kernel": self.coder_kernel,
                 "coder_init": self.coder_init, "zero_init_decoder": self.zero_init_decoder,
-                "fused": self.fused}
+                "transition_norm": self.transition_norm, "fused": self.fused}
 
 
 DEFAULT_CODER = CoderOptions()
@@ -468,6 +476,7 @@ class PNNHBlock(nn.Module):
     make a transition block (conv2d only). ``batchnorm`` puts BatchNorm on the learner units.
     ``zero_init_decoder`` zeroes ``D`` (or, with BatchNorm, the last BatchNorm's scale);
     ``None``: zero without BatchNorm, not with it (see :class:`CoderOptions`).
+    ``transition_norm``: a transition carries ``carry_bn(P x)`` (``None``: with ``batchnorm``).
     """
 
     def __init__(
@@ -484,20 +493,26 @@ class PNNHBlock(nn.Module):
         coder_init: str = "orthogonal",
         batchnorm: bool = False,
         zero_init_decoder: bool | None = None,
+        transition_norm: bool | None = None,
         fused: bool = True,
     ):
         super().__init__()
         if zero_init_decoder is None:
             zero_init_decoder = not batchnorm
+        if transition_norm is None:
+            transition_norm = batchnorm
         out_dim = dim if out_dim is None else out_dim
         self.dims, self.fused = dims, fused
         self.kernel_size = 1 if dims == 0 else kernel_size
         self.stride = stride
         self.transition = stride != 1 or out_dim != dim
+        self.carry_bn = None
         if self.transition:
             if dims != 2 or stride != 2 or kernel_size != 3:
                 raise ConfigError("transition blocks are 3x3 stride-2 Conv2d blocks", field="model")
             self.coder = DownsampleCoder(dim, out_dim, coder_ratio)
+            if transition_norm:
+                self.carry_bn = _bn(dims, out_dim)
         else:
             self.coder = Coder(dim, coder_ratio, dims, coder_kernel, coder_init)
             if coder_kernel > self.kernel_size and dims:
@@ -529,6 +544,8 @@ class PNNHBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x if self.fused and self.coder.passes_input else self.coder.carry(x, self.fused)
+        if self.carry_bn is not None:
+            y = self.carry_bn(y)
         if self.learner_width == 0:
             return torch.relu(self._bias(y))
         h = torch.relu(self.bn1(self.enc(x)))
@@ -546,7 +563,8 @@ class PNNHBlock(nn.Module):
     def to_plain_layers(self) -> list[nn.Module]:
         """``[layer1, ReLU, layer2, ReLU]`` with ``[A; -A; E]`` / ``[Aᵀ, -Aᵀ, D]`` materialized.
 
-        BatchNorm (eval statistics) is folded into ``E`` and ``D``.
+        BatchNorm (eval statistics) is folded into ``E`` and ``D`` (and a transition's
+        ``carry_bn`` into the coder's decoder ``[I, -I]`` and the output bias).
         """
         k, m = self.kernel_size, self.coder.width
         dim, out_dim = self.coder.in_dim, self.coder.out_dim
@@ -554,6 +572,9 @@ class PNNHBlock(nn.Module):
         b1 = [w1[0].new_zeros(2 * m)]
         w2 = [self.coder.decoder_weight(k)]
         b2 = self.bias.detach().clone() if self.bias is not None else w2[0].new_zeros(out_dim)
+        if self.carry_bn is not None:  # bn_c(P x): its scale on the decoder's columns, its shift
+            w2[0], bc = fold_bn(w2[0], None, self.carry_bn)  # on the output bias
+            b2 = b2 + bc
         if self.learner_width > 0:
             we, be = fold_bn(self.enc.weight, self.enc.bias, self.bn1)
             wd, bd = fold_bn(self.dec.weight, self.dec.bias, self.bn2)

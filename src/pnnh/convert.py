@@ -78,10 +78,10 @@ def _parts(block: nn.Module):
         if l1.kernel_size != (3, 3) or l1.padding != (1, 1) or l1.stride != (2, 2):
             raise PnnhError("a 2x2 stride-2 projection shortcut needs a 3x3 stride-2 conv1",
                             field="model")
-        p = sc.conv.weight.detach()
+        p, bs = fold_bn(sc.conv.weight, None, sc.norm)
         ws = p.new_zeros(*p.shape[:2], 3, 3)
         ws[:, :, 1:, 1:] = p  # inputs 2i, 2i+1: taps 1 and 2 of a 3x3 stride-2 padding-1 conv
-        return l1, w1, l2, w2, (ws, p.new_zeros(p.shape[0]))
+        return l1, w1, l2, w2, (ws, bs)
     conv, bn = sc[0], sc[1] if len(sc) > 1 else nn.Identity()
     ws, bs = fold_bn(conv.weight, conv.bias, bn)
     if (ws.shape[2:] != (1, 1) or l1.kernel_size != (3, 3) or l1.padding != (1, 1)
@@ -139,12 +139,15 @@ def _coder_is_identity(coder: nn.Module, atol: float = 1e-4) -> bool:
 
 
 class FixedProjection(nn.Module):
-    """The shortcut ``P x`` of a PNNH transition: zero-pad (0, 1, 0, 1), 2x2 stride-2 conv.
+    """The shortcut ``P x`` of a PNNH transition: zero-pad (0, 1, 0, 1), 2x2 stride-2 conv, and
+    the transition's BatchNorm ``norm`` where it has one (``bn_c(P x)``, as a ResNet's
+    projection shortcut normalises).
 
     ``P`` (``C' x C x 2 x 2``) is copied from the coder; it trains only if the coder's did.
     """
 
-    def __init__(self, weight: torch.Tensor, trainable: bool = False):
+    def __init__(self, weight: torch.Tensor, trainable: bool = False,
+                 norm: nn.Module | None = None):
         super().__init__()
         self.pad = nn.ZeroPad2d((0, 1, 0, 1))
         self.conv = nn.Conv2d(weight.shape[1], weight.shape[0], 2, stride=2, bias=False)
@@ -152,9 +155,10 @@ class FixedProjection(nn.Module):
         with torch.no_grad():
             self.conv.weight.copy_(weight)
         self.conv.weight.requires_grad_(trainable)
+        self.norm = copy.deepcopy(norm) if norm is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.pad(x))
+        return self.norm(self.conv(self.pad(x)))
 
 
 def _transition_weight(coder: nn.Module) -> torch.Tensor:
@@ -187,7 +191,7 @@ def pnnh_block_to_residual(block: nn.Module) -> nn.Module:
         res = ResidualMLPBlock(n_in)
     if block.transition:
         res.shortcut = FixedProjection(_transition_weight(block.coder),
-                                       trainable=not block.coder.fixed)
+                                       trainable=not block.coder.fixed, norm=block.carry_bn)
     elif not _coder_is_identity(block.coder):
         raise PnnhError("cannot convert a PNNH block whose coder is not orthogonal and square "
                         "(AᵀA != I: coder_ratio < 1, a k x k coder or a drifted coder change "
@@ -223,7 +227,8 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
     BN normalizes by batch statistics, which no fixed ``P`` reproduces). ``P`` then is a
     learned projection (``P Pᵀ != I`` in general) and stays a trainable parameter. A
     :class:`FixedProjection` (what :func:`pnnh_block_to_residual` makes of a transition)
-    comes back as the coder it was, trainable only if it was.
+    comes back as the coder it was, trainable only if it was, with its BatchNorm as the
+    block's ``carry_bn`` (exact in train mode too).
     """
     from pnnh.coder import PNNHBlock, freeze_coder_
 
@@ -232,9 +237,12 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
     n_in, hidden, n_out = w1.shape[1], w1.shape[0], w2.shape[0]
     bn = isinstance(getattr(block, "bn1", None), nn.modules.batchnorm._BatchNorm)
     stride = 1 if dims == 0 else l1.stride[0]
+    shortcut = getattr(block, "shortcut", None)
+    carry_norm = getattr(shortcut, "norm", None) if isinstance(shortcut, FixedProjection) else None
+    carry_norm = carry_norm if isinstance(carry_norm, nn.modules.batchnorm._BatchNorm) else None
     out = PNNHBlock(n_in, hidden, dims=dims, out_dim=n_out, stride=stride,
                     kernel_size=3 if dims == 0 else l1.kernel_size[0], batchnorm=bn,
-                    zero_init_decoder=False).to(w1)
+                    zero_init_decoder=False, transition_norm=carry_norm is not None).to(w1)
     out.enc.weight.copy_(l1.weight)
     if out.enc.bias is not None:
         out.enc.bias.copy_(l1.bias)
@@ -249,12 +257,15 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
     else:
         ws, bs = sc  # folded, embedded in a 3x3 kernel: a 1x1 at tap (1, 1), a 2x2 at [1:, 1:]
         p = ws[:, :, 1:, 1:].to(out.coder.weight)  # the 2x2 coder reads inputs 2i, 2i+1
+        if carry_norm is not None:  # P and its BatchNorm as they were: exact in train mode too
+            p = shortcut.conv.weight.detach().to(out.coder.weight)
+            out.carry_bn.load_state_dict(carry_norm.state_dict())
+        else:
+            out.bn2.bias.add_(bs)
         out.coder.width = n_out
-        shortcut = getattr(block, "shortcut", None)
         trainable = (not isinstance(shortcut, FixedProjection)
                      or shortcut.conv.weight.requires_grad)
         out.coder.weight = nn.Parameter(p.reshape(n_out, 4 * n_in), requires_grad=trainable)
-        out.bn2.bias.add_(bs)
     _copy_drop_path(block, out)
     return out.train(block.training)
 

@@ -163,7 +163,7 @@ def _affine(name: str, block: nn.Module, layer: nn.Module, norm: nn.Module | Non
 def _shortcut(name: str, block: nn.Module) -> Affine | None:
     """The shortcut as an affine conv (None: identity), from the layouts people use:
     ``Sequential(conv, bn)`` (torchvision, timm), timm's ``DownsampleConv`` (``conv``/``norm``),
-    pnnh's ``FixedProjection`` (zero pad (0, 1, 0, 1) + 2x2 stride-2 conv)."""
+    pnnh's ``FixedProjection`` (zero pad (0, 1, 0, 1) + 2x2 stride-2 conv + its ``norm``)."""
     sc = getattr(block, "downsample", None)
     if sc is None:
         sc = getattr(block, "shortcut", None)
@@ -173,7 +173,8 @@ def _shortcut(name: str, block: nn.Module) -> Affine | None:
     if isinstance(pad, nn.ZeroPad2d) and isinstance(getattr(sc, "conv", None), nn.Conv2d):
         if tuple(pad.padding)[0::2] != (0, 0):
             raise _refuse(name, block, "its shortcut pads on the left/top")
-        a = _affine(name, block, sc.conv, None)
+        norm = getattr(sc, "norm", None)
+        a = _affine(name, block, sc.conv, None if isinstance(norm, nn.Identity) else norm)
         a.padding = (0, 0)
         return a
     parts = list(sc) if isinstance(sc, nn.Sequential) else [

@@ -105,7 +105,7 @@ def resnet_cnn1d(
     return CNN1d(in_shape, num_classes, width, blocks)
 
 
-@register_model(family="cnn1d", kind="pnnh", options=CoderOptions)
+@register_model(family="cnn1d", kind="pnnh", options=CoderOptions, omit=("transition_norm",))
 def pnnh_cnn1d(
     in_shape=(1, 40),
     num_classes: int = 10,

@@ -4,10 +4,11 @@ The papers' depth experiment (He et al.'s Fig. 6; PNNH's Table 1) on Fashion-MNI
 files of Debian's ``dataset-fashion-mnist``, :func:`pnnh.data.get_dataset`), the registry's
 CIFAR-layout nets (``plain{d}``, ``resnet{d}``, ``pnnh{d}``: 3 stages of 16/32/64 channels,
 BatchNorm) at depths 20, 56 and 110 on ``(1, 28, 28)`` inputs. Two ablations answer *why*
-PNNH at a given init trains as it does: the He-init ResNet against the zero-init one
-(``zero_init_residual``), and PNNH with the learner's last BatchNorm scale at 1 (the default on
-BatchNorm CNNs) against 0 (``zero_init_decoder=True``, the earlier default, under which a PNNH
-net starts as the zero-init ResNet).
+PNNH trains as it does: the He-init ResNet against the zero-init one (``zero_init_residual``);
+PNNH at its defaults (the learner's last BatchNorm at scale 1, a BatchNorm on each
+transition's carried signal ``P x``) against the default before this study (scale 0, bare
+``P``: ``pnnh_zero_init_decoder``) and against scale 1 with a bare ``P``
+(``pnnh_bare_transitions``).
 
 **The CPU protocol** (``--scale cpu``; fixed before any run, not tuned: it is the short
 schedule of the first look on these files, and the test split is only ever reported): a fixed
@@ -50,22 +51,27 @@ VARIANTS = {
     "resnet": ("resnet", {}),
     "pnnh": ("pnnh", {}),
     "resnet_zero_init": ("resnet", {"zero_init_residual": True}),
-    "pnnh_zero_init_decoder": ("pnnh", {"zero_init_decoder": True}),
+    # the PNNH default before this study: learner's last BatchNorm at 0, a bare P at transitions
+    "pnnh_zero_init_decoder": ("pnnh", {"zero_init_decoder": True, "transition_norm": False}),
+    # He-init learners (scale 1) with a bare P at transitions: no BatchNorm on the carry
+    "pnnh_bare_transitions": ("pnnh", {"transition_norm": False}),
     "procrustes_resnet": ("procrustes_resnet", {}),
 }
 TRAIN = {"dataset": "fashion_mnist", "optimizer": "sgd", "momentum": 0.9, "lr": 0.05,
          "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 0.3, "batch_size": 128,
          "augment": False, "track_norms": 26}
 # in this order, so that a study cut short has whole seeds: seed 0 of everything at 20 and 56
-# layers, seed 1, the two 110-layer nets that decide the PNNH-vs-ResNet question, seed 2, and last
+# layers, seed 1, the two 110-layer nets that decide the PNNH-vs-ResNet question, the ablations'
+# seed 1, seed 2, and last
 # the plain 110-layer net (the degradation is already visible from 20 to 56), and paper 2's
 # Procrustes ResNet-56 (norm-preserving transitions, ZCA-whitened classifier input)
-KINDS, ABLATION = ("plain", "resnet", "pnnh"), ("resnet_zero_init", "pnnh_zero_init_decoder")
+KINDS = ("plain", "resnet", "pnnh")
+ABLATION = ("resnet_zero_init", "pnnh_zero_init_decoder", "pnnh_bare_transitions")
 CPU = {"train": {**TRAIN, "epochs": 3, "num_samples": 10_000},
        # (depths, variants, seeds): what runs
        "plan": [((20, 56), KINDS, (0,)), ((56,), ABLATION, (0,)),
-                ((20, 56), KINDS, (1,)), ((56,), ABLATION, (1,)),
-                ((110,), ("resnet", "pnnh"), (0,)),
+                ((20, 56), KINDS, (1,)), ((110,), ("resnet", "pnnh"), (0,)),
+                ((56,), ABLATION, (1,)),
                 ((20, 56), KINDS, (2,)), ((56,), ABLATION, (2,)),
                 ((110,), ("plain",), (0,)), ((56,), ("procrustes_resnet",), (0, 1, 2))]}
 QUICK = {"train": {**TRAIN, "epochs": 2, "num_samples": 512, "max_steps_per_epoch": 2,
@@ -159,6 +165,7 @@ def plot(rows: list[dict], stats: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colours = {"plain": "tab:red", "resnet": "tab:blue", "pnnh": "tab:green",
                "resnet_zero_init": "tab:cyan", "pnnh_zero_init_decoder": "tab:olive",
+               "pnnh_bare_transitions": "tab:brown",
                "procrustes_resnet": "tab:purple"}
     depths = sorted({r["depth"] for r in rows})
     styles = dict(zip(depths, ["-", "--", ":", "-."]))

@@ -164,6 +164,19 @@ def _settled(ritz: torch.Tensor, s: torch.Tensor, beta: float, prev: tuple | Non
                for i in ends)
 
 
+def _stop(ritz: torch.Tensor, s: torch.Tensor, beta: float, prev: tuple | None, held: bool,
+          j: int, stop: str, tol: float, dim: int, dtype: torch.dtype) -> tuple[bool, bool]:
+    """``(stop now, the bound held at step j)``: an invariant subspace (``β ≈ 0``: the Ritz
+    values are exact), or the residual bound within ``max(tol, rounding floor)`` at this step
+    and the last with the extremes settled (:func:`_within`, :func:`_settled`)."""
+    if beta <= 1e-12 * max(float(ritz.abs().max()), 1e-300):
+        return True, held
+    floor = rounding_floor(j + 1, dim, dtype)
+    eff = max(tol, floor)  # no bound below the rounding
+    ok = j >= 1 and _within(ritz, s, beta, stop, eff)
+    return ok and held and _settled(ritz, s, beta, prev, stop, eff, floor), ok
+
+
 def lanczos(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     dim: int,
@@ -185,11 +198,8 @@ def lanczos(
     pass cancelled more than ``1 − 1/√2`` of its norm (the DGKS criterion: Daniel, Gragg,
     Kaufman & Stewart 1976; "twice is enough", and once is where nothing cancelled). Returns the
     Ritz values (ascending), the eigenvectors ``s`` of ``T`` (columns), ``beta_last`` and the
-    number of steps. ``stop="extremes"`` stops when the extreme Ritz values' residual bounds
-    (:func:`ritz_error_bounds`) are below ``tol·max|θ|`` at two consecutive steps, the extremes
-    moved by no more than that between them and their residuals did not grow (:func:`_settled`;
-    ``stop="max"``: the largest only); ``tol`` is raised to :func:`rounding_floor` where it
-    asks for less than the vectors' precision allows (``rounding_floor`` in the result).
+    number of steps. ``stop="extremes"`` (``"max"``: the largest only) stops by :func:`_stop`:
+    residual bounds below ``max(tol, rounding_floor)·max|θ|`` at two steps, extremes settled;
     ``stop="none"`` runs ``max_steps`` (SLQ). An invariant subspace (``β ≈ 0``) ends it, exact.
 
     Memory: vectors in ``dtype`` (float32 halves float64's; ``α``, ``β`` accumulated in
@@ -236,15 +246,10 @@ def lanczos(
             ritz, s = _tridiagonal_eigh(alphas, betas)
             if on_step is not None:  # progress: (Ritz values, their vectors in T, β)
                 on_step(ritz, s, beta)
-            scale = max(float(ritz.abs().max()), 1e-300)
-            if beta <= 1e-12 * scale:  # an invariant subspace: the Ritz values are exact
+            done, held = _stop(ritz, s, beta, prev, held, j, stop, tol, dim, dtype)
+            if last or done:
                 break
-            floor = rounding_floor(j + 1, dim, dtype)
-            eff = max(tol, floor)  # no bound below the rounding
-            ok = j >= 1 and _within(ritz, s, beta, stop, eff)
-            if last or (ok and held and _settled(ritz, s, beta, prev, stop, eff, floor)):
-                break
-            held, prev = ok, (ritz, s, beta)
+            prev = (ritz, s, beta)
         betas.append(beta)
         torch.div(w, beta, out=Q[nxt])  # in place where w is that row already
     return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas),

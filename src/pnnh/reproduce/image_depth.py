@@ -102,7 +102,8 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
                                   "model_args": dict(model_args), "out": str(run_dir),
                                   "device": device, "seed": seed + s, "progress": False})
         hist = read_jsonl(run_dir / "metrics.jsonl")
-        rows.append({"variant": variant, "depth": depth, "seed": seed + s,
+        norms = norm_preservation(kind, depth, model_args, seed + s, run_dir, cfg["train"])
+        rows.append({"variant": variant, "depth": depth, "seed": seed + s, **norms,
                      "params": summary["params"], "test_acc": summary["final_val_acc"],
                      "train_loss": summary["final_train_loss"],
                      "train_error": 1.0 - summary["final_train_acc"],
@@ -120,7 +121,46 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
     plot(rows, stats, out / "curves.png")
     text = table(stats)
     print(text)
-    return {"table": text, "stats": stats}
+    print()
+    print(norms_table(stats))
+    return {"table": text, "norms_table": norms_table(stats), "stats": stats}
+
+
+def norm_preservation(kind: str, depth: int, model_args: dict, seed: int, run_dir: Path,
+                      train: dict) -> dict:
+    """Paper 2's measure, mean ``|log(‖∂L/∂x_in‖ / ‖∂L/∂x_out‖)|`` over blocks (0: every block
+    preserves the gradient norm), for the non-transition blocks and the transitions apart: at
+    initialisation (the initial weights `pnnh train` draws from the run's seed, on 128 training
+    images with batch statistics, as on its first step) and at its last tracked step
+    (``norms.jsonl``, the training batch of that step)."""
+    import math
+
+    from pnnh.data import get_dataset
+    from pnnh.models import create_model
+    from pnnh.probes.common import bn_statistics
+    from pnnh.probes.norms import norms
+    from pnnh.train import seed_everything
+
+    def split(records: list[dict]) -> tuple[float, float]:
+        per = (depth - 2) // 6
+        trans = {f"blocks.{per}", f"blocks.{2 * per}"}
+        logs = {r["block"]: abs(math.log(r["ratio"])) for r in records if r["ratio"] > 0}
+        inner = [v for b, v in logs.items() if b not in trans]
+        edge = [v for b, v in logs.items() if b in trans]
+        return sum(inner) / max(len(inner), 1), sum(edge) / max(len(edge), 1)
+
+    train_set, _ = get_dataset(train["dataset"], num_samples=train.get("num_samples"),
+                               **train.get("dataset_args", {}))
+    x, y = (t[:128] for t in train_set.tensors)
+    seed_everything(seed)
+    model = create_model(f"{kind}{depth}", in_shape=(1, 28, 28), num_classes=10, **model_args)
+    with bn_statistics(model.eval(), "batch"):
+        init = split(norms(model, (x, y)))
+    tracked = read_jsonl(run_dir / "norms.jsonl")
+    last = [r for r in tracked if r["step"] == max(t["step"] for t in tracked)] if tracked else []
+    trained = split(last) if last else (float("nan"), float("nan"))
+    return {"norm_log_init": init[0], "norm_log_init_transitions": init[1],
+            "norm_log_trained": trained[0], "norm_log_trained_transitions": trained[1]}
 
 
 def aggregate_rows(rows: list[dict]) -> list[dict]:
@@ -137,6 +177,9 @@ def aggregate_rows(rows: list[dict]) -> list[dict]:
                     "test_acc_min": min(acc), "test_acc_max": max(acc),
                     "train_loss_mean": sum(loss) / len(loss), "train_loss_min": min(loss),
                     "train_loss_max": max(loss),
+                    **{k: sum(r[k] for r in mine) / len(mine) for k in (
+                        "norm_log_init", "norm_log_init_transitions", "norm_log_trained",
+                        "norm_log_trained_transitions")},
                     "minutes_per_run": sum(r["time_s"] for r in mine) / len(mine) / 60})
     return out
 
@@ -151,6 +194,17 @@ def table(stats: list[dict]) -> str:
             f"{s['test_acc_mean']:.4f} [{s['test_acc_min']:.4f}, {s['test_acc_max']:.4f}] | "
             f"{s['train_loss_mean']:.3f} [{s['train_loss_min']:.3f}, {s['train_loss_max']:.3f}]"
             f" | {s['minutes_per_run']:.1f} |")
+    return "\n".join(lines)
+
+
+def norms_table(stats: list[dict]) -> str:
+    """Paper 2's measure per model and depth (means over seeds), blocks and transitions apart."""
+    lines = ["| model | depth | mean abs log ratio, init: blocks / transitions | after training: "
+             "blocks / transitions |", "|---|---|---|---|"]
+    for s in stats:
+        lines.append(f"| {s['variant']} | {s['depth']} | {s['norm_log_init']:.3f} / "
+                     f"{s['norm_log_init_transitions']:.3f} | {s['norm_log_trained']:.3f} / "
+                     f"{s['norm_log_trained_transitions']:.3f} |")
     return "\n".join(lines)
 
 

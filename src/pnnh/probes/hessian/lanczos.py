@@ -76,8 +76,9 @@ def _dots(held: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if held.dtype == torch.float64 and w.dtype == torch.float64:
         return held @ w  # float64 throughout: BLAS's order moves the result by ~n·2⁻⁵³ only
     out = torch.zeros(held.shape[:-1], dtype=torch.float64, device=w.device)
-    for i in range(0, w.shape[-1], _CHUNK):
-        out += (held[..., i:i + _CHUNK] * w[i:i + _CHUNK]).sum(-1, dtype=torch.float64)
+    step = max(_CHUNK // 16, (4 * _CHUNK) // max(1, held[..., :1].numel()))  # a bounded temporary:
+    for i in range(0, w.shape[-1], step):  # <= 2^18 products (1 MB, 2 MB as float64) at a time
+        out += (held[..., i:i + step] * w[i:i + step]).sum(-1, dtype=torch.float64)
     return out
 
 

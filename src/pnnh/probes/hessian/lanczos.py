@@ -61,8 +61,9 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]):
 
 def _dots(held: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``held @ w`` (one dot per row of ``held``) accumulated in float64, in ``_CHUNK``-column
-    slices: each slice's products are formed in the vectors' dtype and summed in float64
-    (``sum(dtype=torch.float64)``), so no reduction over a model-sized vector runs in float32.
+    slices: each slice's products are formed in the vectors' dtype, stored and summed in
+    float64 (one scratch buffer, :func:`_scratch`), so no reduction over a model-sized vector
+    runs in float32.
 
     Error analysis (float32 vectors, unit roundoff ``u = 2⁻²⁴ ≈ 6e-8``): each product is
     rounded once (``|δ| <= u|a_i b_i|``), the ``n`` float64 additions add at most
@@ -78,11 +79,11 @@ def _dots(held: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(held.shape[:-1], dtype=torch.float64, device=w.device)
     rows = max(1, held[..., :1].numel())
     step = max(_CHUNK // 16, (4 * _CHUNK) // rows)  # ~2^18 products at a time, in one scratch
-    scratch = _scratch(rows * step, w.dtype, w.device).view(held.shape[:-1] + (step,))
-    for i in range(0, w.shape[-1], step):
-        part = scratch[..., : min(step, w.shape[-1] - i)]
-        torch.mul(held[..., i:i + step], w[i:i + step], out=part)
-        out += part.sum(-1, dtype=torch.float64)
+    scratch = _scratch(rows * step, torch.float64, w.device).view(held.shape[:-1] + (step,))
+    for i in range(0, w.shape[-1], step):  # products stored in float64, summed there: no
+        part = scratch[..., : min(step, w.shape[-1] - i)]  # temporary (sum(dtype=...) casts
+        torch.mul(held[..., i:i + step], w[i:i + step], out=part)  # its whole input first)
+        out += part.sum(-1)
     return out
 
 
@@ -90,9 +91,10 @@ _SCRATCH: dict = {}
 
 
 def _scratch(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A buffer of ``size`` elements kept between calls (1 MB in float32 for the dots): a new
-    megabyte per dot, freed and taken again hundreds of times a Lanczos run, grew the heap by
-    ~6 MB over 60 steps under one thread (glibc serves it from the heap after the first free)."""
+    """A buffer of ``size`` elements kept between calls (2 MB of float64 for the dots): new
+    megabytes per dot, freed and taken again hundreds of times a Lanczos run, grew the heap by
+    ~6 MB over 60 steps under one thread (glibc serves them from the heap after the first
+    free)."""
     key = (dtype, str(device))
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < size:

@@ -42,7 +42,7 @@ from pathlib import Path
 from pnnh.io import atomic_write_json, read_jsonl, save_figure, write_records
 
 DESCRIPTION = "plain vs ResNet vs PNNH CNNs at 20/56/110 layers on Fashion-MNIST (+ init ablation)"
-CPU_MINUTES = 55
+CPU_MINUTES = 150  # the whole plan; its first four entries took ~2 hours here
 
 # (label, model kind, model_args): the three families at their registry defaults, and the
 # two ablations of the initialisation

@@ -25,6 +25,7 @@ from pnnh.models import create_model
 from pnnh.probes.common import bn_statistics, probe_batch
 from pnnh.probes.plots import plot_metric_vs_layer
 from pnnh.report import build_report
+from pnnh.reproduce.image_depth import TRAIN as IMAGE_DEPTH_TRAIN
 from pnnh.train import train
 
 # MLPs, (registry name, options). The ResNet starts its residual branches at zero (Goyal et
@@ -38,8 +39,9 @@ MODELS = (("plain_mlp", {}), ("resnet_mlp", {"zero_init_residual": True}), ("pnn
 # transitions' fixed coder P in place of a trained 1x1 projection)
 CNN_MODELS = (("plain20", {}), ("resnet20", {}), ("pnnh20", {}))
 MLP_TRAIN = {"batch_size": 128, "lr": 1e-3, "optimizer": "adamw", "schedule": "cosine"}
-CNN_TRAIN = {"batch_size": 128, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9,
-             "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 0.3, "augment": False}
+# the short SGD schedule of ``pnnh reproduce image-depth`` (its dataset is the plan's; no norm
+# tracking: the demo probes before and after training instead)
+CNN_TRAIN = {k: v for k, v in IMAGE_DEPTH_TRAIN.items() if k not in ("dataset", "track_norms")}
 
 
 @dataclass(frozen=True)

@@ -142,8 +142,6 @@ def norm_preservation(kind: str, depth: int, model_args: dict, seed: int, run_di
     from pnnh.train import seed_everything
 
     def split(records: list[dict]) -> tuple[float, float]:
-        per = (depth - 2) // 6
-        trans = {f"blocks.{per}", f"blocks.{2 * per}"}
         logs = {r["block"]: abs(math.log(r["ratio"])) for r in records if r["ratio"] > 0}
         inner = [v for b, v in logs.items() if b not in trans]
         edge = [v for b, v in logs.items() if b in trans]
@@ -154,6 +152,7 @@ def norm_preservation(kind: str, depth: int, model_args: dict, seed: int, run_di
     x, y = (t[:128] for t in train_set.tensors)
     seed_everything(seed)
     model = create_model(f"{kind}{depth}", in_shape=(1, 28, 28), num_classes=10, **model_args)
+    trans = {f"blocks.{i}" for i, b in enumerate(model.blocks) if getattr(b, "transition", False)}
     with bn_statistics(model.eval(), "batch"):
         init = split(norms(model, (x, y)))
     tracked = read_jsonl(run_dir / "norms.jsonl")

@@ -54,6 +54,28 @@ def test_fashion_mnist_from_tiny_files(tmp_path, gz):
                           atol=1e-5)  # the test split standardised with the training statistics
 
 
+def test_images_stay_uint8_and_each_batch_is_standardised_as_the_whole_split(tmp_path):
+    """The pixels are held as uint8 (a quarter of float32's memory); a batch is standardised
+    where it is fetched, by the same two float32 operations on the same numbers as the whole
+    split: bit for bit the same values, in any batch order, after a hold-out split too."""
+    write_idx_set(tmp_path, n_train=60, n_test=20)
+    train, val = get_dataset("fashion_mnist", str(tmp_path))
+    assert train.raw.dtype == torch.uint8 and train.raw.shape == (60, 1, 28, 28)
+    assert train._x is None  # no float copy until someone asks for the whole split
+    idx = torch.tensor([5, 0, 59, 5])
+    xb, yb = train.batch(idx)
+    assert xb.dtype == torch.float32 and torch.equal(yb, train.y[idx])
+    assert torch.equal(xb, train.tensors[0][idx])
+    assert torch.equal(train[7][0], train.tensors[0][7])
+    rest, held = holdout_split(train, 0.25)
+    assert rest.raw.dtype == torch.uint8 and (len(rest), len(held)) == (45, 15)
+    perm = torch.randperm(60, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(held.tensors[0], train.tensors[0][perm[45:]])
+    assert torch.equal(rest.batch(torch.tensor([3]))[0], train.tensors[0][perm[3:4]])
+    with pytest.raises(ValueError, match="uint8 inputs need their mean and std"):
+        data.TensorData(train.raw, train.y, "x", 10)
+
+
 def test_num_samples_is_a_fixed_nested_subset_of_the_training_split(tmp_path):
     write_idx_set(tmp_path, n_train=100, n_test=20)
     raw_x, raw_y = idx_arrays("mnist", tmp_path)["train"]

@@ -16,7 +16,10 @@ CASES = [
     ("pnnh56", (3, 32, 32), {"width": 4}),
     ("pnnh_mlp", (1, 40), {"depth": 20, "width": 16}),
     ("pnnh_cnn1d", (1, 40), {"depth": 20, "width": 8}),
-    ("pnnh18", (3, 32, 32), {"width": 4}),
+    # 10 classes: a 1000-class head would be a fifth of this small net and hide the coders
+    ("pnnh18", (3, 32, 32), {"width": 4, "num_classes": 10}),
+    # the fixed non-negative P at transitions: its -P half is dead too (a learned S's is not)
+    ("pnnh20", (3, 32, 32), {"width": 8, "transition_coder": "orthogonal"}),
     ("plain20", (3, 32, 32), {"width": 8}),
 ]
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pnnh import count_parameters, create_model, list_models, model_info
-from pnnh.coder import PNNHBlock
+from pnnh.coder import PNNHBlock, ProjectionCoder
 from pnnh.errors import ConfigError
 from pnnh.export import to_plain
 
@@ -94,15 +94,15 @@ def test_parameter_counts():
     ("pnnh110", "resnet110", {}),
     ("pnnh18", "resnet18", {"in_shape": (3, 32, 32), "num_classes": 10}),
 ])
-def test_pnnh_defaults_have_no_more_parameters_than_the_resnet(pnnh, resnet, kw):
-    """Default PNNH: fixed coders (buffers), learner width = width: the ResNet's blocks exactly,
-    minus the projection shortcuts (a fixed ``P`` replaces them)."""
+def test_pnnh_defaults_have_the_parameters_of_the_resnet(pnnh, resnet, kw):
+    """Default PNNH: fixed identity coders (buffers), learner width = width, and on BatchNorm
+    CNNs a learned 1x1 ``S`` + BatchNorm at each transition: the ResNet's parameters exactly."""
     p, r = create_model(pnnh, **kw), create_model(resnet, **kw)
-    assert count_parameters(p) <= count_parameters(r)
-    if "mlp" in pnnh or "cnn1d" in pnnh:
-        assert count_parameters(p) == count_parameters(r)
+    assert count_parameters(p) == count_parameters(r)
     coders = [m for name, m in p.named_modules() if name.endswith("coder")]
-    assert coders and all(not any(True for _ in c.parameters()) for c in coders)
+    inner = [c for c in coders if not isinstance(c, ProjectionCoder)]
+    assert inner and all(not any(True for _ in c.parameters()) for c in inner)
+    assert all(c.weight.requires_grad for c in coders if isinstance(c, ProjectionCoder))
     assert not hasattr(p, "coder_constraint")  # no per-step hook or extra loss
 
 
@@ -213,11 +213,14 @@ def test_coder_options_are_one_object_and_options_of_the_model():
     from pnnh.models.vit import VIT_CODER
 
     fields = ["coder_ratio", "coder_kernel", "coder_init", "coder_constraint", "project_every",
-              "penalty_weight", "zero_init_decoder", "transition_norm", "fused", "procrustes"]
+              "penalty_weight", "zero_init_decoder", "transition_norm", "transition_coder",
+              "fused", "procrustes"]
     assert model_info("pnnh20").parameters()[-len(fields):] == fields
     mlp = model_info("pnnh_mlp").parameters()
     assert "coder_kernel" not in mlp and "transition_norm" not in mlp  # no convs, no transitions
-    assert mlp[-8:] == [f for f in fields if f not in ("coder_kernel", "transition_norm")]
+    assert "transition_coder" not in mlp
+    assert mlp[-8:] == [f for f in fields
+                        if f not in ("coder_kernel", "transition_norm", "transition_coder")]
     with pytest.raises(ConfigError, match="pnnh_mlp' does not take option.s. coder_kernel"):
         create_model("pnnh_mlp", coder_kernel=3)
     m = create_model("pnnh_mlp", depth=4, width=8, coder_constraint="penalty", penalty_weight=0.5,

@@ -71,6 +71,7 @@ from pnnh.orthogonal import newton_schulz
 CONSTRAINTS = ("fixed", "none", "procrustes", "newton_schulz", "penalty", "orthogonal")
 DEFAULT_CONSTRAINT = "fixed"
 INITS = ("orthogonal", "identity")
+TRANSITION_CODERS = ("orthogonal", "projection")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,13 @@ class CoderOptions:
       started with logits 2.6x the ResNet's and trained like the plain net (docs/PNNH.md). In
       eval mode it is a per-channel affine map of ``P x``: the plain form folds it into the
       coder's decoder columns and bias, exactly;
+    - ``transition_coder``: what carries the signal across a transition (:data:`TRANSITION_CODERS`):
+      ``"orthogonal"``, the co-isometry ``P`` of :class:`DownsampleCoder` (fixed pair sums, or a
+      constrained Haar-initialised ``P``), or ``"projection"``, a learned 1x1 stride-2 ``S``
+      (:class:`ProjectionCoder`: the ResNet's option-B shortcut conv). ``None`` (the default):
+      ``"projection"`` where the learner has BatchNorm, so that a BatchNorm PNNH CNN has the
+      He-init ResNet's parameters one for one — the fixed ``P`` left PNNH-56 0.9 points below
+      ResNet-56 on Fashion-MNIST (docs/PNNH.md, "Initialisation on BatchNorm CNNs");
     - ``fused``: run coder and learner as the two plain layers ``[A; -A; E]``, ``[Aᵀ, -Aᵀ, D]``;
     - ``procrustes``: shorthand for ``coder_constraint="procrustes"`` (the ``--procrustes`` flag).
 
@@ -110,6 +118,7 @@ class CoderOptions:
     penalty_weight: float = 0.01
     zero_init_decoder: bool | None = None
     transition_norm: bool | None = None
+    transition_coder: str | None = None
     fused: bool = True
     procrustes: bool = False
 
@@ -117,7 +126,8 @@ class CoderOptions:
         """The options :class:`PNNHBlock` takes (the rest go to :func:`attach_constraint`)."""
         return {"coder_ratio": self.coder_ratio, "coder_kernel": self.coder_kernel,
                 "coder_init": self.coder_init, "zero_init_decoder": self.zero_init_decoder,
-                "transition_norm": self.transition_norm, "fused": self.fused}
+                "transition_norm": self.transition_norm,
+                "transition_coder": self.transition_coder, "fused": self.fused}
 
 
 DEFAULT_CODER = CoderOptions()
@@ -350,6 +360,75 @@ class DownsampleCoder(nn.Module):
         return f"{self.in_channels} -> {self.width} (stride 2, x2 shared) -> {self.out_channels}"
 
 
+class ProjectionCoder(nn.Module):
+    """Transition coder ``C -> C'`` at stride 2 with a *learned* projection ``S``: encoder
+    ``[S; -S]``, decoder ``[I, -I]``, ``S`` a 1x1 stride-2 kernel — the ResNet's option-B
+    shortcut conv, He-initialised (``fan_out``) as the ResNet's is.
+
+    ``relu(z) - relu(-z) = z`` holds for every ``S``, so the pair carries ``S x`` across the
+    ReLU exactly whatever ``S`` becomes: ``S`` trains freely (weight decay included), with no
+    constraint and no orthogonality to keep. Input pixel ``2i`` feeds output ``i``: the centre
+    tap of the block's 3x3, stride-2, padding-1 kernel. Since ``S`` is linear the plain form
+    applies it *after* the ReLU, which is narrower when ``C < C'``: layer 1 carries the sampled
+    input with ``[I; -I]`` (``2C`` units, of which the lean export keeps ``C`` on a
+    non-negative input) and layer 2 reads them with ``[S, -S]``:
+    ``S relu(x) - S relu(-x) = S x``.
+    With the transition's ``carry_bn`` the block then has the ResNet's transition parameters,
+    one for one (:func:`pnnh.convert.pnnh_block_to_residual` gives back its
+    ``Sequential(Conv2d(1x1, stride 2), BatchNorm2d)`` shortcut).
+    """
+
+    fixed = False
+    passes_input = False
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.dims, self.kernel_size = 2, 1
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_dim, self.out_dim, self.width = in_channels, out_channels, out_channels
+        w = torch.empty(out_channels, in_channels, 1, 1)  # stored as the ResNet's conv weight
+        nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+        self.weight = nn.Parameter(w)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.weight.reshape(self.width, self.in_channels)
+
+    def kernel(self) -> torch.Tensor:
+        return self.weight
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.kernel(), stride=2)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def carry(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        z = self.encode(x)
+        return z if fused else torch.relu(z) - torch.relu(-z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.carry(x)
+
+    def encoder_weight(self, kernel_size: int = 3) -> torch.Tensor:
+        """``[I; -I]`` (``C`` channels) at the centre tap of a 3x3 stride-2 padding-1 kernel:
+        the input at pixel ``2i``, both signs."""
+        if kernel_size != 3:
+            raise ValueError("a transition coder embeds into a 3x3 stride-2 kernel")
+        c = self.in_channels
+        eye = torch.eye(c, dtype=self.weight.dtype, device=self.weight.device)
+        eye = _embed(eye.reshape(c, c, 1, 1), 3, 2)
+        return torch.cat([eye, -eye], dim=0)
+
+    def decoder_weight(self, kernel_size: int = 3) -> torch.Tensor:
+        """``[S, -S]`` at the centre tap of a ``kernel_size`` kernel."""
+        w = _embed(self.kernel(), kernel_size, 2)
+        return torch.cat([w, -w], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels} -> {self.out_channels} (1x1 stride 2, learned, x2 shared)"
+
+
 @torch.fx.wrap
 def pad_odd(x: torch.Tensor) -> torch.Tensor:
     """Pad the bottom row and right column of an image whose size is odd (a 2x2 stride-2 coder
@@ -494,6 +573,7 @@ class PNNHBlock(nn.Module):
         batchnorm: bool = False,
         zero_init_decoder: bool | None = None,
         transition_norm: bool | None = None,
+        transition_coder: str | None = None,
         fused: bool = True,
     ):
         super().__init__()
@@ -501,6 +581,11 @@ class PNNHBlock(nn.Module):
             zero_init_decoder = not batchnorm
         if transition_norm is None:
             transition_norm = batchnorm
+        if transition_coder is None:
+            transition_coder = "projection" if batchnorm else "orthogonal"
+        if transition_coder not in TRANSITION_CODERS:
+            raise ConfigError(f"transition_coder: must be one of {', '.join(TRANSITION_CODERS)}, "
+                              f"got {transition_coder!r}", field="transition_coder")
         out_dim = dim if out_dim is None else out_dim
         self.dims, self.fused = dims, fused
         self.kernel_size = 1 if dims == 0 else kernel_size
@@ -510,7 +595,8 @@ class PNNHBlock(nn.Module):
         if self.transition:
             if dims != 2 or stride != 2 or kernel_size != 3:
                 raise ConfigError("transition blocks are 3x3 stride-2 Conv2d blocks", field="model")
-            self.coder = DownsampleCoder(dim, out_dim, coder_ratio)
+            self.coder = (ProjectionCoder(dim, out_dim) if transition_coder == "projection"
+                          else DownsampleCoder(dim, out_dim, coder_ratio))
             if transition_norm:
                 self.carry_bn = _bn(dims, out_dim)
         else:
@@ -525,8 +611,9 @@ class PNNHBlock(nn.Module):
             self.bn1 = _bn(dims, learner_width) if batchnorm else nn.Identity()
             self.dec = _layer(dims, learner_width, out_dim, k, 1, bias=False)  # b2: self.bias
             self.bn2 = _bn(dims, out_dim) if batchnorm else nn.Identity()
-            nn.init.kaiming_normal_(self.enc.weight, nonlinearity="relu")
-            nn.init.kaiming_normal_(self.dec.weight, nonlinearity="relu")
+            mode = "fan_out" if batchnorm else "fan_in"  # with BatchNorm: the ResNet's He init
+            nn.init.kaiming_normal_(self.enc.weight, mode=mode, nonlinearity="relu")
+            nn.init.kaiming_normal_(self.dec.weight, mode=mode, nonlinearity="relu")
             if self.enc.bias is not None:
                 nn.init.zeros_(self.enc.bias)
             if zero_init_decoder:
@@ -566,10 +653,10 @@ class PNNHBlock(nn.Module):
         BatchNorm (eval statistics) is folded into ``E`` and ``D`` (and a transition's
         ``carry_bn`` into the coder's decoder ``[I, -I]`` and the output bias).
         """
-        k, m = self.kernel_size, self.coder.width
+        k = self.kernel_size
         dim, out_dim = self.coder.in_dim, self.coder.out_dim
         w1 = [self.coder.encoder_weight(k)]
-        b1 = [w1[0].new_zeros(2 * m)]
+        b1 = [w1[0].new_zeros(w1[0].shape[0])]
         w2 = [self.coder.decoder_weight(k)]
         b2 = self.bias.detach().clone() if self.bias is not None else w2[0].new_zeros(out_dim)
         if self.carry_bn is not None:  # bn_c(P x): its scale on the decoder's columns, its shift

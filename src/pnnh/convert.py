@@ -174,8 +174,12 @@ def pnnh_block_to_residual(block: nn.Module) -> nn.Module:
     """The post-activation residual block computing ``block``'s function (train and eval).
 
     Learner ``E, D`` (and BatchNorm) become the branch, ``b2`` the second layer's bias, the
-    coder the shortcut: identity (``AᵀA = I``) or, at a transition, :class:`FixedProjection`.
+    coder the shortcut: identity (``AᵀA = I``) or, at a transition, the ResNet's own
+    ``Sequential(Conv2d(1x1, stride 2), BatchNorm2d)`` for a learned projection ``S``
+    (:class:`pnnh.coder.ProjectionCoder`, the BatchNorm CNN default) or a
+    :class:`FixedProjection` for a co-isometry ``P``.
     """
+    from pnnh.coder import ProjectionCoder
     from pnnh.models.cifar import BasicBlock
     from pnnh.models.cnn1d import ResidualBlock1d
     from pnnh.models.mlp import ResidualMLPBlock
@@ -189,7 +193,14 @@ def pnnh_block_to_residual(block: nn.Module) -> nn.Module:
         res = ResidualBlock1d(n_in, block.kernel_size)
     else:
         res = ResidualMLPBlock(n_in)
-    if block.transition:
+    res = res.to(block.enc.weight)  # dtype and device of the block, BatchNorm buffers included
+    if block.transition and isinstance(block.coder, ProjectionCoder):
+        res.shortcut[0].weight.copy_(block.coder.kernel())
+        if block.carry_bn is not None:
+            res.shortcut[1].load_state_dict(block.carry_bn.state_dict())
+        else:
+            res.shortcut = res.shortcut[:1]
+    elif block.transition:
         res.shortcut = FixedProjection(_transition_weight(block.coder),
                                        trainable=not block.coder.fixed, norm=block.carry_bn)
     elif not _coder_is_identity(block.coder):
@@ -221,11 +232,9 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
     """The PNNH block computing a post-activation residual ``block``'s function.
 
     Identity shortcut: a fixed identity coder (exact in train and eval mode). Projection
-    shortcut ``bn_s(S x)`` (1x1 stride-2 conv + BN): a transition coder with
-    ``P = scale · S`` at tap (0, 0) of its 2x2 kernel (the same input pixel ``2i``) and the
-    BN shift added to ``bn2``'s bias — exact in eval mode only (in train mode the shortcut's
-    BN normalizes by batch statistics, which no fixed ``P`` reproduces). ``P`` then is a
-    learned projection (``P Pᵀ != I`` in general) and stays a trainable parameter. A
+    shortcut ``bn_s(S x)`` (1x1 stride-2 conv, BatchNorm or none): a learned transition coder
+    :class:`pnnh.coder.ProjectionCoder` holding ``S``, with ``bn_s`` as the block's
+    ``carry_bn`` — the same parameters, exact in train mode too. A
     :class:`FixedProjection` (what :func:`pnnh_block_to_residual` makes of a transition)
     comes back as the coder it was, trainable only if it was, with its BatchNorm as the
     block's ``carry_bn`` (exact in train mode too).
@@ -233,6 +242,7 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
     from pnnh.coder import PNNHBlock, freeze_coder_
 
     l1, (w1, b1), l2, (w2, b2), sc = _parts(block)
+    learned = _learned_projection(block)
     dims = 0 if isinstance(l1, nn.Linear) else l1.weight.dim() - 2
     n_in, hidden, n_out = w1.shape[1], w1.shape[0], w2.shape[0]
     bn = isinstance(getattr(block, "bn1", None), nn.modules.batchnorm._BatchNorm)
@@ -240,9 +250,12 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
     shortcut = getattr(block, "shortcut", None)
     carry_norm = getattr(shortcut, "norm", None) if isinstance(shortcut, FixedProjection) else None
     carry_norm = carry_norm if isinstance(carry_norm, nn.modules.batchnorm._BatchNorm) else None
+    if learned is not None:
+        carry_norm = learned[1]
     out = PNNHBlock(n_in, hidden, dims=dims, out_dim=n_out, stride=stride,
                     kernel_size=3 if dims == 0 else l1.kernel_size[0], batchnorm=bn,
-                    zero_init_decoder=False, transition_norm=carry_norm is not None).to(w1)
+                    zero_init_decoder=False, transition_norm=carry_norm is not None,
+                    transition_coder="orthogonal" if learned is None else "projection").to(w1)
     out.enc.weight.copy_(l1.weight)
     if out.enc.bias is not None:
         out.enc.bias.copy_(l1.bias)
@@ -254,6 +267,10 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
         out.bias.copy_(l2.bias if l2.bias is not None else torch.zeros_like(out.bias))
     if sc is None:
         freeze_coder_(out.coder)
+    elif learned is not None:  # S and its BatchNorm as they were
+        out.coder.weight.copy_(learned[0].weight)
+        if carry_norm is not None:
+            out.carry_bn.load_state_dict(carry_norm.state_dict())
     else:
         ws, bs = sc  # folded, embedded in a 3x3 kernel: a 1x1 at tap (1, 1), a 2x2 at [1:, 1:]
         p = ws[:, :, 1:, 1:].to(out.coder.weight)  # the 2x2 coder reads inputs 2i, 2i+1
@@ -268,6 +285,24 @@ def residual_block_to_pnnh(block: nn.Module) -> nn.Module:
         out.coder.weight = nn.Parameter(p.reshape(n_out, 4 * n_in), requires_grad=trainable)
     _copy_drop_path(block, out)
     return out.train(block.training)
+
+
+def _learned_projection(block: nn.Module) -> tuple[nn.Conv2d, nn.Module | None] | None:
+    """``(conv, bn or None)`` of a ``Sequential(Conv2d(1x1, stride 2, no bias)[, BatchNorm2d])``
+    shortcut beside a 3x3 stride-2 padding-1 ``conv1`` (torchvision's and the registry's
+    option B), which a :class:`pnnh.coder.ProjectionCoder` holds as it is; else None."""
+    sc = getattr(block, "shortcut", None) or getattr(block, "downsample", None)
+    l1 = getattr(block, "conv1", None)
+    if not isinstance(sc, nn.Sequential) or not isinstance(l1, nn.Conv2d) or not 1 <= len(sc) <= 2:
+        return None
+    conv, bn = sc[0], sc[1] if len(sc) > 1 else None
+    if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.bias is None
+            and conv.stride == (2, 2) and conv.padding == (0, 0) and conv.groups == 1
+            and l1.kernel_size == (3, 3) and l1.stride == (2, 2) and l1.padding == (1, 1)):
+        return None
+    if bn is not None and type(bn) is not nn.BatchNorm2d:
+        return None
+    return conv, bn
 
 
 def _swap_blocks(model: nn.Module, convert) -> nn.Module:

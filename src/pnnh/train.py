@@ -192,10 +192,9 @@ def _stop_on_signals(state: dict):
             signal.signal(sig, h)
 
 
-def _fetch(dataset, idx: torch.Tensor):
+def _fetch(dataset, idx: torch.Tensor, device=None):
     if isinstance(dataset, TensorData):
-        x, y = dataset.tensors
-        return x[idx], y[idx]
+        return dataset.batch(idx, device)
     items = [dataset[i] for i in idx.tolist()]
     return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
 
@@ -216,7 +215,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device, dist: Distribut
     loss_sum = correct = count = 0.0
     order = torch.arange(n)[rank::world]
     for i in range(0, len(order), batch_size):
-        x, y = _fetch(dataset, order[i:i + batch_size])
+        x, y = _fetch(dataset, order[i:i + batch_size], device)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -729,7 +728,7 @@ def _epoch_data(run: Run, epoch: int, skip: int):
                                              num_workers=cfg.num_workers)
         batches_xy = ((x, torch.as_tensor(y, dtype=torch.long)) for x, y in _one_line_errors(loader))
     else:
-        batches_xy = (_fetch(run.train_ds, idx) for idx, _ in todo)
+        batches_xy = (_fetch(run.train_ds, idx, run.device) for idx, _ in todo)
     for i, (_, n_batch), (x, y) in zip(itertools.count(skip), todo, batches_xy):
         yield i, x, y, n_batch
 

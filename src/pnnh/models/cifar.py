@@ -11,10 +11,13 @@ strided conv as ``conv1`` (and, for the ResNet, the projection shortcut as ``sho
 - ResNet block: ``relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))`` — identity, or a 1x1
   stride-2 conv + BN at transitions (option B);
 - PNNH block:   :class:`pnnh.coder.PNNHBlock` with BatchNorm on the learner units only; at
-  transitions the coder is the orthogonal downsampling coder ``P`` (by default fixed: the
-  non-negative pair sums of :func:`pnnh.coder.pair_rows`; Haar-initialised when trainable).
-  At ``r = 1`` the PNNH net computes what a ResNet with the learner as branch computes
-  (``docs/PNNH.md``, "The equivalence"; :func:`pnnh.convert.pnnh_to_resnet`).
+  transitions the coder carries ``bn_c(S x)`` with ``S`` the ResNet's learned 1x1 stride-2
+  conv (:class:`pnnh.coder.ProjectionCoder`, the default), or the fixed co-isometry ``P`` of
+  :func:`pnnh.coder.pair_rows` (``transition_coder="orthogonal"``). At ``r = 1`` the PNNH net
+  computes what a ResNet with the learner as branch computes (``docs/PNNH.md``, "The
+  equivalence"; :func:`pnnh.convert.pnnh_to_resnet`); at the defaults its weights are drawn as
+  the ResNet's (:func:`resnet_drawn_pnnh_block`): ``pnnh{d}`` and ``resnet{d}`` built under one
+  seed are the same network, one laid out as plain layers.
 """
 
 from __future__ import annotations
@@ -82,6 +85,34 @@ class ConvNet(StemBlocksHead):
     """``stem -> blocks -> head`` for images; ``blocks`` is one ``nn.Sequential`` of all stages."""
 
 
+def is_resnet_parametrisation(coder: CoderOptions) -> bool:
+    """The coder options under which a BatchNorm PNNH block has the He-init ResNet block's
+    parameters one for one: the defaults (a fixed identity coder at ``r = 1``, the learner's
+    last BatchNorm at scale 1, a learned projection ``S`` + BatchNorm at transitions)."""
+    return (coder.coder_ratio == 1.0 and coder.coder_kernel == 1
+            and coder.coder_constraint == "fixed" and not coder.procrustes
+            and coder.zero_init_decoder in (None, False) and coder.transition_norm in (None, True)
+            and coder.transition_coder in (None, "projection"))
+
+
+def resnet_drawn_pnnh_block(cin: int, cout: int, stride: int, coder: CoderOptions) -> PNNHBlock:
+    """The PNNH block holding the weights that :class:`BasicBlock` ``(cin, cout, stride)`` draws,
+    drawing them as it does: the global RNG moves exactly as for the ResNet block (the PNNH
+    block itself is built on a forked RNG). So ``pnnh{d}`` and ``resnet{d}`` built under the
+    same seed hold the same weights — ``E = conv1``, ``D = conv2``, ``S = shortcut[0]`` —
+    and train alike, seed for seed (docs/PNNH.md, "Initialisation on BatchNorm CNNs")."""
+    ref = BasicBlock(cin, cout, stride)
+    with torch.random.fork_rng(devices=[]):
+        block = PNNHBlock(cin, cout, dims=2, out_dim=cout, stride=stride, kernel_size=3,
+                          batchnorm=True, **coder.block_kwargs())
+    with torch.no_grad():
+        block.enc.weight.copy_(ref.conv1.weight)
+        block.dec.weight.copy_(ref.conv2.weight)
+        if ref.transition:
+            block.coder.weight.copy_(ref.shortcut[0].weight)
+    return block
+
+
 def make_blocks(kind: str, widths: list[int], counts: list[int], first_stride: list[int],
                 cin: int, zero_init_residual: bool = False, learner_ratio: float = 1.0,
                 coder: CoderOptions = DEFAULT_CODER,
@@ -101,6 +132,8 @@ def make_blocks(kind: str, widths: list[int], counts: list[int], first_stride: l
                 blocks.append(PlainBlock(cin, width, s))
             elif kind == "resnet":
                 blocks.append(BasicBlock(cin, width, s, zero_init_residual))
+            elif learner_ratio == 1.0 and is_resnet_parametrisation(coder):
+                blocks.append(resnet_drawn_pnnh_block(cin, width, s, coder))
             else:
                 lw = max(1, int(round(learner_ratio * width)))
                 blocks.append(PNNHBlock(cin, lw, dims=2, out_dim=width, stride=s, kernel_size=3,

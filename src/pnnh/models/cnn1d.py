@@ -105,7 +105,8 @@ def resnet_cnn1d(
     return CNN1d(in_shape, num_classes, width, blocks)
 
 
-@register_model(family="cnn1d", kind="pnnh", options=CoderOptions, omit=("transition_norm",))
+@register_model(family="cnn1d", kind="pnnh", options=CoderOptions,
+                omit=("transition_norm", "transition_coder"))
 def pnnh_cnn1d(
     in_shape=(1, 40),
     num_classes: int = 10,

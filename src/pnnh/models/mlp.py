@@ -110,7 +110,7 @@ def resnet_mlp(
 
 
 @register_model(family="mlp", kind="pnnh", options=CoderOptions,
-                omit=("coder_kernel", "transition_norm"))
+                omit=("coder_kernel", "transition_norm", "transition_coder"))
 def pnnh_mlp(
     in_shape=(1, 40),
     num_classes: int = 10,

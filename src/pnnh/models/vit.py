@@ -313,7 +313,7 @@ VIT_CODER = CoderOptions(zero_init_decoder=False)
 
 
 @register_model(family="vit", kind="pnnh", options=CoderOptions,
-                omit=("coder_kernel", "transition_norm"))
+                omit=("coder_kernel", "transition_norm", "transition_coder"))
 def pnnh_vit_tiny(in_shape=(1, 40), num_classes: int = 10, depth: int = 6, width: int = 64,
                   heads: int = 4, patch_size: int = 4, mlp_ratio: float = 4.0,
                   act: str = "gelu", coder_norm: bool = False, drop_path_rate: float = 0.0,

@@ -51,10 +51,16 @@ VARIANTS = {
     "resnet": ("resnet", {}),
     "pnnh": ("pnnh", {}),
     "resnet_zero_init": ("resnet", {"zero_init_residual": True}),
-    # the PNNH default before this study: learner's last BatchNorm at 0, a bare P at transitions
-    "pnnh_zero_init_decoder": ("pnnh", {"zero_init_decoder": True, "transition_norm": False}),
-    # He-init learners (scale 1) with a bare P at transitions: no BatchNorm on the carry
-    "pnnh_bare_transitions": ("pnnh", {"transition_norm": False}),
+    # the PNNH default before this study: learner's last BatchNorm at 0, a bare fixed P at
+    # transitions
+    "pnnh_zero_init_decoder": ("pnnh", {"zero_init_decoder": True, "transition_norm": False,
+                                        "transition_coder": "orthogonal"}),
+    # He-init learners (scale 1) with a bare fixed P at transitions: no BatchNorm on the carry
+    "pnnh_bare_transitions": ("pnnh", {"transition_norm": False,
+                                       "transition_coder": "orthogonal"}),
+    # He-init learners, bn_c(P x) with the fixed co-isometry P (pair sums) instead of the
+    # learned 1x1 projection: the default between the first and the second study
+    "pnnh_orthogonal_transitions": ("pnnh", {"transition_coder": "orthogonal"}),
     "procrustes_resnet": ("procrustes_resnet", {}),
 }
 TRAIN = {"dataset": "fashion_mnist", "optimizer": "sgd", "momentum": 0.9, "lr": 0.05,
@@ -66,7 +72,8 @@ TRAIN = {"dataset": "fashion_mnist", "optimizer": "sgd", "momentum": 0.9, "lr": 
 # the plain 110-layer net (the degradation is already visible from 20 to 56), and paper 2's
 # Procrustes ResNet-56 (norm-preserving transitions, ZCA-whitened classifier input)
 KINDS = ("plain", "resnet", "pnnh")
-ABLATION = ("resnet_zero_init", "pnnh_zero_init_decoder", "pnnh_bare_transitions")
+ABLATION = ("resnet_zero_init", "pnnh_zero_init_decoder", "pnnh_bare_transitions",
+            "pnnh_orthogonal_transitions")
 CPU = {"train": {**TRAIN, "epochs": 3, "num_samples": 10_000},
        # (depths, variants, seeds): what runs
        "plan": [((20, 56), KINDS, (0,)), ((56,), ABLATION, (0,)),
@@ -218,7 +225,7 @@ def plot(rows: list[dict], stats: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colours = {"plain": "tab:red", "resnet": "tab:blue", "pnnh": "tab:green",
                "resnet_zero_init": "tab:cyan", "pnnh_zero_init_decoder": "tab:olive",
-               "pnnh_bare_transitions": "tab:brown",
+               "pnnh_bare_transitions": "tab:brown", "pnnh_orthogonal_transitions": "tab:pink",
                "procrustes_resnet": "tab:purple"}
     depths = sorted({r["depth"] for r in rows})
     styles = dict(zip(depths, ["-", "--", ":", "-."]))

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from pnnh.io import atomic_write_json, read_jsonl, save_figure, write_records
 
 DESCRIPTION = "plain vs ResNet vs PNNH CNNs at 20/56/110 layers on Fashion-MNIST (+ init ablation)"
@@ -110,7 +112,8 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
                                   "device": device, "seed": seed + s, "progress": False})
         hist = read_jsonl(run_dir / "metrics.jsonl")
         norms = norm_preservation(kind, depth, model_args, seed + s, run_dir, cfg["train"])
-        rows.append({"variant": variant, "depth": depth, "seed": seed + s, **norms,
+        kept = input_kept(kind, depth, model_args, seed + s, run_dir, cfg["train"])
+        rows.append({"variant": variant, "depth": depth, "seed": seed + s, **norms, **kept,
                      "params": summary["params"], "test_acc": summary["final_val_acc"],
                      "train_loss": summary["final_train_loss"],
                      "train_error": 1.0 - summary["final_train_acc"],
@@ -130,7 +133,56 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
     print(text)
     print()
     print(norms_table(stats))
-    return {"table": text, "norms_table": norms_table(stats), "stats": stats}
+    print()
+    print(dissipation_table(stats))
+    return {"table": text, "norms_table": norms_table(stats),
+            "dissipation_table": dissipation_table(stats), "stats": stats}
+
+
+def _init_model(kind: str, depth: int, model_args: dict, seed: int):
+    """The initial weights `pnnh train` draws from the run's seed."""
+    from pnnh.models import create_model
+    from pnnh.train import seed_everything
+
+    seed_everything(seed)
+    return create_model(f"{kind}{depth}", in_shape=(1, 28, 28), num_classes=10, **model_args)
+
+
+def _probe_images(train: dict, n: int = 128):
+    """The first ``n`` images (and labels) of the run's training set."""
+    from pnnh.data import get_dataset
+
+    train_set, _ = get_dataset(train["dataset"], num_samples=train.get("num_samples"),
+                               **train.get("dataset_args", {}))
+    return train_set.batch(torch.arange(min(n, len(train_set))))
+
+
+def input_kept(kind: str, depth: int, model_args: dict, seed: int, run_dir: Path,
+               train: dict) -> dict:
+    """Paper 1's dissipation on real images: how much of the input the last block still holds,
+    at initialisation (BatchNorm with the statistics of the probe images, held fixed) and
+    after training (the final checkpoint, running statistics), on 512 training images —
+    ``input_r2`` (ridge read-back of the input; 1: all there, 0: nothing) and
+    ``cosine_collapse`` (mean cosine between the images' representations; 1: one direction)
+    of :func:`pnnh.probes.dissipation.dissipation`."""
+    from pnnh.checkpoint import load_model
+    from pnnh.probes.common import bn_statistics
+    from pnnh.probes.dissipation import dissipation
+
+    x, _ = _probe_images(train, 512)
+
+    def last(model) -> dict:
+        rec = dissipation(model, x, [f"blocks.{len(model.blocks) - 1}"], batch_size=256)[-1]
+        return {"r2": rec["input_r2"], "cos": rec["cosine_collapse"]}
+
+    model = _init_model(kind, depth, model_args, seed)
+    with bn_statistics(model, "batch", fixed_on=x):
+        init = last(model)
+    path = run_dir / "checkpoints" / "last.pt"
+    trained = last(load_model(path)[0]) if path.is_file() else {"r2": float("nan"),
+                                                                 "cos": float("nan")}
+    return {"input_r2_init": init["r2"], "input_r2_trained": trained["r2"],
+            "cosine_init": init["cos"], "cosine_trained": trained["cos"]}
 
 
 def norm_preservation(kind: str, depth: int, model_args: dict, seed: int, run_dir: Path,
@@ -142,11 +194,8 @@ def norm_preservation(kind: str, depth: int, model_args: dict, seed: int, run_di
     (``norms.jsonl``, the training batch of that step)."""
     import math
 
-    from pnnh.data import get_dataset
-    from pnnh.models import create_model
     from pnnh.probes.common import bn_statistics
     from pnnh.probes.norms import norms
-    from pnnh.train import seed_everything
 
     def split(records: list[dict]) -> tuple[float, float]:
         logs = {r["block"]: abs(math.log(r["ratio"])) for r in records if r["ratio"] > 0}
@@ -154,11 +203,8 @@ def norm_preservation(kind: str, depth: int, model_args: dict, seed: int, run_di
         edge = [v for b, v in logs.items() if b in trans]
         return sum(inner) / max(len(inner), 1), sum(edge) / max(len(edge), 1)
 
-    train_set, _ = get_dataset(train["dataset"], num_samples=train.get("num_samples"),
-                               **train.get("dataset_args", {}))
-    x, y = (t[:128] for t in train_set.tensors)
-    seed_everything(seed)
-    model = create_model(f"{kind}{depth}", in_shape=(1, 28, 28), num_classes=10, **model_args)
+    x, y = _probe_images(train)
+    model = _init_model(kind, depth, model_args, seed)
     trans = {f"blocks.{i}" for i, b in enumerate(model.blocks) if getattr(b, "transition", False)}
     with bn_statistics(model.eval(), "batch"):
         init = split(norms(model, (x, y)))
@@ -185,7 +231,8 @@ def aggregate_rows(rows: list[dict]) -> list[dict]:
                     "train_loss_max": max(loss),
                     **{k: sum(r[k] for r in mine) / len(mine) for k in (
                         "norm_log_init", "norm_log_init_transitions", "norm_log_trained",
-                        "norm_log_trained_transitions")},
+                        "norm_log_trained_transitions", "input_r2_init", "input_r2_trained",
+                        "cosine_init", "cosine_trained")},
                     "minutes_per_run": sum(r["time_s"] for r in mine) / len(mine) / 60})
     return out
 
@@ -211,6 +258,17 @@ def norms_table(stats: list[dict]) -> str:
         lines.append(f"| {s['variant']} | {s['depth']} | {s['norm_log_init']:.3f} / "
                      f"{s['norm_log_init_transitions']:.3f} | {s['norm_log_trained']:.3f} / "
                      f"{s['norm_log_trained_transitions']:.3f} |")
+    return "\n".join(lines)
+
+
+def dissipation_table(stats: list[dict]) -> str:
+    """Paper 1's dissipation at the last block per model and depth (means over seeds)."""
+    lines = ["| model | depth | input R² at the last block: init / trained | mean cosine between "
+             "images: init / trained |", "|---|---|---|---|"]
+    for s in stats:
+        lines.append(f"| {s['variant']} | {s['depth']} | {s['input_r2_init']:.3f} / "
+                     f"{s['input_r2_trained']:.3f} | {s['cosine_init']:.3f} / "
+                     f"{s['cosine_trained']:.3f} |")
     return "\n".join(lines)
 
 

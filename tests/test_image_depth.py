@@ -43,3 +43,18 @@ def test_quick_study_trains_probes_and_tables_every_run(fashion_files, capsys):
     printed = capsys.readouterr().out
     assert "input R² at the last block" in printed and result["dissipation_table"] in printed
     assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_quick_vit_study_trains_and_probes_the_three_transformers(fashion_files):
+    from pnnh.reproduce import image_vit
+
+    out = fashion_files / "vit"
+    result = image_vit.run(out, "quick")
+    rows = json.loads((out / "results_curves.json").read_text())
+    assert [r["variant"] for r in rows] == ["vit", "pnnh_vit", "plain_vit"]
+    for r in rows:
+        assert r["depth"] == 4 and len(r["train_loss_curve"]) == 2
+        assert r["input_r2_trained"] == r["input_r2_trained"]  # measured (not NaN)
+    by = {r["variant"]: r for r in rows}
+    assert by["pnnh_vit"]["params"] == by["vit"]["params"]  # PNNH-ViT's default: A = I, fixed
+    assert "| pnnh_vit | 4 |" in result["table"]

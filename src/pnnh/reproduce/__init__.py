@@ -34,6 +34,7 @@ EXPERIMENTS = {
     "pnnh-accuracy": "pnnh.reproduce.pnnh_accuracy",
     "deep-plain": "pnnh.reproduce.deep_plain",
     "image-depth": "pnnh.reproduce.image_depth",
+    "image-vit": "pnnh.reproduce.image_vit",
     "shortcut-depth-images": "pnnh.reproduce.shortcut_depth_images",
 }
 

@@ -99,32 +99,47 @@ def runs(plan: list) -> list[tuple[int, str, int]]:
 def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> dict:
     """Train every run of the scale's plan (finished runs in ``out/runs`` are reused).
     ``seed`` offsets every seed of the plan (``--seed 10`` runs seeds 10, 11, 12)."""
-    from pnnh.train import train_or_reuse
-
     out = Path(out)
     cfg = {"quick": QUICK, "cpu": CPU, "paper": PAPER}[scale]
     rows = []
     for depth, variant, s in runs(cfg["plan"]):
         kind, model_args = VARIANTS[variant]
-        run_dir = out / "runs" / f"{variant}{depth}_seed{seed + s}"
-        summary = train_or_reuse({**cfg["train"], "model": f"{kind}{depth}",
-                                  "model_args": dict(model_args), "out": str(run_dir),
-                                  "device": device, "seed": seed + s, "progress": False})
-        hist = read_jsonl(run_dir / "metrics.jsonl")
-        norms = norm_preservation(kind, depth, model_args, seed + s, run_dir, cfg["train"])
-        kept = input_kept(kind, depth, model_args, seed + s, run_dir, cfg["train"])
-        rows.append({"variant": variant, "depth": depth, "seed": seed + s, **norms, **kept,
-                     "params": summary["params"], "test_acc": summary["final_val_acc"],
-                     "train_loss": summary["final_train_loss"],
-                     "train_error": 1.0 - summary["final_train_acc"],
-                     "train_loss_curve": [h["train_loss"] for h in hist],
-                     "train_error_curve": [1.0 - h["train_acc"] for h in hist],
-                     "images_per_s": hist[-1]["images_per_s"],
-                     "time_s": round(summary["time_s"], 1)})
-        print(f"{variant:>24}{depth:<4} seed {seed + s}: test acc {rows[-1]['test_acc']:.4f}  "
-              f"train loss {rows[-1]['train_loss']:.4f}  {rows[-1]['time_s']:.0f} s", flush=True)
+        rows.append(train_and_probe(out, variant, depth, f"{kind}{depth}", model_args,
+                                    seed + s, cfg["train"], device))
         write_records([{k: v for k, v in r.items() if not k.endswith("_curve")} for r in rows],
                       out, "results")
+    return finish(out, rows)
+
+
+def train_and_probe(out: Path, variant: str, depth: int, model: str, model_args: dict, seed: int,
+                    train: dict, device: str) -> dict:
+    """One run (``out/runs/{variant}{depth}_seed{seed}``, reused when finished) and its row:
+    accuracy, final training loss and error, their curves, speed, and the probes at init and
+    after training (:func:`norm_preservation`, :func:`input_kept`)."""
+    from pnnh.train import train_or_reuse
+
+    run_dir = out / "runs" / f"{variant}{depth}_seed{seed}"
+    summary = train_or_reuse({**train, "model": model, "model_args": dict(model_args),
+                              "out": str(run_dir), "device": device, "seed": seed,
+                              "progress": False})
+    hist = read_jsonl(run_dir / "metrics.jsonl")
+    row = {"variant": variant, "depth": depth, "seed": seed,
+           **norm_preservation(model, model_args, seed, run_dir, train),
+           **input_kept(model, model_args, seed, run_dir, train),
+           "params": summary["params"], "test_acc": summary["final_val_acc"],
+           "train_loss": summary["final_train_loss"],
+           "train_error": 1.0 - summary["final_train_acc"],
+           "train_loss_curve": [h["train_loss"] for h in hist],
+           "train_error_curve": [1.0 - h["train_acc"] for h in hist],
+           "images_per_s": hist[-1]["images_per_s"], "time_s": round(summary["time_s"], 1)}
+    print(f"{variant:>24}{depth:<4} seed {seed}: test acc {row['test_acc']:.4f}  "
+          f"train loss {row['train_loss']:.4f}  {row['time_s']:.0f} s", flush=True)
+    return row
+
+
+def finish(out: Path, rows: list[dict]) -> dict:
+    """The study's files from its rows: ``summary_table``, ``results_curves.json``,
+    ``curves.png``; prints and returns the tables."""
     stats = aggregate_rows(rows)
     write_records(stats, out, "summary_table")
     atomic_write_json(out / "results_curves.json", rows)
@@ -139,13 +154,13 @@ def run(out: Path, scale: str = "cpu", device: str = "auto", seed: int = 0) -> d
             "dissipation_table": dissipation_table(stats), "stats": stats}
 
 
-def _init_model(kind: str, depth: int, model_args: dict, seed: int):
+def _init_model(model: str, model_args: dict, seed: int):
     """The initial weights `pnnh train` draws from the run's seed."""
     from pnnh.models import create_model
     from pnnh.train import seed_everything
 
     seed_everything(seed)
-    return create_model(f"{kind}{depth}", in_shape=(1, 28, 28), num_classes=10, **model_args)
+    return create_model(model, in_shape=(1, 28, 28), num_classes=10, **model_args)
 
 
 def _probe_images(train: dict, n: int = 128):
@@ -157,7 +172,7 @@ def _probe_images(train: dict, n: int = 128):
     return train_set.batch(torch.arange(min(n, len(train_set))))
 
 
-def input_kept(kind: str, depth: int, model_args: dict, seed: int, run_dir: Path,
+def input_kept(model_name: str, model_args: dict, seed: int, run_dir: Path,
                train: dict) -> dict:
     """Paper 1's dissipation on real images: how much of the input the last block still holds,
     at initialisation (BatchNorm with the statistics of the probe images, held fixed) and
@@ -175,7 +190,7 @@ def input_kept(kind: str, depth: int, model_args: dict, seed: int, run_dir: Path
         rec = dissipation(model, x, [f"blocks.{len(model.blocks) - 1}"], batch_size=256)[-1]
         return {"r2": rec["input_r2"], "cos": rec["cosine_collapse"]}
 
-    model = _init_model(kind, depth, model_args, seed)
+    model = _init_model(model_name, model_args, seed)
     with bn_statistics(model, "batch", fixed_on=x):
         init = last(model)
     path = run_dir / "checkpoints" / "last.pt"
@@ -185,7 +200,7 @@ def input_kept(kind: str, depth: int, model_args: dict, seed: int, run_dir: Path
             "cosine_init": init["cos"], "cosine_trained": trained["cos"]}
 
 
-def norm_preservation(kind: str, depth: int, model_args: dict, seed: int, run_dir: Path,
+def norm_preservation(model_name: str, model_args: dict, seed: int, run_dir: Path,
                       train: dict) -> dict:
     """Paper 2's measure, mean ``|log(‖∂L/∂x_in‖ / ‖∂L/∂x_out‖)|`` over blocks (0: every block
     preserves the gradient norm), for the non-transition blocks and the transitions apart: at
@@ -204,7 +219,7 @@ def norm_preservation(kind: str, depth: int, model_args: dict, seed: int, run_di
         return sum(inner) / max(len(inner), 1), sum(edge) / max(len(edge), 1)
 
     x, y = _probe_images(train)
-    model = _init_model(kind, depth, model_args, seed)
+    model = _init_model(model_name, model_args, seed)
     trans = {f"blocks.{i}" for i, b in enumerate(model.blocks) if getattr(b, "transition", False)}
     with bn_statistics(model.eval(), "batch"):
         init = split(norms(model, (x, y)))
@@ -284,7 +299,8 @@ def plot(rows: list[dict], stats: list[dict], path: Path) -> Path:
     colours = {"plain": "tab:red", "resnet": "tab:blue", "pnnh": "tab:green",
                "resnet_zero_init": "tab:cyan", "pnnh_zero_init_decoder": "tab:olive",
                "pnnh_bare_transitions": "tab:brown", "pnnh_orthogonal_transitions": "tab:pink",
-               "procrustes_resnet": "tab:purple"}
+               "procrustes_resnet": "tab:purple", "vit": "tab:blue", "pnnh_vit": "tab:green",
+               "plain_vit": "tab:red"}
     depths = sorted({r["depth"] for r in rows})
     styles = dict(zip(depths, ["-", "--", ":", "-."]))
     first = min(r["seed"] for r in rows)

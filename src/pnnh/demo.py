@@ -34,9 +34,8 @@ from pnnh.train import train
 # (docs/PNNH.md §5). PNNH at its defaults (fixed coder, learner width = width) has exactly the
 # ResNet's parameters, so the three nets have equal parameter counts.
 MODELS = (("plain_mlp", {}), ("resnet_mlp", {"zero_init_residual": True}), ("pnnh_mlp", {}))
-# BatchNorm CNNs at their registry defaults: the He-init ResNet, and PNNH whose learner ends in
-# a BatchNorm of scale 1, which makes it that ResNet laid out as plain layers (but for the
-# transitions' fixed coder P in place of a trained 1x1 projection)
+# BatchNorm CNNs at their registry defaults: the He-init ResNet, and PNNH, which at its defaults
+# is that ResNet laid out as plain layers, weight for weight under the same seed
 CNN_MODELS = (("plain20", {}), ("resnet20", {}), ("pnnh20", {}))
 MLP_TRAIN = {"batch_size": 128, "lr": 1e-3, "optimizer": "adamw", "schedule": "cosine"}
 # the short SGD schedule of ``pnnh reproduce image-depth`` (its dataset is the plan's; no norm
@@ -211,10 +210,12 @@ def _report_meta(plan: DemoPlan, quick: bool, why: str) -> dict:
                 "subset) with SGD (Nesterov momentum 0.9, lr 0.05 after 0.3 epochs of warm-up, "
                 "cosine, weight decay 5e-4, batch 128), one seed; accuracy on the 10,000 test "
                 "images. The ResNet is the standard He-init one; PNNH at its defaults (fixed "
-                "coder, learner width = width, the learner's last BatchNorm at scale 1) is that "
-                "ResNet laid out as plain layers, with the transitions' fixed coder P in place "
-                "of a trained 1x1 projection (fewer parameters). The full study, over seeds and "
-                "at 110 layers: `pnnh reproduce image-depth` (docs/REPRODUCTION.md). ")
+                "identity coder, learner width = width, the learner's last BatchNorm at scale 1, "
+                "the ResNet's learned 1x1 projection at the transitions) is that ResNet laid out "
+                "as plain layers: built under the same seed it holds the same weights and "
+                "trains to the same numbers, so its curves lie on the ResNet's. The full study, "
+                "over seeds and at 110 layers: `pnnh reproduce image-depth` "
+                "(docs/REPRODUCTION.md). ")
     return {
         "title": title,
         "intro": (

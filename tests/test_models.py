@@ -276,3 +276,29 @@ def test_an_experiment_reuses_a_finished_run_only_of_the_same_configuration(tmp_
     stored = (tmp_path / "r" / "config.yaml").read_text()
     assert "lr: 0.05" in stored
     assert _run(tmp_path / "r", {**config, "lr": 0.05}, "cpu", 0) == other
+
+
+def test_a_pnnh_cnn_checkpoint_from_before_the_learned_transitions_still_loads(tmp_path):
+    """Checkpoints record the model's options, and those written before the learned 1x1
+    transition became the BatchNorm CNN default have none for it: they hold the fixed 2x2 ``P``
+    and load as the model they were; a checkpoint that fits neither is still refused."""
+    from pnnh.checkpoint import load_model, save_checkpoint
+    from pnnh.coder import DownsampleCoder
+    from pnnh.errors import CheckpointError
+
+    old = create_model("pnnh20", width=4, transition_coder="orthogonal").eval()
+    save_checkpoint(tmp_path / "old.pt", {"model_name": "pnnh20", "model_kwargs": {"width": 4},
+                                          "model": old.state_dict()})
+    model, _ = load_model(tmp_path / "old.pt")
+    assert any(isinstance(b.coder, DownsampleCoder) for b in model.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), old(x))
+    new = create_model("pnnh20", width=4)
+    save_checkpoint(tmp_path / "new.pt", {"model_name": "pnnh20", "model_kwargs": {"width": 4},
+                                          "model": new.state_dict()})
+    assert any(isinstance(b.coder, ProjectionCoder) for b in load_model(tmp_path / "new.pt")[0].blocks)
+    save_checkpoint(tmp_path / "bad.pt", {"model_name": "pnnh20", "model_kwargs": {"width": 8},
+                                          "model": new.state_dict()})
+    with pytest.raises(CheckpointError, match="weights do not fit model 'pnnh20'"):
+        load_model(tmp_path / "bad.pt")

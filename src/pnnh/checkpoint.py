@@ -157,9 +157,28 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit model {name!r}: {str(e)[:300]}",
-                              field="checkpoint") from None
+        older = _before_learned_transitions(name, kwargs, state)
+        if older is None:
+            raise CheckpointError(f"{path}: weights do not fit model {name!r}: {str(e)[:300]}",
+                                  field="checkpoint") from None
+        model = older
     return model, ckpt
+
+
+def _before_learned_transitions(name: str, kwargs: dict, state: dict):
+    """A BatchNorm CNN PNNH checkpoint saved before the learned 1x1 transition ``S`` became the
+    default (its transitions hold the fixed 2x2 ``P``, no ``transition_coder`` recorded): the
+    model it was, ``transition_coder="orthogonal"``, loaded; None when that does not fit either."""
+    from pnnh.models.factory import create_model, model_info
+
+    if "transition_coder" in kwargs or "transition_coder" not in model_info(name).parameters():
+        return None
+    model = create_model(name, **kwargs, transition_coder="orthogonal")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        return None
+    return model
 
 
 def rng_state() -> dict:

@@ -556,9 +556,12 @@ def _resume(run: Run) -> None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, ValueError, KeyError) as e:
+        hint = ("; a PNNH CNN run from before the learned 1x1 transition default resumes with "
+                "--model-arg transition_coder=orthogonal"
+                if "coder.weight" in str(e) and "transition_coder" not in cfg.model_args else "")
         raise ConfigError(f"resume: {path} does not fit this configuration "
                           f"(depth/width/model_args/optimizer changed?): "
-                          f"{str(e).splitlines()[0][:200]}", field="resume") from None
+                          f"{str(e).splitlines()[0][:200]}{hint}", field="resume") from None
     set_rng_state(ckpt["rng"])
     ranks_rng = ckpt.get("rank_torch_rng")
     if dist.enabled and ranks_rng and len(ranks_rng) == dist.world:

@@ -216,7 +216,8 @@ def norm_preservation(model_name: str, model_args: dict, seed: int, run_dir: Pat
         logs = {r["block"]: abs(math.log(r["ratio"])) for r in records if r["ratio"] > 0}
         inner = [v for b, v in logs.items() if b not in trans]
         edge = [v for b, v in logs.items() if b in trans]
-        return sum(inner) / max(len(inner), 1), sum(edge) / max(len(edge), 1)
+        nan = float("nan")  # a model without transition blocks (a ViT) has no transition mean
+        return (sum(inner) / len(inner) if inner else nan, sum(edge) / len(edge) if edge else nan)
 
     x, y = _probe_images(train)
     model = _init_model(model_name, model_args, seed)
@@ -269,10 +270,13 @@ def norms_table(stats: list[dict]) -> str:
     """Paper 2's measure per model and depth (means over seeds), blocks and transitions apart."""
     lines = ["| model | depth | mean abs log ratio, init: blocks / transitions | after training: "
              "blocks / transitions |", "|---|---|---|---|"]
+    def f(v: float) -> str:
+        return "—" if v != v else f"{v:.3f}"
+
     for s in stats:
-        lines.append(f"| {s['variant']} | {s['depth']} | {s['norm_log_init']:.3f} / "
-                     f"{s['norm_log_init_transitions']:.3f} | {s['norm_log_trained']:.3f} / "
-                     f"{s['norm_log_trained_transitions']:.3f} |")
+        lines.append(f"| {s['variant']} | {s['depth']} | {f(s['norm_log_init'])} / "
+                     f"{f(s['norm_log_init_transitions'])} | {f(s['norm_log_trained'])} / "
+                     f"{f(s['norm_log_trained_transitions'])} |")
     return "\n".join(lines)
 
 

@@ -291,6 +291,11 @@ def dissipation_table(stats: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# the ResNets drawn wide, so that a PNNH net that trains as the ResNet does (its default on
+# BatchNorm CNNs, weight for weight) shows as a thin line inside a wide one, not as one line
+_WIDTH = {"resnet": 4.0, "vit": 4.0}
+
+
 def plot(rows: list[dict], stats: list[dict], path: Path) -> Path:
     """Training loss and training error per epoch (seed 0 of each run, one line per model and
     depth, deeper dashed), and test accuracy against depth (mean, min-max bars)."""
@@ -313,7 +318,8 @@ def plot(rows: list[dict], stats: list[dict], path: Path) -> Path:
             continue
         epochs = range(1, len(r["train_loss_curve"]) + 1)
         label = f"{r['variant']}-{r['depth']}"
-        kw = {"color": colours.get(r["variant"]), "linestyle": styles[r["depth"]], "label": label}
+        kw = {"color": colours.get(r["variant"]), "linestyle": styles[r["depth"]], "label": label,
+              "linewidth": _WIDTH.get(r["variant"], 1.5)}
         axes[0].plot(epochs, r["train_loss_curve"], **kw)
         axes[1].plot(epochs, r["train_error_curve"], **kw)
     for ax, name in zip(axes[:2], ("training loss", "training error")):
@@ -327,7 +333,8 @@ def plot(rows: list[dict], stats: list[dict], path: Path) -> Path:
                      for s in stats if s["variant"] == variant)
         axes[2].errorbar([p[0] for p in pts], [p[1] for p in pts],
                          yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
-                         marker="o", capsize=3, color=colours.get(variant), label=variant)
+                         marker="o", capsize=3, color=colours.get(variant), label=variant,
+                         linewidth=_WIDTH.get(variant, 1.5), markersize=2 + _WIDTH.get(variant, 1.5) * 2)
     axes[2].set_xlabel("depth (weight layers)")
     axes[2].set_ylabel("test accuracy (mean, min-max over seeds)")
     axes[2].set_title("Fashion-MNIST test accuracy")

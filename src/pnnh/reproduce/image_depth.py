@@ -245,7 +245,9 @@ def aggregate_rows(rows: list[dict]) -> list[dict]:
                     "test_acc_min": min(acc), "test_acc_max": max(acc),
                     "train_loss_mean": sum(loss) / len(loss), "train_loss_min": min(loss),
                     "train_loss_max": max(loss),
-                    **{k: sum(r[k] for r in mine) / len(mine) for k in (
+                    # rows read back from JSON hold null where a measure has no value (NaN)
+                    **{k: sum(float("nan") if r[k] is None else r[k] for r in mine) / len(mine)
+                       for k in (
                         "norm_log_init", "norm_log_init_transitions", "norm_log_trained",
                         "norm_log_trained_transitions", "input_r2_init", "input_r2_trained",
                         "cosine_init", "cosine_trained")},
@@ -266,29 +268,34 @@ def table(stats: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def norms_table(stats: list[dict]) -> str:
-    """Paper 2's measure per model and depth (means over seeds), blocks and transitions apart."""
-    lines = ["| model | depth | mean abs log ratio, init: blocks / transitions | after training: "
-             "blocks / transitions |", "|---|---|---|---|"]
+def _pairs_table(stats: list[dict], header: str, columns: list[tuple[str, str]]) -> str:
+    """One row per model and depth; each column ``a / b`` of two of its statistics (``—``
+    where a statistic has no value, e.g. the transitions of a net that has none)."""
     def f(v: float) -> str:
         return "—" if v != v else f"{v:.3f}"
 
+    lines = [header, "|---|---|" + "---|" * len(columns)]
     for s in stats:
-        lines.append(f"| {s['variant']} | {s['depth']} | {f(s['norm_log_init'])} / "
-                     f"{f(s['norm_log_init_transitions'])} | {f(s['norm_log_trained'])} / "
-                     f"{f(s['norm_log_trained_transitions'])} |")
+        cells = " | ".join(f"{f(s[a])} / {f(s[b])}" for a, b in columns)
+        lines.append(f"| {s['variant']} | {s['depth']} | {cells} |")
     return "\n".join(lines)
+
+
+def norms_table(stats: list[dict]) -> str:
+    """Paper 2's measure per model and depth (means over seeds), blocks and transitions apart."""
+    return _pairs_table(
+        stats, "| model | depth | mean abs log ratio, init: blocks / transitions | after "
+               "training: blocks / transitions |",
+        [("norm_log_init", "norm_log_init_transitions"),
+         ("norm_log_trained", "norm_log_trained_transitions")])
 
 
 def dissipation_table(stats: list[dict]) -> str:
     """Paper 1's dissipation at the last block per model and depth (means over seeds)."""
-    lines = ["| model | depth | input R² at the last block: init / trained | mean cosine between "
-             "images: init / trained |", "|---|---|---|---|"]
-    for s in stats:
-        lines.append(f"| {s['variant']} | {s['depth']} | {s['input_r2_init']:.3f} / "
-                     f"{s['input_r2_trained']:.3f} | {s['cosine_init']:.3f} / "
-                     f"{s['cosine_trained']:.3f} |")
-    return "\n".join(lines)
+    return _pairs_table(
+        stats, "| model | depth | input R² at the last block: init / trained | mean cosine "
+               "between images: init / trained |",
+        [("input_r2_init", "input_r2_trained"), ("cosine_init", "cosine_trained")])
 
 
 # the ResNets drawn wide, so that a PNNH net that trains as the ResNet does (its default on

@@ -34,8 +34,13 @@ def test_lean_export_keeps_outputs_and_drops_the_dead_coder_half(name, in_shape,
     with torch.no_grad():
         y = model(x)
         assert y.abs().max() > 0.1
-        assert torch.allclose(lean(x), y, atol=1e-5)
-        assert torch.allclose(full(x), y, atol=1e-5)
+        # the export folds BatchNorm into the convolutions and re-associates every sum: float32
+        # rounding of ~u·√(fan-in) per layer (u = 6e-8, fan-in <= 9·2C = 144 here) through up
+        # to 57 layers, ~4e-5 of the output's scale, which trained-like weights blow up to ~1e4
+        # on the 56-layer net; a wrong export is off by O(1) of that scale
+        tol = 1e-4 * max(1.0, float(y.abs().max()))
+        assert torch.allclose(lean(x), y, atol=tol, rtol=0)
+        assert torch.allclose(full(x), y, atol=tol, rtol=0)
     assert_plain(lean, x)
     if name.startswith("pnnh"):
         # A = I on a ReLU output: the -A half is dead; so is -P for the non-negative P

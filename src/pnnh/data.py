@@ -88,8 +88,12 @@ class TensorData(Dataset):
         return len(self.y)
 
     def __getitem__(self, i):
-        x, y = self.batch(torch.as_tensor([i]))
-        return x[0], y[0]
+        """One sample (``i`` an int) or a batch (a slice, a list or a tensor of indices)."""
+        idx = torch.arange(len(self.y))[i]
+        if idx.dim() == 0:
+            x, y = self.batch(idx.reshape(1))
+            return x[0], y[0]
+        return self.batch(idx)
 
 
 # Class names, by label, of the sets whose labels are only numbers in their files

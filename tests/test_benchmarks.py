@@ -266,6 +266,24 @@ def test_hessian_ceiling_quick(tmp_path):
     assert tr["speedup_at"]["10"] == pytest.approx(10 / (4 + 10 * tr["rho"]))
 
 
+def test_hessian_overhead_quick(tmp_path):
+    """The overhead check end to end on the tiny CNN: a cold λmax call per bound in a fresh
+    process against bare autograd's setup and HVP from other fresh processes; the ratio is
+    T / (S + k·h) of the numbers it records."""
+    threads = torch.get_num_threads()
+    try:
+        data = _load("hessian_overhead").main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = data["models"]["tiny_cnn"]["rows"]
+    assert [r["bound"] for r in rows] == ["residual", "gap"]
+    for r in rows:
+        assert r["hvps"] > 0 and r["converged"] and r["seconds"] >= r["hvp_seconds"] > 0
+        assert r["ratio"] == pytest.approx(r["seconds"] / (r["bare_setup"]
+                                                           + r["hvps"] * r["bare_hvp"]))
+    assert (tmp_path / "hessian_overhead_quick.json").is_file()
+
+
 def test_hessian_stopping_quick(tmp_path):
     """The stopping-rule check end to end on the tiny CNN: a float64 reference, then each
     (bound, tol) call scored against it; a declared stop with an error above tol is counted."""

@@ -1,0 +1,98 @@
+"""pnnh's own overhead on λmax: a cold call against the bare autograd cost of the HVPs it used.
+
+    OMP_NUM_THREADS=1 .venv-ecosystem/bin/python benchmarks/hessian_overhead.py [--quick]
+        [--models resnet18 resnet50 convnext_tiny efficientnet_b0] [--bounds residual gap]
+        [--tol 1e-3] [--repeats 2]
+
+For each model of ``hessian_real.py`` (torchvision at random init, 8 seeded 3x64x64 samples,
+cross-entropy, float32) and each bound: in a fresh process, ``T`` = the wall time of a cold
+``HessianOperator(model, (x, y), "ce").extreme_eigenvalues(tol, which="max", bound)``
+(operator construction included) and ``k`` = the HVPs it used; in other fresh processes, the
+bare autograd setup ``S`` (forward + backward with ``create_graph``) and the median HVP ``h``
+(a double backward), as ``hessian_ceiling.py`` measures them. Printed: ``T / (S + k·h)``, the
+factor pnnh adds on top of the HVPs it chose to pay (issue #32's target: at most 1.15), and the
+part of ``T`` outside its HVPs. Best of ``--repeats`` processes on each side. Writes
+``benchmarks/results/hessian_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import hessian_ceiling  # noqa: E402
+from _util import machine_info, save_results  # noqa: E402
+from hessian_real import MODELS, Clock, problem, run_worker  # noqa: E402
+from models_real import MODELS as ALL_MODELS  # noqa: E402
+
+
+def pnnh_worker(spec: dict) -> dict:
+    """In a fresh process: one cold λmax call, timed from the operator's construction."""
+    from pnnh.probes.hessian import HessianOperator
+
+    torch.set_num_threads(spec["threads"])
+    model, x, y = problem(spec["model"], spec["batch"])
+    clock = Clock()
+    clock.start = time.perf_counter()
+    op = HessianOperator(model, (x, y), "ce", progress=False)
+    op.hvp = clock.wrap(op.hvp)
+    r = op.extreme_eigenvalues(tol=spec["tol"], max_iter=200, which="max", bound=spec["bound"])
+    prof = clock.profile(time.perf_counter())
+    return {"seconds": prof["seconds"], "hvps": prof["hvps"], "hvp_seconds": sum(prof["per_hvp"]),
+            "lambda_max": r["lambda_max"], "converged": r["converged"]}
+
+
+def measure(name: str, args) -> dict:
+    spec = {"model": name, "batch": args.batch, "threads": args.threads, "hvps": args.hvps}
+    bare = [run_worker(spec, script=hessian_ceiling.__file__)["cold"]
+            for _ in range(args.repeats)]
+    best = min(bare, key=lambda b: b["setup"] + b["hvp"])
+    s, h = best["setup"], best["hvp"]
+    rows = []
+    for bound in args.bounds:
+        calls = [run_worker({**spec, "tol": args.tol, "bound": bound}, script=__file__)
+                 for _ in range(args.repeats)]
+        c = min(calls, key=lambda r: r["seconds"])
+        limit = s + c["hvps"] * h
+        rows.append({"bound": bound, **c, "bare_setup": s, "bare_hvp": h, "bare_limit": limit,
+                     "ratio": c["seconds"] / limit,
+                     "outside_hvps": c["seconds"] - c["hvp_seconds"]})
+        print(f"{name:<16} {bound:<8} T {c['seconds']:7.2f} s  k {c['hvps']:3d}  "
+              f"S {s:5.2f} s  h {h:5.2f} s  S+k·h {limit:7.2f} s  ratio {rows[-1]['ratio']:.2f}x  "
+              f"outside the HVPs {rows[-1]['outside_hvps']:.2f} s", flush=True)
+    return {"bare": bare, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--models", nargs="+", choices=list(ALL_MODELS), default=list(MODELS))
+    ap.add_argument("--bounds", nargs="+", choices=["residual", "gap"],
+                    default=["residual", "gap"])
+    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="fresh processes per measurement")
+    ap.add_argument("--hvps", type=int, default=5, help="bare HVPs timed per process")
+    ap.add_argument("--out", type=Path, default=None, help="results directory")
+    ap.add_argument("--quick", action="store_true", help="smoke run: the tiny CNN, 1 repeat")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(pnnh_worker(json.loads(args.worker))))
+        return {}
+    if args.quick:
+        args.models, args.repeats, args.hvps, args.batch = ["tiny_cnn"], 1, 2, 2
+    info = machine_info()
+    return save_results("hessian_overhead", args, info,
+                        models={m: measure(m, args) for m in args.models})
+
+
+if __name__ == "__main__":
+    main()

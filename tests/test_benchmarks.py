@@ -19,6 +19,15 @@ def _load(name: str):
     return mod
 
 
+def _main_keeping_threads(name: str, argv: list[str]) -> dict:
+    """``benchmarks/<name>.py``'s ``main(argv)``; the torch thread count it sets is put back."""
+    threads = torch.get_num_threads()
+    try:
+        return _load(name).main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _check_common(path: Path, name: str) -> dict:
     data = json.loads(path.read_text())
     assert data["benchmark"] == name and data["config"]["quick"] is True
@@ -240,12 +249,8 @@ def test_hessian_ceiling_quick(tmp_path):
         "equal_error": {f"pyhessian {w}": [{"setting": "tol 0.01", "seconds": 1.0, "error": 1e9,
                                              "pnnh": "tol 0.01", "pnnh_seconds": 0.5,
                                              "ratio": 2.0}] for w in ("cold", "warm")}}}}))
-    threads = torch.get_num_threads()
-    try:
-        data = _load("hessian_ceiling").main(["--quick", "--real", str(real), "--out",
-                                              str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    data = _main_keeping_threads("hessian_ceiling",
+                                 ["--quick", "--real", str(real), "--out", str(tmp_path)])
     assert json.loads((tmp_path / "hessian_ceiling_quick.json").read_text())["trace"]
     lam = data["lambda_max"]["tiny_cnn"]
     for when in ("cold", "warm"):
@@ -270,11 +275,7 @@ def test_hessian_overhead_quick(tmp_path):
     """The overhead check end to end on the tiny CNN: a cold λmax call per bound in a fresh
     process against bare autograd's setup and HVP from other fresh processes; the ratio is
     T / (S + k·h) of the numbers it records."""
-    threads = torch.get_num_threads()
-    try:
-        data = _load("hessian_overhead").main(["--quick", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    data = _main_keeping_threads("hessian_overhead", ["--quick", "--out", str(tmp_path)])
     rows = data["models"]["tiny_cnn"]["rows"]
     assert [r["bound"] for r in rows] == ["residual", "gap"]
     for r in rows:
@@ -287,11 +288,7 @@ def test_hessian_overhead_quick(tmp_path):
 def test_hessian_stopping_quick(tmp_path):
     """The stopping-rule check end to end on the tiny CNN: a float64 reference, then each
     (bound, tol) call scored against it; a declared stop with an error above tol is counted."""
-    threads = torch.get_num_threads()
-    try:
-        data = _load("hessian_stopping").main(["--quick", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    data = _main_keeping_threads("hessian_stopping", ["--quick", "--out", str(tmp_path)])
     rows = data["models"]["tiny_cnn"]["rows"]
     assert {(r["bound"], r["tol"]) for r in rows} == {(b, t) for b in ("residual", "gap")
                                                      for t in (1e-1, 1e-2)}

@@ -89,6 +89,9 @@ class TensorData(Dataset):
 
     def __getitem__(self, i):
         """One sample (``i`` an int) or a batch (a slice, a list or a tensor of indices)."""
+        if isinstance(i, int):  # per-sample readers: no index tensor over the whole split
+            x, y = self.batch(torch.tensor([i]))
+            return x[0], y[0]
         idx = torch.arange(len(self.y))[i]
         if idx.dim() == 0:
             x, y = self.batch(idx.reshape(1))

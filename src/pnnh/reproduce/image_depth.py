@@ -123,9 +123,11 @@ def train_and_probe(out: Path, variant: str, depth: int, model: str, model_args:
                               "out": str(run_dir), "device": device, "seed": seed,
                               "progress": False})
     hist = read_jsonl(run_dir / "metrics.jsonl")
+    x, y = _probe_images(train, 512)  # the probes' images, and the run's initial weights: once
+    init = _init_model(model, model_args, seed)
     row = {"variant": variant, "depth": depth, "seed": seed,
-           **norm_preservation(model, model_args, seed, run_dir, train),
-           **input_kept(model, model_args, seed, run_dir, train),
+           **norm_preservation(init, x[:128], y[:128], run_dir),
+           **input_kept(init, x, run_dir),
            "params": summary["params"], "test_acc": summary["final_val_acc"],
            "train_loss": summary["final_train_loss"],
            "train_error": 1.0 - summary["final_train_acc"],
@@ -163,7 +165,7 @@ def _init_model(model: str, model_args: dict, seed: int):
     return create_model(model, in_shape=(1, 28, 28), num_classes=10, **model_args)
 
 
-def _probe_images(train: dict, n: int = 128):
+def _probe_images(train: dict, n: int):
     """The first ``n`` images (and labels) of the run's training set."""
     from pnnh.data import get_dataset
 
@@ -172,11 +174,11 @@ def _probe_images(train: dict, n: int = 128):
     return train_set.batch(torch.arange(min(n, len(train_set))))
 
 
-def input_kept(model_name: str, model_args: dict, seed: int, run_dir: Path,
-               train: dict) -> dict:
-    """Paper 1's dissipation on real images: how much of the input the last block still holds,
-    at initialisation (BatchNorm with the statistics of the probe images, held fixed) and
-    after training (the final checkpoint, running statistics), on 512 training images —
+def input_kept(init, x: torch.Tensor, run_dir: Path) -> dict:
+    """Paper 1's dissipation on real images: how much of the input ``x`` (512 training images)
+    the last block still holds, at initialisation (the run's initial weights ``init``, BatchNorm
+    with the statistics of ``x``, held fixed) and after training (the final checkpoint, running
+    statistics) —
     ``input_r2`` (ridge read-back of the input; 1: all there, 0: nothing) and
     ``cosine_collapse`` (mean cosine between the images' representations; 1: one direction)
     of :func:`pnnh.probes.dissipation.dissipation`."""
@@ -184,28 +186,24 @@ def input_kept(model_name: str, model_args: dict, seed: int, run_dir: Path,
     from pnnh.probes.common import bn_statistics
     from pnnh.probes.dissipation import dissipation
 
-    x, _ = _probe_images(train, 512)
-
     def last(model) -> dict:
         rec = dissipation(model, x, [f"blocks.{len(model.blocks) - 1}"], batch_size=256)[-1]
         return {"r2": rec["input_r2"], "cos": rec["cosine_collapse"]}
 
-    model = _init_model(model_name, model_args, seed)
-    with bn_statistics(model, "batch", fixed_on=x):
-        init = last(model)
+    with bn_statistics(init, "batch", fixed_on=x):
+        at_init = last(init)
     path = run_dir / "checkpoints" / "last.pt"
     trained = last(load_model(path)[0]) if path.is_file() else {"r2": float("nan"),
                                                                  "cos": float("nan")}
-    return {"input_r2_init": init["r2"], "input_r2_trained": trained["r2"],
-            "cosine_init": init["cos"], "cosine_trained": trained["cos"]}
+    return {"input_r2_init": at_init["r2"], "input_r2_trained": trained["r2"],
+            "cosine_init": at_init["cos"], "cosine_trained": trained["cos"]}
 
 
-def norm_preservation(model_name: str, model_args: dict, seed: int, run_dir: Path,
-                      train: dict) -> dict:
+def norm_preservation(init, x: torch.Tensor, y: torch.Tensor, run_dir: Path) -> dict:
     """Paper 2's measure, mean ``|log(‖∂L/∂x_in‖ / ‖∂L/∂x_out‖)|`` over blocks (0: every block
     preserves the gradient norm), for the non-transition blocks and the transitions apart: at
-    initialisation (the initial weights `pnnh train` draws from the run's seed, on 128 training
-    images with batch statistics, as on its first step) and at its last tracked step
+    initialisation (the run's initial weights ``init``, on the 128 training images ``x, y``
+    with batch statistics, as on its first step) and at its last tracked step
     (``norms.jsonl``, the training batch of that step)."""
     import math
 
@@ -219,15 +217,14 @@ def norm_preservation(model_name: str, model_args: dict, seed: int, run_dir: Pat
         nan = float("nan")  # a model without transition blocks (a ViT) has no transition mean
         return (sum(inner) / len(inner) if inner else nan, sum(edge) / len(edge) if edge else nan)
 
-    x, y = _probe_images(train)
-    model = _init_model(model_name, model_args, seed)
-    trans = {f"blocks.{i}" for i, b in enumerate(model.blocks) if getattr(b, "transition", False)}
-    with bn_statistics(model.eval(), "batch"):
-        init = split(norms(model, (x, y)))
+    trans = {f"blocks.{i}" for i, b in enumerate(init.blocks) if getattr(b, "transition", False)}
+    with bn_statistics(init.eval(), "batch"):
+        at_init = split(norms(init, (x, y)))
     tracked = read_jsonl(run_dir / "norms.jsonl")
-    last = [r for r in tracked if r["step"] == max(t["step"] for t in tracked)] if tracked else []
+    final = max((t["step"] for t in tracked), default=None)
+    last = [r for r in tracked if r["step"] == final]
     trained = split(last) if last else (float("nan"), float("nan"))
-    return {"norm_log_init": init[0], "norm_log_init_transitions": init[1],
+    return {"norm_log_init": at_init[0], "norm_log_init_transitions": at_init[1],
             "norm_log_trained": trained[0], "norm_log_trained_transitions": trained[1]}
 
 

@@ -346,10 +346,7 @@ class DownsampleCoder(nn.Module):
         return torch.cat([w, -w], dim=0)
 
     def decoder_weight(self, kernel_size: int = 3) -> torch.Tensor:
-        eye = torch.eye(self.out_channels, self.width, dtype=self.weight.dtype,
-                        device=self.weight.device)
-        eye = _embed(eye.reshape(self.out_channels, self.width, 1, 1), kernel_size, 2)
-        return torch.cat([eye, -eye], dim=1)
+        return _signed_identity(self.out_channels, self.width, kernel_size, self.weight, dim=1)
 
     def gram_penalty(self) -> torch.Tensor:
         a = self.weight
@@ -415,10 +412,7 @@ class ProjectionCoder(nn.Module):
         the input at pixel ``2i``, both signs."""
         if kernel_size != 3:
             raise ValueError("a transition coder embeds into a 3x3 stride-2 kernel")
-        c = self.in_channels
-        eye = torch.eye(c, dtype=self.weight.dtype, device=self.weight.device)
-        eye = _embed(eye.reshape(c, c, 1, 1), 3, 2)
-        return torch.cat([eye, -eye], dim=0)
+        return _signed_identity(self.in_channels, self.in_channels, 3, self.weight, dim=0)
 
     def decoder_weight(self, kernel_size: int = 3) -> torch.Tensor:
         """``[S, -S]`` at the centre tap of a ``kernel_size`` kernel."""
@@ -427,6 +421,15 @@ class ProjectionCoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels} -> {self.out_channels} (1x1 stride 2, learned, x2 shared)"
+
+
+def _signed_identity(rows: int, cols: int, kernel_size: int, like: torch.Tensor,
+                     dim: int) -> torch.Tensor:
+    """``[I; -I]`` (``dim=0``) or ``[I, -I]`` (``dim=1``): the truncated ``rows x cols``
+    identity at the centre tap of a ``kernel_size`` 2-D kernel, in ``like``'s dtype/device."""
+    eye = torch.eye(rows, cols, dtype=like.dtype, device=like.device).reshape(rows, cols, 1, 1)
+    eye = _embed(eye, kernel_size, 2)
+    return torch.cat([eye, -eye], dim=dim)
 
 
 @torch.fx.wrap

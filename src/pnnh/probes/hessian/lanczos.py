@@ -59,11 +59,12 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]):
     return torch.linalg.eigh(t)
 
 
-def _dots(held: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _dots(held: torch.Tensor, w: torch.Tensor, norm: bool = False) -> torch.Tensor:
     """``held @ w`` (one dot per row of ``held``) accumulated in float64, in ``_CHUNK``-column
     slices: each slice's products are formed in the vectors' dtype, stored and summed in
     float64 (one scratch buffer, :func:`_scratch`), so no reduction over a model-sized vector
-    runs in float32.
+    runs in float32. ``norm``: ``‖w‖²`` too, as one more entry after the dots, from the same
+    sweep over ``w`` (its slices are read from cache, not memory, a second time).
 
     Error analysis (float32 vectors, unit roundoff ``u = 2⁻²⁴ ≈ 6e-8``): each product is
     rounded once (``|δ| <= u|a_i b_i|``), the ``n`` float64 additions add at most
@@ -74,17 +75,23 @@ def _dots(held: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     dispatch (2.6e-4·‖a‖‖b‖ measured at 8M entries with a large component in common), and
     that loss of orthogonality put float32 Lanczos's λmax 2e-5 low at 1M entries. Twice the
     time of the sgemv (78 against 38 ms for 20 rows of 8.4M entries, 2 threads)."""
+    lead = held.shape[:-1]
     if held.dtype == torch.float64 and w.dtype == torch.float64:
-        return held @ w  # float64 throughout: BLAS's order moves the result by ~n·2⁻⁵³ only
-    out = torch.zeros(held.shape[:-1], dtype=torch.float64, device=w.device)
+        c = held @ w  # float64 throughout: BLAS's order moves the result by ~n·2⁻⁵³ only
+        return torch.cat([c.reshape(-1), (w @ w).reshape(1)]) if norm else c
     rows = max(1, held[..., :1].numel())
-    step = max(_CHUNK // 16, (4 * _CHUNK) // rows)  # ~2^18 products at a time, in one scratch
-    scratch = _scratch(rows * step, torch.float64, w.device).view(held.shape[:-1] + (step,))
+    k = rows + int(norm)
+    step = max(_CHUNK // 16, (4 * _CHUNK) // k)  # ~2^18 products at a time, in one scratch
+    scratch = _scratch(k * step, torch.float64, w.device).view(k, step)
+    out = torch.zeros(k, dtype=torch.float64, device=w.device)
     for i in range(0, w.shape[-1], step):  # products stored in float64, summed there: no
-        part = scratch[..., : min(step, w.shape[-1] - i)]  # temporary (sum(dtype=...) casts
-        torch.mul(held[..., i:i + step], w[i:i + step], out=part)  # its whole input first)
+        m = min(step, w.shape[-1] - i)  # temporary (sum(dtype=...) casts its whole input first)
+        part, wi = scratch[:, :m], w[i:i + m]
+        torch.mul(held[..., i:i + m], wi, out=part[:rows].view(lead + (m,)))
+        if norm:
+            torch.mul(wi, wi, out=part[rows])
         out += part.sum(-1)
-    return out
+    return out if norm else out.view(lead)
 
 
 _SCRATCH: dict = {}
@@ -122,29 +129,43 @@ def rounding_floor(steps: int, dim: int, dtype: torch.dtype = torch.float32) -> 
     ``w = Hq_j − α_j q_j − β_{j−1} q_{j−1} − Σ c_i q_i`` is formed and stored with an error
     ``‖f_j‖ <= 5u‖H‖`` (the product's rounding, three scaled subtractions, the store), the
     dots add ``(u + dim·2⁻⁵³)`` each (:func:`_dots`), and re-orthogonalisation keeps
-    ``‖I − Q_mᵀQ_m‖ <= m·u``. So ``H Q_m = Q_m T_m + β_m q_{m+1}e_mᵀ + F_m`` with
-    ``‖F_m‖ <= 5√m·u‖H‖``, and a Ritz value is within ``|β_m s_{m,i}| + (5√m + m + 1)·u‖H‖
-    + dim·2⁻⁵³‖H‖`` of an eigenvalue (Paige 1976; Parlett 1998, §13-4). This returns the
-    last two terms over ``‖H‖``: in float32 1.6e-6 at 10 steps, 4.9e-6 at 40; in float64
-    ~1e-14. The HVP's own rounding (the model's arithmetic, not Lanczos's) comes on top."""
+    ``‖I − Q_mᵀQ_m‖ <= (2m + 4)·u`` (``m·u`` off the diagonal, and each vector's norm within
+    ``(2m + 4)u`` of 1: :func:`_orthogonalise` takes it from ``‖w‖² − ‖c‖²``). So
+    ``H Q_m = Q_m T_m + β_m q_{m+1}e_mᵀ + F_m`` with ``‖F_m‖ <= 5√m·u‖H‖``, and a Ritz value
+    is within ``|β_m s_{m,i}| + (5√m + 2m + 5)·u‖H‖ + dim·2⁻⁵³‖H‖`` of an eigenvalue (Paige
+    1976; Parlett 1998, §13-4). This returns the last two terms over ``‖H‖``: in float32
+    2.4e-6 at 10 steps, 7.0e-6 at 40; in float64 ~1e-14. The HVP's own rounding (the model's
+    arithmetic, not Lanczos's) comes on top."""
     u = torch.finfo(dtype).eps / 2
     m = max(int(steps), 1)
-    return (5.0 * math.sqrt(m) + m + 1.0) * u + dim * 2.0**-53
+    return (5.0 * math.sqrt(m) + 2.0 * m + 5.0) * u + dim * 2.0**-53
 
 
 def _orthogonalise(w: torch.Tensor, held: torch.Tensor) -> float:
     """Classical Gram-Schmidt of ``w`` (in place) against the rows of ``held``, a second pass
     where the first cancelled more than ``1 − 1/√2`` of its norm (Daniel, Gragg, Kaufman &
-    Stewart 1976); returns ``‖w‖`` after. The coefficients ``held @ w`` accumulate in float64
-    (:func:`_dots`); the update ``w −= heldᵀc`` sums ``len(held)`` terms per entry, no long
-    reduction."""
-    before = _norm(w)
-    w.addmv_(held.T, _dots(held, w).to(w.dtype), alpha=-1.0)
-    after = _norm(w)
-    if after < _DGKS * before:
-        w.addmv_(held.T, _dots(held, w).to(w.dtype), alpha=-1.0)
-        after = _norm(w)
-    return after
+    Stewart 1976); returns ``‖w‖`` after. The coefficients ``c = held @ w`` and ``‖w‖²``
+    accumulate in float64 in one sweep (:func:`_dots`); the update ``w −= heldᵀc`` sums
+    ``len(held)`` terms per entry, no long reduction.
+
+    The norm after is ``‖w − Qc‖² = ‖w‖² − ‖c‖²``, not measured by another sweep, where the
+    pass cancelled little (``‖c‖² <= ½‖w‖²``, the DGKS test itself). Its error: with
+    ``c = Qᵀw + δ`` (``‖δ‖ <= √m·u'‖w‖``, ``u' = u + n·2⁻⁵³``, :func:`_dots`),
+    ``‖w − Qc‖² = ‖w‖² − ‖c‖² + 2cᵀδ + cᵀ(QᵀQ − I)c``; the last two terms are at most
+    ``(√(2m) + m/2)·u'‖w‖²``, the two float64-accumulated norms ``2u'‖w‖²``, and the store of
+    ``w`` (``m + 1`` terms a entry) ``(m + 1)·u‖w‖²``; with ``‖w‖² <= 2‖w − Qc‖²`` the
+    returned norm is within ``(2m + 4)·u'`` of the stored vector's, relative (so a new Lanczos
+    vector has norm ``1 ± (2m + 4)u'``; :func:`rounding_floor` counts it). Where the pass did
+    cancel, the second pass runs and, if it cancels too (``w`` numerically in the span: an
+    invariant subspace), the norm is measured."""
+    for _ in range(2):
+        cn = _dots(held, w, norm=True)
+        c, before2 = cn[:-1], float(cn[-1])
+        w.addmv_(held.T, c.to(w.dtype), alpha=-1.0)
+        after2 = before2 - float(c @ c)
+        if after2 >= _DGKS**2 * before2:
+            return math.sqrt(after2)
+    return _norm(w)
 
 
 def _within(ritz: torch.Tensor, s: torch.Tensor, beta: float, stop: str, tol: float) -> bool:

@@ -366,18 +366,25 @@ class HessianOperator:
         ``(k, dim)`` block: then the k HVPs share one batched backward pass.
 
         The products are taken per parameter (at the views of the flat leaf, not the leaf:
-        no concatenation inside autograd) and written into ``out`` where one is given (a
-        Lanczos vector's own row: no fresh ``dim``-sized allocation per HVP)."""
+        no concatenation inside autograd) and each is copied once into its slice of ``out``
+        where one is given (a Lanczos vector's own row: no fresh ``dim``-sized allocation per
+        HVP), whatever its memory layout (a channels-last gradient is not first made
+        contiguous by a ``reshape``: on ConvNeXt-Tiny that was a second copy of most of ``Hv``)."""
         parts, g = self._gradient_graph(x, y)
         batched = v.dim() == 2
         hv = torch.autograd.grad(g, parts, grad_outputs=v, retain_graph=True,
                                  is_grads_batched=batched, allow_unused=True)
-        lead = (v.shape[0], -1) if batched else (-1,)
-        flat = [torch.zeros(lead[:-1] + (p.numel(),), dtype=v.dtype, device=v.device)
-                if h is None else h.detach().reshape(lead) for h, p in zip(hv, parts)]
-        if out is not None and out.dtype == v.dtype and out.shape == v.shape:
-            return torch.cat(flat, dim=-1, out=out)
-        return torch.cat(flat, dim=-1)
+        if out is None or out.dtype != v.dtype or out.shape != v.shape:
+            out = torch.empty_like(v)
+        lead, start = tuple(v.shape[:-1]), 0
+        for h, p in zip(hv, parts):
+            dst = out[..., start:start + p.numel()]
+            start += p.numel()
+            if h is None:  # a parameter the loss does not use: its block of H is zero
+                dst.zero_()
+            else:
+                dst.view(lead + tuple(p.shape)).copy_(h.detach())
+        return out
 
     def _hvp_kind_batch(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                         out: torch.Tensor | None = None) -> torch.Tensor:

@@ -303,3 +303,55 @@ def test_channels_last_quick(tmp_path):
     for r in data["rows"]:
         assert r["nchw_images_per_s"] > 0 and r["nhwc_images_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["nhwc_images_per_s"] / r["nchw_images_per_s"])
+
+
+@pytest.mark.ecosystem
+def test_hessian_limit_quick(tmp_path):
+    """The one-run table on the tiny CNN: every peer setting gets the fastest pnnh call with no
+    larger error, the bare limit of the HVPs that call used, and the ratios computed from the
+    numbers the run recorded."""
+    pytest.importorskip("pyhessian")
+    pytest.importorskip("curvlinops")
+    data = _main_keeping_threads("hessian_limit", ["--quick", "--out", str(tmp_path)])
+    assert {r["peer"] for r in data["rows"]} == {"pyhessian", "curvlinops"}
+    for r in data["rows"]:
+        if r["pnnh"] is None:
+            continue
+        assert r["pnnh_error"] <= r["error"] * 1.01
+        limit = r["bare_setup"] + r["pnnh_hvps"] * r["bare_hvp"]
+        assert r["bare_limit"] == pytest.approx(limit)
+        assert r["overhead"] == pytest.approx(r["pnnh_seconds"] / limit)
+        assert r["speedup"] == pytest.approx(r["peer_seconds"] / r["pnnh_seconds"])
+        assert r["ceiling"] == pytest.approx(
+            (r["bare_setup"] + r["peer_hvps"] * r["bare_hvp"]) / limit)
+    assert "| tiny_cnn |" in data["table"]
+    assert (tmp_path / "hessian_limit_quick.json").is_file()
+
+
+def test_param_efficiency_images_quick(tmp_path, monkeypatch):
+    """Accuracy against parameters on images, end to end on IDX files written here: each family
+    on its own knob (the ResNet's width, PNNH's learner ratio), the parameter counts those knobs
+    give, the ratio column from the table's own points, and the figure."""
+    from _helpers import write_idx_set
+
+    write_idx_set(tmp_path / "data", n_train=600, n_test=100)
+    monkeypatch.setenv("PNNH_DATA_DIR", str(tmp_path / "data"))
+    data = _main_keeping_threads("param_efficiency_images", ["--quick", "--out", str(tmp_path),
+                                                             "--runs", str(tmp_path / "runs")])
+    rows = {(r["kind"], r["value"]): r for r in data["results"]}
+    assert set(rows) == {("resnet", 8), ("resnet", 16), ("pnnh", 0.5), ("pnnh", 1.0)}
+    # PNNH at learner ratio 1 is ResNet-20 at width 16 laid out plain: the same parameters;
+    # a narrower learner (or a narrower ResNet) has fewer
+    assert rows[("pnnh", 1.0)]["params"] == rows[("resnet", 16)]["params"]
+    assert rows[("pnnh", 0.5)]["params"] < rows[("pnnh", 1.0)]["params"]
+    assert rows[("resnet", 8)]["params"] < rows[("resnet", 16)]["params"]
+    for r in data["results"]:
+        assert r["min"] <= r["mean"] <= r["max"] and len(r["test_acc"]) == 1
+        if r["kind"] == "pnnh" and r["param_ratio"] is not None:
+            match = rows[("resnet", r["resnet_match"])]
+            assert match["mean"] >= r["mean"] - 0.5
+            assert r["param_ratio"] == pytest.approx(match["params"] / min(
+                q["params"] for q in data["results"]
+                if q["kind"] == "pnnh" and q["mean"] >= r["mean"] - 0.5))
+    assert (tmp_path / "param_efficiency_images_quick.png").stat().st_size > 0
+    assert len(list((tmp_path / "runs").iterdir())) == 4

@@ -117,6 +117,14 @@ def test_cifar_reads_the_real_format(tmp_path, name, classes, n_train):
     # the sub-folder itself also works as --data-dir
     train2, _ = get_dataset(name, str(d))
     assert torch.equal(train2.tensors[0], train.tensors[0])
+    # the pixels stay uint8 in memory; a batch is standardised per channel with the training
+    # split's statistics, to the values of the whole standardised split
+    assert train.raw.dtype == torch.uint8 and train.raw.shape == (n_train, 3, 32, 32)
+    x = train.tensors[0].double()
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3, dtype=torch.float64), atol=1e-5)
+    idx = torch.tensor([3, 0, 5])
+    assert torch.equal(train.batch(idx)[0], train.tensors[0][idx])
 
 
 def test_cifar_errors_name_the_file(tmp_path):

@@ -15,18 +15,22 @@ schedule of the first look on these files, and the test split is only ever repor
 10,000-image subset of the 60,000 training images (``num_samples``: the first 10,000 of a
 seed-0 permutation), the whole 10,000-image test split, SGD with Nesterov momentum 0.9, peak
 lr 0.05 after 0.3 epochs of linear warm-up then cosine to 0, weight decay 5e-4 (weights only),
-batch 128, 3 epochs, no augmentation, channels-last. Seeds 0, 1, 2 at depths 20 and 56 and
-for the ablations (depth 56); seed 0 alone at depth 110 (~9 minutes a run here), in the order
-of ``CPU["plan"]``: a study cut short (Ctrl-C, then the same command with fewer entries reuses
-every finished run) has whole seeds. Paper 2's Procrustes ResNet-56 (``procrustes_resnet56``)
-runs last, over the same seeds. Each run records per-epoch training loss and error and test
+batch 128, 3 epochs, no augmentation, channels-last. The plan (``CPU["plan"]``, in this
+order, so that a study cut short keeps whole seeds: Ctrl-C, then the same command with fewer
+entries reuses every finished run): plain, ResNet and PNNH at depths 20 and 56 over seeds 0, 1,
+2 (the depth study proper, about an hour here); at depth 56, seed 0, the zero-init ResNet, PNNH
+with the fixed ``P`` at its transitions and paper 2's Procrustes ResNet
+(``procrustes_resnet56``: norm-preserving transitions, ZCA-whitened classifier input); ResNet,
+PNNH and plain at depth 110, seed 0 (~8 minutes a run); the two remaining PNNH ablations at
+56, seed 0. Each run records per-epoch training loss and error and test
 accuracy (``runs/*/metrics.jsonl``) and, every 26 steps (3 times an epoch), the gradient-norm
 ratio ``‖∂L/∂x_in‖ / ‖∂L/∂x_out‖`` of every block on the training batch
 (``runs/*/norms.jsonl``: paper 2's measurement during training,
 :class:`pnnh.probes.norms.NormTracker`).
 
 ``--scale paper``: all 60,000 training images, 40 epochs, lr 0.1, random crop (pad 3) + flip,
-every depth at seeds 0-2 (a GPU: data resident on the device; ``--device cuda``).
+every depth at seeds 0-2, the ablations at 56 and the Procrustes ResNet at 110 (a GPU: data
+resident on the device; ``--device cuda``).
 ``--scale quick``: depth 20, two steps per epoch on 384 of 512 images, scored on the other 128:
 seconds, numbers meaningless.
 
@@ -44,7 +48,7 @@ import torch
 from pnnh.io import atomic_write_json, read_jsonl, save_figure, write_records
 
 DESCRIPTION = "plain vs ResNet vs PNNH CNNs at 20/56/110 layers on Fashion-MNIST (+ init ablation)"
-CPU_MINUTES = 150  # the whole plan; its first four entries took ~2 hours here
+CPU_MINUTES = 105  # the whole plan on the 2-core CPU; its first 18 runs about an hour
 
 # (label, model kind, model_args): the three families at their registry defaults, and the
 # two ablations of the initialisation
@@ -68,26 +72,25 @@ VARIANTS = {
 TRAIN = {"dataset": "fashion_mnist", "optimizer": "sgd", "momentum": 0.9, "lr": 0.05,
          "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 0.3, "batch_size": 128,
          "augment": False, "track_norms": 26}
-# in this order, so that a study cut short has whole seeds: seed 0 of everything at 20 and 56
-# layers, seed 1, the two 110-layer nets that decide the PNNH-vs-ResNet question, the ablations'
-# seed 1, seed 2, and last
-# the plain 110-layer net (the degradation is already visible from 20 to 56), and paper 2's
-# Procrustes ResNet-56 (norm-preserving transitions, ZCA-whitened classifier input)
+# in this order, so that a study cut short has whole seeds: the three families at 20 and 56
+# layers over three seeds, the ablations that ask why (seed 0), the 110-layer nets, and the two
+# PNNH ablations of the defaults before this study
 KINDS = ("plain", "resnet", "pnnh")
 ABLATION = ("resnet_zero_init", "pnnh_zero_init_decoder", "pnnh_bare_transitions",
             "pnnh_orthogonal_transitions")
 CPU = {"train": {**TRAIN, "epochs": 3, "num_samples": 10_000},
        # (depths, variants, seeds): what runs
-       "plan": [((20, 56), KINDS, (0,)), ((56,), ABLATION, (0,)),
-                ((20, 56), KINDS, (1,)), ((110,), ("resnet", "pnnh"), (0,)),
-                ((56,), ABLATION, (1,)),
-                ((20, 56), KINDS, (2,)), ((56,), ABLATION, (2,)),
-                ((110,), ("plain",), (0,)), ((56,), ("procrustes_resnet",), (0, 1, 2))]}
+       "plan": [((20, 56), KINDS, (0, 1, 2)),
+                ((56,), ("resnet_zero_init", "pnnh_orthogonal_transitions", "procrustes_resnet"),
+                 (0,)),
+                ((110,), ("resnet", "pnnh", "plain"), (0,)),
+                ((56,), ("pnnh_zero_init_decoder", "pnnh_bare_transitions"), (0,))]}
 QUICK = {"train": {**TRAIN, "epochs": 2, "num_samples": 512, "max_steps_per_epoch": 2,
                    "dataset_args": {"holdout": 0.25}},
          "plan": [((20,), KINDS + ("pnnh_zero_init_decoder",), (0,))]}
 PAPER = {"train": {**TRAIN, "epochs": 40, "lr": 0.1, "augment": True},
-         "plan": [((20, 56, 110), KINDS, (0, 1, 2)), ((56,), ABLATION, (0, 1, 2))]}
+         "plan": [((20, 56, 110), KINDS, (0, 1, 2)), ((56,), ABLATION, (0, 1, 2)),
+                  ((110,), ("procrustes_resnet",), (0, 1, 2))]}
 
 
 def runs(plan: list) -> list[tuple[int, str, int]]:

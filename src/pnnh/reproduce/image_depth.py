@@ -48,7 +48,7 @@ import torch
 from pnnh.io import atomic_write_json, read_jsonl, save_figure, write_records
 
 DESCRIPTION = "plain vs ResNet vs PNNH CNNs at 20/56/110 layers on Fashion-MNIST (+ init ablation)"
-CPU_MINUTES = 105  # the whole plan on the 2-core CPU; its first 18 runs about an hour
+CPU_MINUTES = 120  # the whole plan on the 2-core CPU (probes included); its first 18 runs ~1 h
 
 # (label, model kind, model_args): the three families at their registry defaults, and the
 # two ablations of the initialisation

@@ -55,6 +55,9 @@ class TensorData(Dataset):
             raise ValueError("TensorData: uint8 inputs need their mean and std")
         self.raw = x.contiguous() if x.dtype == torch.uint8 else None
         self.mean, self.std = mean, std
+        # what a batch is standardised with: the numbers, or (C, 1, 1) float32 tensors made once
+        self._stats = (mean, std) if mean is None or isinstance(mean, (int, float)) else tuple(
+            torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
         self._x = None if self.raw is not None else x.float().contiguous()
         self.y = y.long().contiguous()
         self.name = name
@@ -70,11 +73,9 @@ class TensorData(Dataset):
         return self._x, self.y
 
     def _standardise(self, raw: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.mean, (int, float)):
-            return raw.float().sub_(self.mean).div_(self.std)
-        shape = (1, -1) + (1,) * (raw.dim() - 2)  # per channel
-        mean, std = (torch.tensor(v, dtype=torch.float32, device=raw.device).view(shape)
-                     for v in (self.mean, self.std))
+        mean, std = self._stats
+        if isinstance(mean, torch.Tensor) and mean.device != raw.device:  # moved once a device
+            self._stats = mean, std = mean.to(raw.device), std.to(raw.device)
         return raw.float().sub_(mean).div_(std)
 
     def batch(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,7 +529,7 @@ def _cifar(name: str, data_dir: str | None) -> tuple[TensorData, TensorData]:
     # uint8 (N, 3, 32, 32), standardised per batch with the training split's exact per-channel
     # pixel statistics: 154 MB for CIFAR's 50,000 training images, not 614 MB of float32
     stats = [_pixel_stats(np.ascontiguousarray(tx[:, c])) for c in range(tx.shape[1])]
-    mean, std = tuple(m for m, _ in stats), tuple(d for _, d in stats)
+    mean, std = map(tuple, zip(*stats))
     return tuple(TensorData(torch.from_numpy(x), torch.from_numpy(y), name, classes,
                             augmentable=True, mean=mean, std=std) for x, y in ((tx, ty), (vx, vy)))
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-_CHUNK = 2**16  # elements per chunk of a dot product whose partial sums add up in float64
+_CHUNK = 2**16  # sets the slices of a dot product widened to float64 (see _dots)
 _DGKS = 0.7071  # a second Gram-Schmidt pass when it removed more than this much of w's norm
 
 
@@ -60,45 +60,49 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]):
 
 
 def _dots(held: torch.Tensor, w: torch.Tensor, norm: bool = False) -> torch.Tensor:
-    """``held @ w`` (one dot per row of ``held``) accumulated in float64, in ``_CHUNK``-column
-    slices: each slice's products are formed in the vectors' dtype, stored and summed in
-    float64 (one scratch buffer, :func:`_scratch`), so no reduction over a model-sized vector
-    runs in float32. ``norm``: ``‖w‖²`` too, as one more entry after the dots, from the same
-    sweep over ``w`` (its slices are read from cache, not memory, a second time).
+    """``held @ w`` (one dot per row of ``held``) in float64, in slices of a few thousand
+    columns: each slice of the rows and of ``w`` is widened to float64 in one scratch block
+    (:func:`_scratch`, cache-sized) and multiplied there by a float64 matrix-vector product, so
+    no reduction over a model-sized vector runs in float32. ``norm``: ``‖w‖²`` too, as one more
+    entry after the dots, from the same block (``w``'s slice is one of its rows).
 
-    Error analysis (float32 vectors, unit roundoff ``u = 2⁻²⁴ ≈ 6e-8``): each product is
-    rounded once (``|δ| <= u|a_i b_i|``), the ``n`` float64 additions add at most
-    ``n·2⁻⁵³`` relative, whatever the order, so ``|fl(a·b) − a·b| <= (u + n·2⁻⁵³)·Σ|a_i b_i|
-    <= (u + n·2⁻⁵³)·‖a‖‖b‖``: 6.1e-8 at 8M entries, on any CPU, any thread count. A float32
-    BLAS dot (``held @ w``, MKL's sgemv) has no such bound: its error grows with the length
-    of each of its accumulators' runs, which depends on the CPU's vector width and MKL's
-    dispatch (2.6e-4·‖a‖‖b‖ measured at 8M entries with a large component in common), and
-    that loss of orthogonality put float32 Lanczos's λmax 2e-5 low at 1M entries. Twice the
-    time of the sgemv (78 against 38 ms for 20 rows of 8.4M entries, 2 threads)."""
+    Error analysis (float32 vectors): the product of two float32 numbers (24-bit significands)
+    has at most 48 significant bits, so each product is exact in float64; only the ``n``
+    float64 additions round, in whatever order the BLAS takes, so
+    ``|fl(a·b) − a·b| <= n·2⁻⁵³·Σ|a_i b_i| <= n·2⁻⁵³·‖a‖‖b‖``: 9.3e-10 at 8M entries, on
+    any CPU, any thread count (the bound :func:`rounding_floor` counts, with the float32 unit
+    roundoff ``u`` on top). A float32 BLAS dot (``held @ w``, MKL's sgemv) has no such bound:
+    its error grows with the length of each of its accumulators' runs, which depends on the
+    CPU's vector width and MKL's dispatch (2.6e-4·‖a‖‖b‖ measured at 8M entries with a large
+    component in common), and that loss of orthogonality put float32 Lanczos's λmax 2e-5 low
+    at 1M entries. About 3x the time of the sgemv (39 ms against 12 ms for 5 rows and
+    ``w`` of 11.7M entries, one thread); forming the products in float32 and storing them in
+    float64 (``torch.mul(..., out=float64)``, the casting path) took 58 ms and rounded each
+    product."""
     lead = held.shape[:-1]
     if held.dtype == torch.float64 and w.dtype == torch.float64:
         c = held @ w  # float64 throughout: BLAS's order moves the result by ~n·2⁻⁵³ only
         return torch.cat([c.reshape(-1), (w @ w).reshape(1)]) if norm else c
     rows = max(1, held[..., :1].numel())
-    k = rows + int(norm)
-    step = max(_CHUNK // 16, (4 * _CHUNK) // k)  # ~2^18 products at a time, in one scratch
-    scratch = _scratch(k * step, torch.float64, w.device).view(k, step)
-    out = torch.zeros(k, dtype=torch.float64, device=w.device)
-    for i in range(0, w.shape[-1], step):  # products stored in float64, summed there: no
-        m = min(step, w.shape[-1] - i)  # temporary (sum(dtype=...) casts its whole input first)
-        part, wi = scratch[:, :m], w[i:i + m]
-        torch.mul(held[..., i:i + m], wi, out=part[:rows].view(lead + (m,)))
-        if norm:
-            torch.mul(wi, wi, out=part[rows])
-        out += part.sum(-1)
-    return out if norm else out.view(lead)
+    mat = held.reshape(rows, -1)
+    step = max(_CHUNK // 8, _CHUNK * 8 // (rows + 1))  # ~2^19 float64 (4 MB) at a time
+    scratch = _scratch((rows + 1) * step, torch.float64, w.device)
+    out = torch.zeros(rows + 1, dtype=torch.float64, device=w.device)
+    for i in range(0, w.shape[-1], step):
+        m = min(step, w.shape[-1] - i)
+        block = scratch[: (rows + 1) * m].view(rows + 1, m)
+        block[:rows].copy_(mat[:, i:i + m])  # widened: exact
+        block[rows].copy_(w[i:i + m])
+        out.addmv_(block, block[rows])  # the dots and w·w, summed in float64
+    c = out[:rows].view(lead)
+    return torch.cat([c.reshape(-1), out[rows:]]) if norm else c
 
 
 _SCRATCH: dict = {}
 
 
 def _scratch(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A buffer of ``size`` elements kept between calls (2 MB of float64 for the dots): new
+    """A buffer of ``size`` elements kept between calls (4 MB of float64 for the dots): new
     megabytes per dot, freed and taken again hundreds of times a Lanczos run, grew the heap by
     ~6 MB over 60 steps under one thread (glibc serves them from the heap after the first
     free)."""

@@ -51,7 +51,12 @@ from hessian_real import MODELS, problem, run_worker  # noqa: E402
 
 
 def bare_worker(spec: dict) -> dict:
-    """In a fresh process: the bare gradient graph and HVP of one model, cold then warm."""
+    """In a fresh process: the bare gradient graph and HVP of one model, cold then warm
+    (``spec["allocator"] == "cli"``: glibc set as the ``pnnh`` command sets it first)."""
+    if spec.get("allocator") == "cli":
+        from pnnh.allocator import retain_freed_memory
+
+        retain_freed_memory()
     torch.set_num_threads(spec["threads"])
     model, x, y = problem(spec["model"], spec["batch"])
     params = [p for p in model.parameters() if p.requires_grad]

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv-ecosystem/bin/python benchmarks/hessian_overhead.py [--quick]
         [--models resnet18 resnet50 convnext_tiny efficientnet_b0] [--bounds residual gap]
-        [--tol 1e-3] [--repeats 2]
+        [--allocators default cli] [--tol 1e-3] [--repeats 2]
 
 For each model of ``hessian_real.py`` (torchvision at random init, 8 seeded 3x64x64 samples,
 cross-entropy, float32) and each bound: in a fresh process, ``T`` = the wall time of a cold
@@ -11,7 +11,13 @@ cross-entropy, float32) and each bound: in a fresh process, ``T`` = the wall tim
 bare autograd setup ``S`` (forward + backward with ``create_graph``) and the median HVP ``h``
 (a double backward), as ``hessian_ceiling.py`` measures them. Printed: ``T / (S + k·h)``, the
 factor pnnh adds on top of the HVPs it chose to pay (issue #32's target: at most 1.15), and the
-part of ``T`` outside its HVPs. Best of ``--repeats`` processes on each side. Writes
+part of ``T`` outside its HVPs. Best of ``--repeats`` processes on each side.
+
+Each side runs under each of ``--allocators``: ``default`` (glibc as a Python process has it:
+a library call) and ``cli`` (glibc set as the ``pnnh`` command sets it,
+:func:`pnnh.allocator.retain_freed_memory`). A ``cli`` row prints two ratios: against the bare
+cost under the default allocator (the limit as ``hessian_ceiling.py`` measures it) and against
+the bare cost under the same setting (what the setting would give bare autograd too). Writes
 ``benchmarks/results/hessian_overhead.json``.
 """
 
@@ -37,6 +43,10 @@ def pnnh_worker(spec: dict) -> dict:
     """In a fresh process: one cold λmax call, timed from the operator's construction."""
     from pnnh.probes.hessian import HessianOperator
 
+    if spec.get("allocator") == "cli":
+        from pnnh.allocator import retain_freed_memory
+
+        retain_freed_memory()
     torch.set_num_threads(spec["threads"])
     model, x, y = problem(spec["model"], spec["batch"])
     clock = Clock()
@@ -51,22 +61,32 @@ def pnnh_worker(spec: dict) -> dict:
 
 def measure(name: str, args) -> dict:
     spec = {"model": name, "batch": args.batch, "threads": args.threads, "hvps": args.hvps}
-    bare = [run_worker(spec, script=hessian_ceiling.__file__)["cold"]
-            for _ in range(args.repeats)]
-    best = min(bare, key=lambda b: b["setup"] + b["hvp"])
-    s, h = best["setup"], best["hvp"]
-    rows = []
-    for bound in args.bounds:
-        calls = [run_worker({**spec, "tol": args.tol, "bound": bound}, script=__file__)
-                 for _ in range(args.repeats)]
-        c = min(calls, key=lambda r: r["seconds"])
-        limit = s + c["hvps"] * h
-        rows.append({"bound": bound, **c, "bare_setup": s, "bare_hvp": h, "bare_limit": limit,
-                     "ratio": c["seconds"] / limit,
-                     "outside_hvps": c["seconds"] - c["hvp_seconds"]})
-        print(f"{name:<16} {bound:<8} T {c['seconds']:7.2f} s  k {c['hvps']:3d}  "
-              f"S {s:5.2f} s  h {h:5.2f} s  S+k·h {limit:7.2f} s  ratio {rows[-1]['ratio']:.2f}x  "
-              f"outside the HVPs {rows[-1]['outside_hvps']:.2f} s", flush=True)
+    bare, rows = {}, []
+    for alloc in args.allocators:
+        runs = [run_worker({**spec, "allocator": alloc}, script=hessian_ceiling.__file__)["cold"]
+                for _ in range(args.repeats)]
+        bare[alloc] = {"runs": runs, "best": min(runs, key=lambda b: b["setup"] + b["hvp"])}
+    ref = bare["default" if "default" in bare else args.allocators[0]]["best"]
+    for alloc in args.allocators:
+        same = bare[alloc]["best"]
+        for bound in args.bounds:
+            calls = [run_worker({**spec, "tol": args.tol, "bound": bound, "allocator": alloc},
+                                script=__file__) for _ in range(args.repeats)]
+            c = min(calls, key=lambda r: r["seconds"])
+            limit = ref["setup"] + c["hvps"] * ref["hvp"]
+            limit_same = same["setup"] + c["hvps"] * same["hvp"]
+            row = {"bound": bound, "allocator": alloc, **c, "bare_setup": ref["setup"],
+                   "bare_hvp": ref["hvp"], "bare_limit": limit, "ratio": c["seconds"] / limit,
+                   "bare_limit_same_allocator": limit_same,
+                   "ratio_same_allocator": c["seconds"] / limit_same,
+                   "outside_hvps": c["seconds"] - c["hvp_seconds"]}
+            rows.append(row)
+            print(f"{name:<16} {bound:<8} {alloc:<7} T {c['seconds']:6.2f} s  k {c['hvps']:3d}  "
+                  f"S {ref['setup']:5.2f} s  h {ref['hvp']:5.2f} s  S+k·h {limit:6.2f} s  "
+                  f"ratio {row['ratio']:.2f}x  (bare under the same allocator {limit_same:6.2f} s: "
+                  f"{row['ratio_same_allocator']:.2f}x)  HVPs in the call "
+                  f"{c['hvp_seconds'] / max(c['hvps'], 1):5.3f} s each, outside them "
+                  f"{row['outside_hvps']:.2f} s", flush=True)
     return {"bare": bare, "rows": rows}
 
 
@@ -76,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", nargs="+", choices=list(ALL_MODELS), default=list(MODELS))
     ap.add_argument("--bounds", nargs="+", choices=["residual", "gap"],
                     default=["residual", "gap"])
+    ap.add_argument("--allocators", nargs="+", choices=["default", "cli"],
+                    default=["default", "cli"])
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)

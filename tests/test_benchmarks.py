@@ -276,12 +276,18 @@ def test_hessian_overhead_quick(tmp_path):
     process against bare autograd's setup and HVP from other fresh processes; the ratio is
     T / (S + k·h) of the numbers it records."""
     data = _main_keeping_threads("hessian_overhead", ["--quick", "--out", str(tmp_path)])
-    rows = data["models"]["tiny_cnn"]["rows"]
-    assert [r["bound"] for r in rows] == ["residual", "gap"]
+    model = data["models"]["tiny_cnn"]
+    rows = model["rows"]
+    assert [(r["allocator"], r["bound"]) for r in rows] == [
+        ("default", "residual"), ("default", "gap"), ("cli", "residual"), ("cli", "gap")]
     for r in rows:
         assert r["hvps"] > 0 and r["converged"] and r["seconds"] >= r["hvp_seconds"] > 0
         assert r["ratio"] == pytest.approx(r["seconds"] / (r["bare_setup"]
                                                            + r["hvps"] * r["bare_hvp"]))
+        same = model["bare"][r["allocator"]]["best"]  # the ratio against bare autograd under
+        assert r["ratio_same_allocator"] == pytest.approx(  # the same allocator setting
+            r["seconds"] / (same["setup"] + r["hvps"] * same["hvp"]))
+    assert model["bare"]["default"]["best"]["setup"] == rows[0]["bare_setup"]
     assert (tmp_path / "hessian_overhead_quick.json").is_file()
 
 

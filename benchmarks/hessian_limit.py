@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ref-tol", type=float, default=1e-8)
     ap.add_argument("--ref-iter", type=int, default=80)
     ap.add_argument("--pyh-tols", type=float, nargs="+", default=[1e-2, 1e-3])
-    ap.add_argument("--our-tols", type=float, nargs="+", default=[3e-2, 1e-2, 3e-3, 1e-3, 1e-4])
+    ap.add_argument("--our-tols", type=float, nargs="+",
+                    default=[1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4])
     ap.add_argument("--cl-tols", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--out", type=Path, default=None, help="results directory")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny CNN, one setting")

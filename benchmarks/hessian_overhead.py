@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv-ecosystem/bin/python benchmarks/hessian_overhead.py [--quick]
         [--models resnet18 resnet50 convnext_tiny efficientnet_b0] [--bounds residual gap]
-        [--allocators default cli] [--tol 1e-3] [--repeats 2]
+        [--allocators default cli] [--tol 1e-3] [--repeats 2] [--profile]
 
 For each model of ``hessian_real.py`` (torchvision at random init, 8 seeded 3x64x64 samples,
 cross-entropy, float32) and each bound: in a fresh process, ``T`` = the wall time of a cold
@@ -18,13 +18,17 @@ a library call) and ``cli`` (glibc set as the ``pnnh`` command sets it,
 :func:`pnnh.allocator.retain_freed_memory`). A ``cli`` row prints two ratios: against the bare
 cost under the default allocator (the limit as ``hessian_ceiling.py`` measures it) and against
 the bare cost under the same setting (what the setting would give bare autograd too). Writes
-``benchmarks/results/hessian_overhead.json``.
+``benchmarks/results/hessian_overhead.json``. ``--profile``: instead, one call per model and
+allocator under cProfile, printing the seconds in each part of a Lanczos step against those in
+the HVPs (``hessian_overhead_profile.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -50,13 +54,42 @@ def pnnh_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     model, x, y = problem(spec["model"], spec["batch"])
     clock = Clock()
+    profiler = cProfile.Profile() if spec.get("profile") else None
+    if profiler is not None:
+        profiler.enable()
     clock.start = time.perf_counter()
     op = HessianOperator(model, (x, y), "ce", progress=False)
     op.hvp = clock.wrap(op.hvp)
     r = op.extreme_eigenvalues(tol=spec["tol"], max_iter=200, which="max", bound=spec["bound"])
     prof = clock.profile(time.perf_counter())
-    return {"seconds": prof["seconds"], "hvps": prof["hvps"], "hvp_seconds": sum(prof["per_hvp"]),
-            "lambda_max": r["lambda_max"], "converged": r["converged"]}
+    out = {"seconds": prof["seconds"], "hvps": prof["hvps"], "hvp_seconds": sum(prof["per_hvp"]),
+           "lambda_max": r["lambda_max"], "converged": r["converged"]}
+    if profiler is not None:
+        profiler.disable()
+        out["profile"] = where_the_time_goes(pstats.Stats(profiler))
+    return out
+
+
+PARTS = {  # (file or "~" for builtins, function) -> what it is in a Lanczos step
+    ("~", "<method 'run_backward' of 'torch._C._EngineBase' objects>"):
+        "autograd backward passes (the setup's and the HVPs')",
+    ("lanczos.py", "_dots"): "float64 dots, all (alpha, Gram-Schmidt coefficients, norms)",
+    ("lanczos.py", "_orthogonalise"):
+        "Gram-Schmidt passes over the kept rows (their dots, and w -= Q^T c)",
+    ("~", "<method 'sub_' of 'torch._C.TensorBase' objects>"): "w -= alpha q_j + beta q_j-1",
+    ("~", "<built-in method torch.div>"): "q_j+1 = w / beta",
+    ("operator.py", "_hvp_rev_rev"): "HVPs, each with its copy into its Lanczos row",
+}
+
+
+def where_the_time_goes(stats: pstats.Stats) -> dict:
+    """Seconds (cumulative, calls) of the parts of one call named in ``PARTS``."""
+    out = {}
+    for (file, _, func), (_, calls, _, cum, _) in stats.stats.items():
+        for (want_file, want_func), label in PARTS.items():
+            if func == want_func and (want_file == "~" or file.endswith(want_file)):
+                out[label] = {"seconds": cum, "calls": calls}
+    return out
 
 
 def measure(name: str, args) -> dict:
@@ -105,12 +138,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hvps", type=int, default=5, help="bare HVPs timed per process")
     ap.add_argument("--out", type=Path, default=None, help="results directory")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny CNN, 1 repeat")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: one call per model and allocator under cProfile, and where "
+                         "its time goes (Lanczos's parts against the HVPs)")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(pnnh_worker(json.loads(args.worker))))
         return {}
     if args.quick:
         args.models, args.repeats, args.hvps, args.batch = ["tiny_cnn"], 1, 2, 2
+    if args.profile:  # one profiled call per model and allocator, where its time goes
+        prof = {}
+        for name in args.models:
+            for alloc in args.allocators:
+                r = run_worker({"model": name, "batch": args.batch, "threads": args.threads,
+                                "tol": args.tol, "bound": args.bounds[0], "allocator": alloc,
+                                "profile": True}, script=__file__)
+                prof[f"{name} {alloc}"] = r
+                print(f"{name} ({alloc} allocator): {r['seconds']:.2f} s, {r['hvps']} HVPs "
+                      "(under cProfile)")
+                for label, v in sorted(r["profile"].items(), key=lambda kv: -kv[1]["seconds"]):
+                    print(f"  {v['seconds']:6.3f} s  {v['calls']:5d} calls  {label}")
+        return save_results("hessian_overhead_profile", args, machine_info(), calls=prof)
     info = machine_info()
     return save_results("hessian_overhead", args, info,
                         models={m: measure(m, args) for m in args.models})

@@ -291,6 +291,25 @@ def test_hessian_overhead_quick(tmp_path):
     assert (tmp_path / "hessian_overhead_quick.json").is_file()
 
 
+def test_hessian_overhead_profile_quick(tmp_path):
+    """``--profile``: one cProfile'd call per allocator, split into the parts of a Lanczos step
+    and the HVPs; the parts are inside the call, and the HVPs' backward passes inside them."""
+    data = _main_keeping_threads("hessian_overhead",
+                                 ["--quick", "--profile", "--out", str(tmp_path)])
+    assert set(data["calls"]) == {"tiny_cnn default", "tiny_cnn cli"}
+    for call in data["calls"].values():
+        parts = call["profile"]
+        hvps = parts["HVPs, each with its copy into its Lanczos row"]
+        assert hvps["calls"] == call["hvps"] > 0
+        assert 0 < hvps["seconds"] <= call["seconds"]
+        dots = parts["float64 dots, all (alpha, Gram-Schmidt coefficients, norms)"]
+        passes = parts["Gram-Schmidt passes over the kept rows (their dots, and w -= Q^T c)"]
+        assert dots["calls"] > passes["calls"] == call["hvps"]
+        for v in parts.values():
+            assert 0 <= v["seconds"] <= call["seconds"]
+    assert (tmp_path / "hessian_overhead_profile_quick.json").is_file()
+
+
 def test_hessian_stopping_quick(tmp_path):
     """The stopping-rule check end to end on the tiny CNN: a float64 reference, then each
     (bound, tol) call scored against it; a declared stop with an error above tol is counted."""

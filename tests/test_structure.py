@@ -16,7 +16,8 @@ LONG_OK = "Long on purpose:"  # a docstring line that says why a function may be
 
 #: (layer, module-name prefixes); the first matching prefix wins, most specific first.
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
-    (0, ("pnnh.errors", "pnnh.io", "pnnh.config", "pnnh.device", "pnnh.orthogonal")),
+    (0, ("pnnh.errors", "pnnh.io", "pnnh.config", "pnnh.device", "pnnh.orthogonal",
+         "pnnh.allocator")),
     (1, ("pnnh.data", "pnnh.fetch")),
     (2, ("pnnh.registry", "pnnh.layers", "pnnh.coder", "pnnh.models", "pnnh.norm_preservation",
          "pnnh.tat", "pnnh.export", "pnnh.convert", "pnnh.convert_blocks",

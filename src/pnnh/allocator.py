@@ -3,13 +3,13 @@
 PyTorch on a CPU allocates every tensor through ``malloc``. glibc serves a request of
 ``M_MMAP_THRESHOLD`` or more (128 KiB at start, raised on the fly up to 32 MiB as such blocks
 are freed) with a fresh ``mmap``, returned to the system when freed, and gives the top of its
-heap back once more than ``M_TRIM_THRESHOLD`` of it is free. A backward pass frees and takes
-again the same few hundred megabytes each time, so each pass faults its temporaries in page
-by page, zeroed, from the system: on ResNet-18 (8 samples of 3x64x64, one thread) a Hessian-
-vector product in a Lanczos run took 0.37 s where the same product in a loop of bare autograd
-calls took 0.31 s. With the mmap threshold fixed at its ceiling (32 MiB: model-sized vectors
-still come from ``mmap``) and trimming off, the freed temporaries are served again from the
-heap, already in memory: 0.31 s (``benchmarks/hessian_overhead.py``, docs/BENCHMARKS.md).
+heap back once more than ``M_TRIM_THRESHOLD`` of it is free (mallopt(3)). A backward pass frees
+and takes again the same few hundred megabytes each time, so each pass faults many of its
+temporaries in afresh, page by page, zeroed by the kernel. With the mmap threshold fixed at its
+ceiling (32 MiB: model-sized vectors still come from ``mmap``) and trimming off, freed
+temporaries are served again from the heap, already in memory: a bare double-backward HVP on
+torchvision's ResNet-18 runs about a fifth faster, EfficientNet-B0's no faster
+(``benchmarks/hessian_overhead.py`` times both settings; docs/BENCHMARKS.md).
 
 The price: memory freed inside the process stays with it until it exits (its peak resident
 size does not grow). That suits a command that runs one job and exits, so :func:`pnnh.cli.run`
@@ -39,8 +39,7 @@ def retain_freed_memory(mmap_threshold: int = MMAP_CEILING,
     glibc's malloc variables, or under ``PNNH_MALLOC=default``. The thresholds are C ints
     (the trim threshold at most 2 GiB). Both must be set together:
     setting either one stops glibc's dynamic threshold, and the trim threshold alone would
-    leave the mmap threshold at 128 KiB (every larger tensor a fresh mapping: ResNet-18's
-    λmax took 6.6 s against 4.3 s)."""
+    leave the mmap threshold at 128 KiB: every larger tensor a fresh mapping."""
     if (not sys.platform.startswith("linux") or os.environ.get("PNNH_MALLOC") == "default"
             or any(os.environ.get(k) for k in USER_SETTINGS)):
         return False

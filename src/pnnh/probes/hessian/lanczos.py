@@ -132,7 +132,8 @@ def rounding_floor(steps: int, dim: int, dtype: torch.dtype = torch.float32) -> 
     With vectors of unit roundoff ``u`` (``2⁻²⁴`` in float32) each step's recurrence
     ``w = Hq_j − α_j q_j − β_{j−1} q_{j−1} − Σ c_i q_i`` is formed and stored with an error
     ``‖f_j‖ <= 5u‖H‖`` (the product's rounding, three scaled subtractions, the store), the
-    dots add ``(u + dim·2⁻⁵³)`` each (:func:`_dots`), and re-orthogonalisation keeps
+    dots add at most ``dim·2⁻⁵³`` each (:func:`_dots`: exact products, float64 sums; counted
+    below as ``u' = u + dim·2⁻⁵³``, with the store), and re-orthogonalisation keeps
     ``‖I − Q_mᵀQ_m‖ <= (2m + 4)·u`` (``m·u`` off the diagonal, and each vector's norm within
     ``(2m + 4)u`` of 1: :func:`_orthogonalise` takes it from ``‖w‖² − ‖c‖²``). So
     ``H Q_m = Q_m T_m + β_m q_{m+1}e_mᵀ + F_m`` with ``‖F_m‖ <= 5√m·u‖H‖``, and a Ritz value
@@ -154,7 +155,7 @@ def _orthogonalise(w: torch.Tensor, held: torch.Tensor) -> float:
 
     The norm after is ``‖w − Qc‖² = ‖w‖² − ‖c‖²``, not measured by another sweep, where the
     pass cancelled little (``‖c‖² <= ½‖w‖²``, the DGKS test itself). Its error: with
-    ``c = Qᵀw + δ`` (``‖δ‖ <= √m·u'‖w‖``, ``u' = u + n·2⁻⁵³``, :func:`_dots`),
+    ``c = Qᵀw + δ`` (``‖δ‖ <= √m·n·2⁻⁵³‖w‖ <= √m·u'‖w‖``, ``u' = u + n·2⁻⁵³``, :func:`_dots`),
     ``‖w − Qc‖² = ‖w‖² − ‖c‖² + 2cᵀδ + cᵀ(QᵀQ − I)c``; the last two terms are at most
     ``(√(2m) + m/2)·u'‖w‖²``, the two float64-accumulated norms ``2u'‖w‖²``, and the store of
     ``w`` (``m + 1`` terms a entry) ``(m + 1)·u‖w‖²``; with ``‖w‖² <= 2‖w − Qc‖²`` the

@@ -310,6 +310,17 @@ def test_hessian_overhead_profile_quick(tmp_path):
     assert (tmp_path / "hessian_overhead_profile_quick.json").is_file()
 
 
+def test_lanczos_dots_quick(tmp_path):
+    """pnnh's dots within ``n·2⁻⁵³·Σ|a_i b_i|`` of the exact ones (exact products, float64
+    sums); the two float32-rounded ways printed beside it are not held to that."""
+    data = _load("lanczos_dots").main(["--quick", "--out", str(tmp_path)])
+    rows = {r["way"]: r for r in data["rows"]}
+    assert set(rows) == {"pnnh", "sgemv", "mul to float64"}
+    assert rows["pnnh"]["error"] <= 2**16 * 2.0**-53
+    assert all(r["seconds"] > 0 for r in rows.values())
+    assert (tmp_path / "lanczos_dots_quick.json").is_file()
+
+
 def test_hessian_stopping_quick(tmp_path):
     """The stopping-rule check end to end on the tiny CNN: a float64 reference, then each
     (bound, tol) call scored against it; a declared stop with an error above tol is counted."""

@@ -66,6 +66,12 @@ def test_the_users_own_setting_is_left_alone(env):
     assert got["mapped"] >= 16 * 2**20
 
 
+@glibc
+def test_a_tunable_for_something_else_does_not_turn_it_off():
+    got = probe("set", GLIBC_TUNABLES="glibc.cpu.hwcap_mask=0")
+    assert got["applied"] is True and got["mapped"] == 0
+
+
 def test_the_command_sets_it_and_the_library_does_not(monkeypatch, capsys):
     """``pnnh.cli.run`` (the process entry) sets it before the command runs; ``main`` (what a
     Python caller or a test runs) and the probes leave the caller's allocator as it was."""

@@ -15,7 +15,8 @@ The price: memory freed inside the process stays with it until it exits (its pea
 size does not grow). That suits a command that runs one job and exits, so :func:`pnnh.cli.run`
 sets it; a library call does not change a process-wide setting behind its caller's back.
 Where the user set glibc's malloc variables (``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``), or ``PNNH_MALLOC=default``, nothing changes.
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``glibc.malloc.*`` in ``GLIBC_TUNABLES``), or
+``PNNH_MALLOC=default``, nothing changes.
 """
 
 from __future__ import annotations
@@ -28,20 +29,20 @@ import sys
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 MMAP_CEILING = 32 * 2**20  # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                 "GLIBC_TUNABLES")
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def retain_freed_memory(mmap_threshold: int = MMAP_CEILING,
                         trim_threshold: int = 2**31 - 1) -> bool:
     """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (see the module docstring);
     ``True`` where both took. ``False``, changing nothing, off Linux/glibc, where the user set
-    glibc's malloc variables, or under ``PNNH_MALLOC=default``. The thresholds are C ints
-    (the trim threshold at most 2 GiB). Both must be set together:
-    setting either one stops glibc's dynamic threshold, and the trim threshold alone would
-    leave the mmap threshold at 128 KiB: every larger tensor a fresh mapping."""
+    glibc's malloc variables, or under ``PNNH_MALLOC=default``. The thresholds are C ints (the
+    trim threshold at most 2 GiB). Both must be set together: setting either one stops glibc's
+    dynamic threshold, and the trim threshold alone would leave the mmap threshold at 128 KiB:
+    every larger tensor a fresh mapping."""
     if (not sys.platform.startswith("linux") or os.environ.get("PNNH_MALLOC") == "default"
-            or any(os.environ.get(k) for k in USER_SETTINGS)):
+            or any(os.environ.get(k) for k in USER_SETTINGS)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -47,16 +47,13 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _util import RESULTS, machine_info, save_results  # noqa: E402
-from hessian_real import MODELS, problem, run_worker  # noqa: E402
+from hessian_real import MODELS, problem, run_worker, use_allocator  # noqa: E402
 
 
 def bare_worker(spec: dict) -> dict:
     """In a fresh process: the bare gradient graph and HVP of one model, cold then warm
     (``spec["allocator"] == "cli"``: glibc set as the ``pnnh`` command sets it first)."""
-    if spec.get("allocator") == "cli":
-        from pnnh.allocator import retain_freed_memory
-
-        retain_freed_memory()
+    use_allocator(spec)
     torch.set_num_threads(spec["threads"])
     model, x, y = problem(spec["model"], spec["batch"])
     params = [p for p in model.parameters() if p.requires_grad]

@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import hessian_ceiling  # noqa: E402
 from _util import machine_info, save_results  # noqa: E402
-from hessian_real import MODELS, Clock, problem, run_worker  # noqa: E402
+from hessian_real import MODELS, Clock, problem, run_worker, use_allocator  # noqa: E402
 from models_real import MODELS as ALL_MODELS  # noqa: E402
 
 
@@ -47,10 +47,7 @@ def pnnh_worker(spec: dict) -> dict:
     """In a fresh process: one cold λmax call, timed from the operator's construction."""
     from pnnh.probes.hessian import HessianOperator
 
-    if spec.get("allocator") == "cli":
-        from pnnh.allocator import retain_freed_memory
-
-        retain_freed_memory()
+    use_allocator(spec)
     torch.set_num_threads(spec["threads"])
     model, x, y = problem(spec["model"], spec["batch"])
     clock = Clock()

@@ -77,6 +77,15 @@ def problem(name: str, batch: int, seed: int = 0):
     return model, x, torch.randint(0, models_real.NUM_CLASSES, (batch,), generator=g)
 
 
+def use_allocator(spec: dict) -> None:
+    """In a worker: glibc set as the ``pnnh`` command sets it where ``spec["allocator"]`` is
+    ``"cli"`` (:func:`pnnh.allocator.retain_freed_memory`); left as it is otherwise."""
+    if spec.get("allocator") == "cli":
+        from pnnh.allocator import retain_freed_memory
+
+        retain_freed_memory()
+
+
 # -- one λmax call per tool, with its HVPs timed ------------------------------------------------
 class Clock:
     """Times one call: its start, and the start and end of every HVP inside it."""

@@ -93,8 +93,7 @@ def _dots(held: torch.Tensor, w: torch.Tensor, norm: bool = False) -> torch.Tens
         block[:rows].copy_(mat[:, i:i + m])  # widened: exact
         block[rows].copy_(w[i:i + m])
         out.addmv_(block, block[rows])  # the dots and w·w, summed in float64
-    c = out[:rows].view(lead)
-    return torch.cat([c.reshape(-1), out[rows:]]) if norm else c
+    return out if norm else out[:rows].view(lead)  # out is already the dots, then w·w
 
 
 _SCRATCH: dict = {}

@@ -2,12 +2,14 @@
 
     OMP_NUM_THREADS=1 .venv-ecosystem/bin/python benchmarks/hessian_overhead.py [--quick]
         [--models resnet18 resnet50 convnext_tiny efficientnet_b0] [--bounds residual gap]
-        [--allocators default cli] [--tol 1e-3] [--repeats 2] [--profile]
+        [--allocators default cli] [--reorth partial full] [--tol 1e-3] [--repeats 2]
+        [--profile]
 
 For each model of ``hessian_real.py`` (torchvision at random init, 8 seeded 3x64x64 samples,
 cross-entropy, float32) and each bound: in a fresh process, ``T`` = the wall time of a cold
-``HessianOperator(model, (x, y), "ce").extreme_eigenvalues(tol, which="max", bound)``
-(operator construction included) and ``k`` = the HVPs it used; in other fresh processes, the
+``HessianOperator(model, (x, y), "ce").extreme_eigenvalues(tol, which="max", bound,
+reorth)`` (operator construction included; ``reorth``: partial, the default, and full, side
+by side) and ``k`` = the HVPs it used; in other fresh processes, the
 bare autograd setup ``S`` (forward + backward with ``create_graph``) and the median HVP ``h``
 (a double backward), as ``hessian_ceiling.py`` measures them. Printed: ``T / (S + k·h)``, the
 factor pnnh adds on top of the HVPs it chose to pay (issue #32's target: at most 1.15), and the
@@ -57,10 +59,13 @@ def pnnh_worker(spec: dict) -> dict:
     clock.start = time.perf_counter()
     op = HessianOperator(model, (x, y), "ce", progress=False)
     op.hvp = clock.wrap(op.hvp)
-    r = op.extreme_eigenvalues(tol=spec["tol"], max_iter=200, which="max", bound=spec["bound"])
+    r = op.extreme_eigenvalues(tol=spec["tol"], max_iter=200, which="max", bound=spec["bound"],
+                               reorth=spec.get("reorth", "partial"))
     prof = clock.profile(time.perf_counter())
     out = {"seconds": prof["seconds"], "hvps": prof["hvps"], "hvp_seconds": sum(prof["per_hvp"]),
-           "lambda_max": r["lambda_max"], "converged": r["converged"]}
+           "lambda_max": r["lambda_max"], "converged": r["converged"],
+           "error_bound_max": r["error_bound_max"],
+           "reorthogonalisation": r["reorthogonalisation"]}
     if profiler is not None:
         profiler.disable()
         out["profile"] = where_the_time_goes(pstats.Stats(profiler))
@@ -73,6 +78,8 @@ PARTS = {  # (file or "~" for builtins, function) -> what it is in a Lanczos ste
     ("lanczos.py", "_dots"): "float64 dots, all (alpha, Gram-Schmidt coefficients, norms)",
     ("lanczos.py", "_orthogonalise"):
         "Gram-Schmidt passes over the kept rows (their dots, and w -= Q^T c)",
+    ("lanczos.py", "_measured_residuals"):
+        "the residuals measured at the stop (partial: one sweep over the basis)",
     ("~", "<method 'sub_' of 'torch._C.TensorBase' objects>"): "w -= alpha q_j + beta q_j-1",
     ("~", "<built-in method torch.div>"): "q_j+1 = w / beta",
     ("operator.py", "_hvp_rev_rev"): "HVPs, each with its copy into its Lanczos row",
@@ -80,8 +87,9 @@ PARTS = {  # (file or "~" for builtins, function) -> what it is in a Lanczos ste
 
 
 def where_the_time_goes(stats: pstats.Stats) -> dict:
-    """Seconds (cumulative, calls) of the parts of one call named in ``PARTS``."""
-    out = {}
+    """Seconds (cumulative, calls) of the parts of one call named in ``PARTS`` (zero where a
+    part did not run: Gram-Schmidt passes in a partial run that needed none)."""
+    out = {label: {"seconds": 0.0, "calls": 0} for label in PARTS.values()}
     for (file, _, func), (_, calls, _, cum, _) in stats.stats.items():
         for (want_file, want_func), label in PARTS.items():
             if func == want_func and (want_file == "~" or file.endswith(want_file)):
@@ -99,24 +107,26 @@ def measure(name: str, args) -> dict:
     ref = bare["default" if "default" in bare else args.allocators[0]]["best"]
     for alloc in args.allocators:
         same = bare[alloc]["best"]
-        for bound in args.bounds:
-            calls = [run_worker({**spec, "tol": args.tol, "bound": bound, "allocator": alloc},
-                                script=__file__) for _ in range(args.repeats)]
+        for bound, reorth in [(b, o) for o in args.reorth for b in args.bounds]:
+            calls = [run_worker({**spec, "tol": args.tol, "bound": bound, "allocator": alloc,
+                                 "reorth": reorth}, script=__file__)
+                     for _ in range(args.repeats)]
             c = min(calls, key=lambda r: r["seconds"])
             limit = ref["setup"] + c["hvps"] * ref["hvp"]
             limit_same = same["setup"] + c["hvps"] * same["hvp"]
-            row = {"bound": bound, "allocator": alloc, **c, "bare_setup": ref["setup"],
+            row = {"bound": bound, "allocator": alloc, "reorth": reorth, **c, "bare_setup": ref["setup"],
                    "bare_hvp": ref["hvp"], "bare_limit": limit, "ratio": c["seconds"] / limit,
                    "bare_limit_same_allocator": limit_same,
                    "ratio_same_allocator": c["seconds"] / limit_same,
                    "outside_hvps": c["seconds"] - c["hvp_seconds"]}
             rows.append(row)
-            print(f"{name:<16} {bound:<8} {alloc:<7} T {c['seconds']:6.2f} s  k {c['hvps']:3d}  "
+            print(f"{name:<16} {bound:<8} {reorth:<7} {alloc:<7} T {c['seconds']:6.2f} s  "
+                  f"k {c['hvps']:3d}  "
                   f"S {ref['setup']:5.2f} s  h {ref['hvp']:5.2f} s  S+k·h {limit:6.2f} s  "
                   f"ratio {row['ratio']:.2f}x  (bare under the same allocator {limit_same:6.2f} s: "
                   f"{row['ratio_same_allocator']:.2f}x)  HVPs in the call "
                   f"{c['hvp_seconds'] / max(c['hvps'], 1):5.3f} s each, outside them "
-                  f"{row['outside_hvps']:.2f} s", flush=True)
+                  f"{row['outside_hvps']:.2f} s  [{c['reorthogonalisation']}]", flush=True)
     return {"bare": bare, "rows": rows}
 
 
@@ -128,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
                     default=["residual", "gap"])
     ap.add_argument("--allocators", nargs="+", choices=["default", "cli"],
                     default=["default", "cli"])
+    ap.add_argument("--reorth", nargs="+", choices=["partial", "full"],
+                    default=["partial", "full"])
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
             for alloc in args.allocators:
                 r = run_worker({"model": name, "batch": args.batch, "threads": args.threads,
                                 "tol": args.tol, "bound": args.bounds[0], "allocator": alloc,
-                                "profile": True}, script=__file__)
+                                "reorth": args.reorth[0], "profile": True}, script=__file__)
                 prof[f"{name} {alloc}"] = r
                 print(f"{name} ({alloc} allocator): {r['seconds']:.2f} s, {r['hvps']} HVPs "
                       "(under cProfile)")

@@ -164,10 +164,14 @@ def test_float32_storage_matches_the_exact_hessian_and_float64_storage():
                     dtype=torch.float64)
     hi, lo = dense_extremes(conv_net(torch.float32), x, y)
     scale = max(abs(hi), abs(lo))
-    assert r32["converged"] and r32["reorthogonalisation"] == "full"
+    assert r32["converged"] and r32["reorthogonalisation"].startswith("partial")
     assert abs(r32["lambda_max"] - hi) <= 1e-4 * scale and abs(r32["lambda_min"] - lo) <= 1e-4 * scale
     assert abs(r32["lambda_max"] - float(res64["ritz"][-1])) <= 1e-5 * scale
     assert abs(r32["lambda_min"] - float(res64["ritz"][0])) <= 1e-5 * scale
+    # full re-orthogonalisation: the same answer to the same tolerance
+    f32 = op.extreme_eigenvalues(tol=1e-4, max_iter=100, reorth="full")
+    assert f32["reorthogonalisation"] == "full" and f32["converged"]
+    assert abs(f32["lambda_max"] - r32["lambda_max"]) <= 1e-5 * scale
 
 
 def test_a_bounded_basis_still_finds_the_extremes():
@@ -184,7 +188,7 @@ def test_a_bounded_basis_still_finds_the_extremes():
     assert r["converged"]
     assert abs(r["lambda_max"] - hi) <= 1e-6 * scale and abs(r["lambda_min"] - lo) <= 1e-6 * scale
     # full re-orthogonalisation needs fewer steps, not a different answer
-    f = full.extreme_eigenvalues(tol=1e-8, max_iter=300)
+    f = full.extreme_eigenvalues(tol=1e-8, max_iter=300, reorth="full")
     assert f["reorthogonalisation"] == "full" and f["iterations"] <= r["iterations"]
 
 

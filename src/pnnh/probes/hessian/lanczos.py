@@ -30,14 +30,16 @@ _DGKS = 0.7071  # a second Gram-Schmidt pass when it removed more than this much
 
 
 def ritz_error_bounds(ritz: torch.Tensor, s: torch.Tensor, beta: float,
-                      bound: str = "residual") -> dict:
+                      bound: str = "residual", residuals: torch.Tensor | None = None) -> dict:
     """Error bounds of the extreme Ritz values ``θ_1 <= ... <= θ_m`` of a Lanczos run.
 
     The residual of Ritz pair ``i`` is ``r_i = |β_m s_{m,i}|``; some eigenvalue of ``H`` lies
     within ``r_i`` of ``θ_i`` (Weyl), a guaranteed bound. With ``bound="gap"`` the estimate
     ``min(r, r²/δ)`` is used, ``δ`` the distance to the neighbouring Ritz value (Kato–Temple
-    with the Ritz gap standing in for the unknown eigenvalue gap)."""
-    r = (beta * s[-1, :]).abs()
+    with the Ritz gap standing in for the unknown eigenvalue gap). ``residuals``: the ``r_i``
+    as a run measured them (``lanczos(...)["residuals"]``: with partial re-orthogonalisation,
+    :func:`_measured_residuals`), in place of ``|β_m s_{m,i}|``."""
+    r = (beta * s[-1, :]).abs() if residuals is None else residuals
     out = {"residual_max": float(r[-1]), "residual_min": float(r[0]),
            "max": float(r[-1]), "min": float(r[0])}
     if bound == "gap" and ritz.numel() > 1:
@@ -144,7 +146,8 @@ def rounding_floor(steps: int, dim: int, dtype: torch.dtype = torch.float32) -> 
     return (5.0 * math.sqrt(m) + 2.0 * m + 5.0) * u + dim * 2.0**-53
 
 
-def _orthogonalise(w: torch.Tensor, held: torch.Tensor) -> float:
+def _orthogonalise(w: torch.Tensor, held: torch.Tensor,
+                   coeffs: torch.Tensor | None = None) -> float:
     """Classical Gram-Schmidt of ``w`` (in place) against the rows of ``held``, a second pass
     where the first cancelled more than ``1 − 1/√2`` of its norm (Daniel, Gragg, Kaufman &
     Stewart 1976); returns ``‖w‖`` after. The coefficients ``c = held @ w`` and ``‖w‖²``
@@ -160,34 +163,129 @@ def _orthogonalise(w: torch.Tensor, held: torch.Tensor) -> float:
     returned norm is within ``(2m + 4)·u'`` of the stored vector's, relative (so a new Lanczos
     vector has norm ``1 ± (2m + 4)u'``; :func:`rounding_floor` counts it). Where the pass did
     cancel, the second pass runs and, if it cancels too (``w`` numerically in the span: an
-    invariant subspace), the norm is measured."""
+    invariant subspace), the norm is measured. ``coeffs`` (float64, one per row): the
+    coefficients removed are added to it (both passes), for :func:`_measured_residuals`."""
     for _ in range(2):
         cn = _dots(held, w, norm=True)
         c, before2 = cn[:-1], float(cn[-1])
         w.addmv_(held.T, c.to(w.dtype), alpha=-1.0)
+        if coeffs is not None:
+            coeffs += c
         after2 = before2 - float(c @ c)
         if after2 >= _DGKS**2 * before2:
             return math.sqrt(after2)
     return _norm(w)
 
 
-def _within(ritz: torch.Tensor, s: torch.Tensor, beta: float, stop: str, tol: float) -> bool:
-    """For ``stop="extremes"`` / ``"max"``: the extreme Ritz values' guaranteed residual bounds
-    within ``tol·max|θ|`` at this step. The gap estimate ``r²/δ`` is not a stopping rule: on a
-    start that barely overlaps the top eigenvector it vouched for λmax 12% low at ``tol 1e-2``
-    (EfficientNet-B0 from its gradient), however long it was held."""
+class _Partial:
+    """Partial re-orthogonalisation (Simon 1984): re-orthogonalise only where the basis has
+    lost more than semi-orthogonality, and book what each pass removed.
+
+    Simon's recurrence estimates ``ω_{j+1,k} ≈ q_{j+1}ᵀq_k`` from the coefficients alone:
+    with ``H q_k = β_k q_{k+1} + α_k q_k + β_{k−1} q_{k−1}`` (up to rounding),
+    ``β_j ω_{j+1,k} = β_k ω_{j,k+1} + (α_k − α_j) ω_{j,k} + β_{k−1} ω_{j,k−1} − β_{j−1} ω_{j−1,k}
+    ± ψ``, where ``ψ = (3u + n·2⁻⁵³)·‖T‖`` bounds the step's rounding seen along ``q_k``
+    (three float32 operations per entry, Cauchy–Schwarz; the float64 dots, :func:`_dots`), and
+    ``ω_{j+1,j} = ψ/β_j``. Where ``max_k |ω_{j+1,k}| > √u`` the new vector is re-orthogonalised
+    against the whole basis (:func:`_orthogonalise`), and again at the next step (its
+    predecessor was not); both reset to ``ψ/β``. Semi-orthogonality (``|ω| <= √u``) is enough
+    for ``T_m`` to be the projection of ``H`` on the Krylov space to working precision (Simon
+    1984, Thm 4), so the Ritz values are as accurate as with full re-orthogonalisation; the
+    passes over the basis drop from one or two per step to a few per run.
+
+    The estimate decides the cost only, never the reported bound: each pass's coefficients
+    ``c`` are kept (``H Q_m = Q_m(T_m + C) + β_m q_{m+1}e_mᵀ + F_m``, ``C`` strictly upper
+    triangular from them), and the residual of a Ritz pair is measured at the stop
+    (:func:`_measured_residuals`)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype):
+        self.u = torch.finfo(dtype).eps / 2
+        self.rel = 3 * self.u + dim * 2.0**-53
+        self.omega, self.before = [1.0], []  # ω_{j,·} and ω_{j−1,·}
+        self.force = False
+        self.removed: dict[int, torch.Tensor] = {}  # step j -> coefficients on q_0..q_j
+
+    def step(self, w: torch.Tensor, held: torch.Tensor, alphas: list, betas: list,
+             beta: float) -> float:
+        """Step ``j = len(alphas) − 1``: ``w = β q_{j+1}`` after the three-term update, ``held``
+        the basis ``q_0..q_j``; returns ``β_j`` (after a pass, where one was needed)."""
+        j = len(alphas) - 1
+        norm_t = max(abs(a) + (betas[i - 1] if i else 0.0) + (betas[i] if i < j else beta)
+                     for i, a in enumerate(alphas))  # Gershgorin: >= ‖T‖
+        psi = self.rel * norm_t
+        om, new = self.omega, []
+        for k in range(j):
+            raw = betas[k] * om[k + 1] + (alphas[k] - alphas[j]) * om[k] - betas[j - 1] * self.before[k]
+            raw += betas[k - 1] * om[k - 1] if k else 0.0
+            new.append((raw + math.copysign(psi, raw)) / max(beta, 1e-300))
+        if self.force or (new and max(map(abs, new)) > math.sqrt(self.u)):
+            c = torch.zeros(j + 1, dtype=torch.float64, device=w.device)
+            beta = _orthogonalise(w, held, c)
+            self.removed[j] = c
+            self.force = not self.force  # this step and the next
+            new = [psi / max(beta, 1e-300)] * j
+        self.before, self.omega = om, [*new, psi / max(beta, 1e-300), 1.0]
+        return beta
+
+    def estimates(self, s: torch.Tensor, beta: float) -> torch.Tensor:
+        """Each Ritz pair's residual estimate ``|β_m s_{m,i}| + ‖C s_i‖`` (the basis taken as
+        orthonormal; the stop measures it, :func:`_measured_residuals`)."""
+        return (beta * s[-1, :]).abs() + self.correction(s).norm(dim=0)
+
+    def correction(self, s: torch.Tensor) -> torch.Tensor:
+        """``C s`` (rows: basis vectors, columns: Ritz pairs)."""
+        out = torch.zeros_like(s)
+        for j, c in self.removed.items():
+            if j < s.shape[0]:
+                out[: c.numel()] += c[:, None] * s[j]
+        return out
+
+
+def _measured_residuals(rows: torch.Tensor, s: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """``‖Q_{m+1} g_i‖ / ‖Q_m s_i‖`` for the Ritz pairs ``s_i`` (columns of ``s``), ``g_i =
+    [C s_i; s_{m,i}]``: ``rows`` are ``q_0..q_{m−1}`` and the unnormalised ``w = β_m q_{m+1}``,
+    ``cs`` is ``C s`` (:meth:`_Partial.correction`).
+
+    With ``y = Q_m s_i`` and ``H q_j = Σ_k (T + C)_{kj} q_k + β_m q_{m+1}[j = m] + f_j`` as
+    computed, ``Hy − θy = Q_{m+1} g_i + F s_i`` exactly (``T s_i = θ s_i``), whatever the
+    orthogonality of the stored basis; so some eigenvalue of ``H`` lies within
+    ``(‖Q_{m+1} g_i‖ + ‖F s_i‖)/‖y‖`` of ``θ`` (Weyl), ``‖F s_i‖ <= 5√m·u‖H‖`` being in
+    :func:`rounding_floor`. One sweep over the rows, each slice widened to float64 (every
+    product with a float64 coefficient summed in float64: ``m·2⁻⁵³`` relative per entry)."""
+    m, e = s.shape[0], s.shape[1]
+    coef = torch.zeros(m + 1, 2 * e, dtype=torch.float64, device=rows.device)
+    coef[:m, :e] = s
+    coef[:m, e:] = cs
+    coef[m, e:] = s[-1]
+    step = max(_CHUNK // 8, _CHUNK * 8 // (m + 2 * e + 1))
+    scratch = _scratch((m + 1 + 2 * e) * step, torch.float64, rows.device)
+    acc = torch.zeros(2 * e, dtype=torch.float64, device=rows.device)
+    for i in range(0, rows.shape[-1], step):
+        n = min(step, rows.shape[-1] - i)
+        block = scratch[: (m + 1) * n].view(m + 1, n)
+        block.copy_(rows[:, i:i + n])  # widened: exact
+        out = scratch[(m + 1) * n: (m + 1 + 2 * e) * n].view(2 * e, n)
+        torch.mm(coef.T, block, out=out)
+        acc += (out * out).sum(dim=1)
+    return acc[e:].sqrt() / acc[:e].sqrt().clamp_min(1e-300)
+
+
+def _within(ritz: torch.Tensor, r: torch.Tensor, stop: str, tol: float) -> bool:
+    """For ``stop="extremes"`` / ``"max"``: the extreme Ritz values' residual bounds ``r`` (one
+    per Ritz value) within ``tol·max|θ|`` at this step. The gap estimate ``r²/δ`` is not a
+    stopping rule: on a start that barely overlaps the top eigenvector it vouched for λmax 12%
+    low at ``tol 1e-2`` (EfficientNet-B0 from its gradient), however long it was held."""
     if stop not in ("extremes", "max"):
         return False
     scale = max(float(ritz.abs().max()), 1e-300)
-    e = ritz_error_bounds(ritz, s, beta, "residual")
-    return e["max"] <= tol * scale and (stop == "max" or e["min"] <= tol * scale)
+    return float(r[-1]) <= tol * scale and (stop == "max" or float(r[0]) <= tol * scale)
 
 
-def _settled(ritz: torch.Tensor, s: torch.Tensor, beta: float, prev: tuple | None, stop: str,
+def _settled(ritz: torch.Tensor, r: torch.Tensor, prev: tuple | None, stop: str,
              tol: float, floor: float = 0.0) -> bool:
     """The extreme Ritz values moved by at most ``tol·max|θ|`` since the last step, and their
-    residuals ``|β s_{m,i}|`` did not grow (beyond the rounding ``floor·max|θ|``, where a
-    converged residual is noise). ``prev``: the last step's ``(ritz, s, beta)``.
+    residuals ``r`` did not grow (beyond the rounding ``floor·max|θ|``, where a converged
+    residual is noise). ``prev``: the last step's ``(ritz, r)``.
 
     The bounds speak of the Krylov space seen so far: the residual one of *some* eigenvalue
     near ``θ``, the gap one of the next Ritz value's distance. When the start barely overlaps
@@ -201,15 +299,13 @@ def _settled(ritz: torch.Tensor, s: torch.Tensor, beta: float, prev: tuple | Non
     if prev is None:
         return False
     scale = max(float(ritz.abs().max()), 1e-300)
-    old, s_old, beta_old = prev
+    old, r_old = prev
     ends = (-1,) if stop == "max" else (-1, 0)
     return all(abs(float(ritz[i]) - float(old[i])) <= tol * scale
-               and abs(beta * float(s[-1, i])) <= max(abs(beta_old * float(s_old[-1, i])),
-                                                      floor * scale)
-               for i in ends)
+               and float(r[i]) <= max(float(r_old[i]), floor * scale) for i in ends)
 
 
-def _stop(ritz: torch.Tensor, s: torch.Tensor, beta: float, prev: tuple | None, held: bool,
+def _stop(ritz: torch.Tensor, r: torch.Tensor, beta: float, prev: tuple | None, held: bool,
           j: int, stop: str, tol: float, dim: int, dtype: torch.dtype) -> tuple[bool, bool]:
     """``(stop now, the bound held at step j)``: an invariant subspace (``β ≈ 0``: the Ritz
     values are exact), or the residual bound within ``max(tol, rounding floor)`` at this step
@@ -218,8 +314,8 @@ def _stop(ritz: torch.Tensor, s: torch.Tensor, beta: float, prev: tuple | None, 
         return True, held
     floor = rounding_floor(j + 1, dim, dtype)
     eff = max(tol, floor)  # no bound below the rounding
-    ok = j >= 1 and _within(ritz, s, beta, stop, eff)
-    return ok and held and _settled(ritz, s, beta, prev, stop, eff, floor), ok
+    ok = j >= 1 and _within(ritz, r, stop, eff)
+    return ok and held and _settled(ritz, r, prev, stop, eff, floor), ok
 
 
 def lanczos(
@@ -235,14 +331,20 @@ def lanczos(
     max_vectors: int | None = None,
     on_step: Callable[[torch.Tensor, torch.Tensor, float], None] | None = None,
     out_arg: bool = False,
+    reorth: str = "full",
 ) -> dict:
-    """Lanczos tridiagonalisation with full re-orthogonalisation.
+    """Lanczos tridiagonalisation with full or partial re-orthogonalisation.
 
-    ``q_{j+1} β_j = H q_j - α_j q_j - β_{j-1} q_{j-1}``, then ``q_{j+1}`` is orthogonalised
-    against every earlier ``q`` by classical Gram-Schmidt, and a second time where the first
-    pass cancelled more than ``1 − 1/√2`` of its norm (the DGKS criterion: Daniel, Gragg,
-    Kaufman & Stewart 1976; "twice is enough", and once is where nothing cancelled). Returns the
-    Ritz values (ascending), the eigenvectors ``s`` of ``T`` (columns), ``beta_last`` and the
+    ``q_{j+1} β_j = H q_j - α_j q_j - β_{j-1} q_{j-1}``, then (``reorth="full"``) ``q_{j+1}``
+    is orthogonalised against every earlier ``q`` by classical Gram-Schmidt, and a second time
+    where the first pass cancelled more than ``1 − 1/√2`` of its norm (the DGKS criterion:
+    Daniel, Gragg, Kaufman & Stewart 1976; "twice is enough", and once is where nothing
+    cancelled). ``reorth="partial"`` does that only where Simon's estimate of the loss of
+    orthogonality passes ``√u`` (:class:`_Partial`), and measures the extreme Ritz pairs'
+    residuals at the stop (:func:`_measured_residuals`); with ``stop="none"`` it is full, and
+    a run that outgrows ``max_vectors`` goes on with the window's local re-orthogonalisation.
+    Returns the Ritz values (ascending), the eigenvectors ``s`` of ``T`` (columns),
+    ``beta_last``, ``residuals`` (one per Ritz value: ``|β_m s_{m,i}|``, or measured) and the
     number of steps. ``stop="extremes"`` (``"max"``: the largest only) stops by :func:`_stop`:
     residual bounds below ``max(tol, rounding_floor)·max|θ|`` at two steps, extremes settled;
     ``stop="none"`` runs ``max_steps`` (SLQ). An invariant subspace (``β ≈ 0``) ends it, exact.
@@ -256,8 +358,11 @@ def lanczos(
     step then turns into ``q_{j+1}`` in place (no new ``dim``-sized buffer, and no fresh
     pages to fault in, per step).
     """
+    if reorth not in ("full", "partial"):
+        raise ValueError(f"reorth: full or partial, got {reorth!r}")
     max_steps = max(1, min(max_steps, dim))
     cap = max_steps + 1 if max_vectors is None else max(3, min(int(max_vectors), max_steps + 1))
+    part = _Partial(dim, dtype) if reorth == "partial" and stop != "none" else None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = (torch.randn(dim, generator=gen, dtype=torch.float64) if v0 is None  # no float64 copy
          else v0.detach().to(dtype=dtype))  # of a float32 start
@@ -266,21 +371,19 @@ def lanczos(
     torch.div(q.to(device), _norm(q), out=Q[0])  # not q.norm(): in float32 on a CPU it is off
     del q  # by 4e-4 at 11M entries
     alphas, betas = [], []
-    ritz = s = prev = None
+    ritz = s = prev = r = None
     held = False  # the bound held at the previous step
     for j in range(max_steps):
         nxt = (j + 1) % cap
         if nxt >= Q.shape[0]:  # grown by doubling (no max_vectors)
             Q = torch.cat([Q, torch.empty_like(Q[: min(Q.shape[0], cap - Q.shape[0])])])
+        if part is not None and j + 1 >= cap:  # the window wraps: local from here on
+            part = None
         cur = Q[j % cap]
         # into q_{j+1}'s own row where that row is free (not past the window): no new buffer
         w = matvec(cur, out=Q[nxt]) if out_arg and j + 1 < cap else matvec(cur)
         w = w.to(dtype)
-        alphas.append(_dot(cur, w))  # α_j, then w = Hq_j − α_j q_j − β_{j-1} q_{j-1}
-        w.sub_(cur, alpha=alphas[-1])
-        if j > 0:
-            w.sub_(Q[(j - 1) % cap], alpha=betas[-1])
-        beta = _orthogonalise(w, Q[: min(j + 1, cap)])
+        beta = _three_term(w, Q, j, cap, alphas, betas, part)
         last = j + 1 >= max_steps
         if stop == "none" and not last:  # SLQ: no eigh per step; max|α| <= max|θ| serves
             scale = max(abs(a) for a in alphas)  # to detect an invariant subspace (β ≈ 0)
@@ -289,15 +392,54 @@ def lanczos(
                 break
         else:
             ritz, s = _tridiagonal_eigh(alphas, betas)
+            r = (beta * s[-1, :]).abs() if part is None else part.estimates(s, beta)
             if on_step is not None:  # progress: (Ritz values, their vectors in T, β)
                 on_step(ritz, s, beta)
-            done, held = _stop(ritz, s, beta, prev, held, j, stop, tol, dim, dtype)
+            done, held = _stop(ritz, r, beta, prev, held, j, stop, tol, dim, dtype)
+            if part is not None and (done or last) and beta > 0:
+                r = _measure(part, r, w, Q, j, nxt, s, stop)
+                done = done and _within(ritz, r, stop, max(tol, rounding_floor(j + 1, dim, dtype)))
             if last or done:
                 break
-            prev = (ritz, s, beta)
+            prev = (ritz, r)
         betas.append(beta)
         torch.div(w, beta, out=Q[nxt])  # in place where w is that row already
-    return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "steps": len(alphas),
-            "rounding_floor": rounding_floor(len(alphas), dim, dtype),
+    if r is None:
+        r = (beta * s[-1, :]).abs()
+    return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "residuals": r,
+            "steps": len(alphas), "rounding_floor": rounding_floor(len(alphas), dim, dtype),
             "alphas": alphas, "betas": betas[: len(alphas) - 1], "vectors_kept": cap,
-            "window": len(alphas) > cap}
+            "window": len(alphas) > cap, "reorth": "full" if part is None else "partial",
+            "reorth_steps": len(alphas) if part is None else len(part.removed)}
+
+
+def _three_term(w: torch.Tensor, Q: torch.Tensor, j: int, cap: int, alphas: list, betas: list,
+                part: _Partial | None) -> float:
+    """``w = Hq_j − α_j q_j − β_{j−1} q_{j−1}`` in place (``α_j`` appended to ``alphas``), then
+    re-orthogonalised (against the basis, or the window; :class:`_Partial` where it decides);
+    returns ``β_j = ‖w‖``."""
+    cur = Q[j % cap]
+    alphas.append(_dot(cur, w))
+    if 0 < j % cap:  # q_{j−1}, q_j adjacent rows: one pass over w for both
+        w.addmv_(Q[j % cap - 1: j % cap + 1].T,
+                 torch.tensor([betas[-1], alphas[-1]], dtype=w.dtype, device=w.device),
+                 alpha=-1.0)
+    else:
+        w.sub_(cur, alpha=alphas[-1])
+        if j > 0:
+            w.sub_(Q[(j - 1) % cap], alpha=betas[-1])
+    if part is None:
+        return _orthogonalise(w, Q[: min(j + 1, cap)])
+    return part.step(w, Q[: j + 1], alphas, betas, _norm(w))
+
+
+def _measure(part: _Partial, r: torch.Tensor, w: torch.Tensor, Q: torch.Tensor, j: int,
+             nxt: int, s: torch.Tensor, stop: str) -> torch.Tensor:
+    """``r`` with the extreme pairs' residuals measured (:func:`_measured_residuals`) over
+    ``q_0..q_j`` and ``w`` (copied into row ``j + 1`` unless it is that row already)."""
+    if w.data_ptr() != Q[nxt].data_ptr():
+        Q[nxt].copy_(w)
+    ends = [len(r) - 1] if stop == "max" else sorted({0, len(r) - 1})
+    r = r.clone()
+    r[ends] = _measured_residuals(Q[: j + 2], s[:, ends], part.correction(s[:, ends]))
+    return r

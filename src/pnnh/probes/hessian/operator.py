@@ -132,6 +132,15 @@ def select_parameters(model: nn.Module, params: str | Sequence[str] | None = Non
     return chosen
 
 
+def _reorth_note(res: dict) -> str:
+    """How a Lanczos run kept its basis orthogonal, for ``reorthogonalisation`` in results."""
+    if res["window"]:
+        return f"local: against the latest {res['vectors_kept']} vectors (max_memory)"
+    if res["reorth"] == "partial":
+        return f"partial: {res['reorth_steps']} of {res['steps']} steps (residuals measured)"
+    return "full"
+
+
 def precision_note(tol: float, floor: float, dtype: torch.dtype) -> str | None:
     """One line when ``tol`` asks for less than the Lanczos vectors' precision allows
     (:func:`~.lanczos.rounding_floor`), else ``None``."""
@@ -634,11 +643,16 @@ class HessianOperator:
 
     def extreme_eigenvalues(
         self, tol: float = 1e-6, max_iter: int = 200, seed: int = 0, which: str = "both",
-        bound: str = "residual", start: str = "auto",
+        bound: str = "residual", start: str = "auto", reorth: str = "partial",
     ) -> dict:
-        """Largest and smallest (algebraic) eigenvalues by Lanczos with full re-orthogonalisation.
+        """Largest and smallest (algebraic) eigenvalues by Lanczos.
 
-        Stops when the Ritz residual ``r = ||Hu − θu|| = |β_m s_{m,i}|`` of both extreme Ritz
+        ``reorth="partial"`` (default) re-orthogonalises the basis only where Simon's estimate
+        of its loss of orthogonality passes ``√u`` and measures the residuals at the stop
+        (:class:`~.lanczos._Partial`: the Ritz values as accurate, a few passes over the basis
+        a run instead of one or two a step); ``"full"`` every step. Stops when the Ritz
+        residual ``r = ||Hu − θu||`` (``|β_m s_{m,i}|`` with full re-orthogonalisation,
+        measured with partial) of both extreme Ritz
         values (a guaranteed bound: some eigenvalue lies within ``r`` of ``θ``) is
         ``<= tol·max|θ|`` at two consecutive steps with the values settled (see
         :func:`~.lanczos.lanczos`), or after ``max_iter`` steps (``converged`` says which).
@@ -653,6 +667,8 @@ class HessianOperator:
         """
         if bound not in ("residual", "gap"):
             raise ConfigError(f"bound: residual or gap, got {bound!r}", field="bound")
+        if reorth not in ("partial", "full"):
+            raise ConfigError(f"reorth: partial or full, got {reorth!r}", field="reorth")
         if start not in ("auto", "random", "gradient", "mixed"):
             raise ConfigError(f"start: auto, random, gradient or mixed, got {start!r}",
                               field="start")
@@ -668,11 +684,12 @@ class HessianOperator:
             res = lanczos(self.hvp, self.dim, max_iter, tol=tol, seed=seed, v0=v0,
                           device=self.theta.device, stop="max" if which == "max" else "extremes",
                           dtype=self.vector_dtype, max_vectors=self.lanczos_vectors(),
-                          on_step=show, out_arg=True)
+                          on_step=show, out_arg=True, reorth=reorth)
         del v0
         theta = res["ritz"]
         scale = max(float(theta.abs().max()), 1e-300)
-        err = ritz_error_bounds(theta, res["ritz_vectors"], res["beta_last"], bound)
+        err = ritz_error_bounds(theta, res["ritz_vectors"], res["beta_last"], bound,
+                                residuals=res["residuals"])
         floor = res["rounding_floor"]  # what the vectors' precision allows (relative)
         bound_max, bound_min = err["max"] + floor * scale, err["min"] + floor * scale
         return {
@@ -693,8 +710,7 @@ class HessianOperator:
                                    or err["residual_min"] <= max(tol, floor) * scale)),
             "ritz_values": theta.tolist(),
             "lanczos_vectors": res["vectors_kept"],
-            "reorthogonalisation": (f"local: against the latest {res['vectors_kept']} vectors "
-                                    "(max_memory)" if res["window"] else "full"),
+            "reorthogonalisation": _reorth_note(res),
             "hvp": self.hvp_kind,
             "method": self.hvp_method,
         }

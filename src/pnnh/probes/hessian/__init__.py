@@ -9,8 +9,9 @@ algorithm, each readable on its own with its paper and its error bound:
   exact over one batch or a whole data loader), BatchNorm folding, the TF32 guard
   (:func:`full_float32`), parameter selection and the losses. The estimators below are its
   methods: ``extreme_eigenvalues``, ``trace``, ``spectral_density``, ``dense``.
-- :mod:`.lanczos` — :func:`lanczos` with full re-orthogonalisation and
-  :func:`ritz_error_bounds` (residual ``|β_m s_{m,i}|``, guaranteed, or ``r²/gap``).
+- :mod:`.lanczos` — :func:`lanczos` with full or partial re-orthogonalisation (Simon 1984,
+  residuals measured at the stop) and :func:`ritz_error_bounds` (residual, guaranteed, or
+  ``r²/gap``).
 - :mod:`.trace` — :func:`estimate_trace` over :mod:`.xtrace` (Epperly, Tropp & Webber 2024),
   :mod:`.hutchpp` (Meyer et al. 2021) and :mod:`.hutchinson` (Hutchinson 1989), each with a
   measured standard error and a stopping rule ``z·stderr <= rel_tol·|trace|``.

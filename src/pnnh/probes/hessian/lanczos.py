@@ -206,10 +206,14 @@ class _Partial:
         self.removed: dict[int, torch.Tensor] = {}  # step j -> coefficients on q_0..q_j
 
     def step(self, w: torch.Tensor, held: torch.Tensor, alphas: list, betas: list,
-             beta: float) -> float:
+             beta: float, cap: int) -> float:
         """Step ``j = len(alphas) − 1``: ``w = β q_{j+1}`` after the three-term update, ``held``
-        the basis ``q_0..q_j``; returns ``β_j`` (after a pass, where one was needed)."""
+        the basis rows (``q_k`` in row ``k % cap``: all of ``q_0..q_j``, or the latest ``cap``
+        where a memory budget holds no more); returns ``β_j`` (after a pass, where one was
+        needed). Past the window only the vectors held are watched and re-orthogonalised
+        against (orthogonality to older ones is lost, as with local re-orthogonalisation)."""
         j = len(alphas) - 1
+        lo = max(0, j + 1 - cap)  # the oldest vector still held
         norm_t = max(abs(a) + (betas[i - 1] if i else 0.0) + (betas[i] if i < j else beta)
                      for i, a in enumerate(alphas))  # Gershgorin: >= ‖T‖
         psi = self.rel * norm_t
@@ -218,12 +222,15 @@ class _Partial:
             raw = betas[k] * om[k + 1] + (alphas[k] - alphas[j]) * om[k] - betas[j - 1] * self.before[k]
             raw += betas[k - 1] * om[k - 1] if k else 0.0
             new.append((raw + math.copysign(psi, raw)) / max(beta, 1e-300))
-        if self.force or (new and max(map(abs, new)) > math.sqrt(self.u)):
-            c = torch.zeros(j + 1, dtype=torch.float64, device=w.device)
+        if self.force or any(abs(x) > math.sqrt(self.u) for x in new[lo:]):
+            c = torch.zeros(held.shape[0], dtype=torch.float64, device=w.device)
             beta = _orthogonalise(w, held, c)
-            self.removed[j] = c
+            rows = torch.arange(held.shape[0])
+            steps = rows + cap * torch.div(j - rows, cap, rounding_mode="floor")  # row -> k
+            self.removed[j] = torch.zeros(j + 1, dtype=torch.float64,
+                                          device=w.device).index_copy_(0, steps.to(w.device), c)
             self.force = not self.force  # this step and the next
-            new = [psi / max(beta, 1e-300)] * j
+            new = [*new[:lo], *[psi / max(beta, 1e-300)] * (j - lo)]
         self.before, self.omega = om, [*new, psi / max(beta, 1e-300), 1.0]
         return beta
 
@@ -341,8 +348,9 @@ def lanczos(
     Daniel, Gragg, Kaufman & Stewart 1976; "twice is enough", and once is where nothing
     cancelled). ``reorth="partial"`` does that only where Simon's estimate of the loss of
     orthogonality passes ``√u`` (:class:`_Partial`), and measures the extreme Ritz pairs'
-    residuals at the stop (:func:`_measured_residuals`); with ``stop="none"`` it is full, and
-    a run that outgrows ``max_vectors`` goes on with the window's local re-orthogonalisation.
+    residuals at the stop (:func:`_measured_residuals`); with ``stop="none"`` it is full. A
+    run that outgrows ``max_vectors`` re-orthogonalises (fully or where the estimate says)
+    against the latest vectors only, and its residuals are estimates (no basis to measure).
     Returns the Ritz values (ascending), the eigenvectors ``s`` of ``T`` (columns),
     ``beta_last``, ``residuals`` (one per Ritz value: ``|β_m s_{m,i}|``, or measured) and the
     number of steps. ``stop="extremes"`` (``"max"``: the largest only) stops by :func:`_stop`:
@@ -377,8 +385,6 @@ def lanczos(
         nxt = (j + 1) % cap
         if nxt >= Q.shape[0]:  # grown by doubling (no max_vectors)
             Q = torch.cat([Q, torch.empty_like(Q[: min(Q.shape[0], cap - Q.shape[0])])])
-        if part is not None and j + 1 >= cap:  # the window wraps: local from here on
-            part = None
         cur = Q[j % cap]
         # into q_{j+1}'s own row where that row is free (not past the window): no new buffer
         w = matvec(cur, out=Q[nxt]) if out_arg and j + 1 < cap else matvec(cur)
@@ -396,7 +402,7 @@ def lanczos(
             if on_step is not None:  # progress: (Ritz values, their vectors in T, β)
                 on_step(ritz, s, beta)
             done, held = _stop(ritz, r, beta, prev, held, j, stop, tol, dim, dtype)
-            if part is not None and (done or last) and beta > 0:
+            if part is not None and (done or last) and beta > 0 and j + 1 < cap:
                 r = _measure(part, r, w, Q, j, nxt, s, stop)
                 done = done and _within(ritz, r, stop, max(tol, rounding_floor(j + 1, dim, dtype)))
             if last or done:
@@ -420,17 +426,33 @@ def _three_term(w: torch.Tensor, Q: torch.Tensor, j: int, cap: int, alphas: list
     returns ``β_j = ‖w‖``."""
     cur = Q[j % cap]
     alphas.append(_dot(cur, w))
-    if 0 < j % cap:  # q_{j−1}, q_j adjacent rows: one pass over w for both
-        w.addmv_(Q[j % cap - 1: j % cap + 1].T,
-                 torch.tensor([betas[-1], alphas[-1]], dtype=w.dtype, device=w.device),
-                 alpha=-1.0)
-    else:
-        w.sub_(cur, alpha=alphas[-1])
-        if j > 0:
-            w.sub_(Q[(j - 1) % cap], alpha=betas[-1])
+    k = j % cap
+    pair = Q[k - 1: k + 1] if k > 0 else Q[k: k + 1]  # q_{j−1}, q_j where adjacent rows
+    coef = [betas[-1], alphas[-1]] if k > 0 else [alphas[-1]]
+    if k == 0 and j > 0:
+        w.sub_(Q[(j - 1) % cap], alpha=betas[-1])  # the window wrapped: q_{j−1} elsewhere
     if part is None:
+        w.addmv_(pair.T, torch.tensor(coef, dtype=w.dtype, device=w.device), alpha=-1.0)
         return _orthogonalise(w, Q[: min(j + 1, cap)])
-    return part.step(w, Q[: j + 1], alphas, betas, _norm(w))
+    return part.step(w, Q[: min(j + 1, cap)], alphas, betas, _update_and_norm(w, pair, coef),
+                     cap)
+
+
+def _update_and_norm(w: torch.Tensor, rows: torch.Tensor, coef: list[float]) -> float:
+    """``w −= rowsᵀ coef``, then ``‖w‖`` with float64 accumulation (:func:`_dots`' bound),
+    slice by slice, so each slice of ``w`` is summed while it is still in cache: one pass over
+    ``w`` where the update and :func:`_norm` took two."""
+    c = torch.tensor(coef, dtype=w.dtype, device=w.device)
+    step = _CHUNK * 4
+    scratch = _scratch(step, torch.float64, w.device)
+    acc = torch.zeros((), dtype=torch.float64, device=w.device)
+    for i in range(0, w.shape[-1], step):
+        ws = w[i:i + step]
+        ws.addmv_(rows[:, i:i + step].T, c, alpha=-1.0)
+        block = scratch[: ws.shape[-1]]
+        block.copy_(ws)  # widened: exact
+        acc += block @ block
+    return math.sqrt(float(acc))
 
 
 def _measure(part: _Partial, r: torch.Tensor, w: torch.Tensor, Q: torch.Tensor, j: int,

@@ -135,7 +135,9 @@ def select_parameters(model: nn.Module, params: str | Sequence[str] | None = Non
 def _reorth_note(res: dict) -> str:
     """How a Lanczos run kept its basis orthogonal, for ``reorthogonalisation`` in results."""
     if res["window"]:
-        return f"local: against the latest {res['vectors_kept']} vectors (max_memory)"
+        how = (f", partial: {res['reorth_steps']} of {res['steps']} steps"
+               if res["reorth"] == "partial" else "")
+        return f"local: against the latest {res['vectors_kept']} vectors (max_memory){how}"
     if res["reorth"] == "partial":
         return f"partial: {res['reorth_steps']} of {res['steps']} steps (residuals measured)"
     return "full"

@@ -113,9 +113,9 @@ def hessian_summary(
         lambda_max=lmax, lambda_min=lmin, trace=tr["trace"], trace_stderr=tr["trace_stderr"],
         condition_number=lmax / lmin if pd else None,
         condition_number_positive=lmax / lmin if pd else None,
-        method=(f"Lanczos (full re-orthogonalisation, tol {tol:g} relative Ritz residual, "
+        method=(f"Lanczos (tol {tol:g} relative Ritz residual, "
                 f"{ext['iterations']} steps, converged={ext['converged']}, "
-                f"{ext['reorthogonalisation']} re-orthogonalisation); {tr['trace_method']} trace "
+                f"re-orthogonalisation {ext['reorthogonalisation']}); {tr['trace_method']} trace "
                 f"({tr['samples']} HVPs); SLQ density ({slq_runs}x{slq_steps}, {slq_quadrature} "
                 f"quadrature); "
                 f"condition numbers only when λmin > {zero_tol:g}·max|λ| (else null: the "
@@ -127,7 +127,9 @@ def hessian_summary(
                "rounding_floor": ext["rounding_floor"],
                **({"precision_note": ext["precision_note"]} if ext["precision_note"] else {}),
                "lanczos_iterations": ext["iterations"],
-               "lanczos_converged": ext["converged"], "hutchinson_samples": tr["samples"],
+               "lanczos_converged": ext["converged"],
+               "lanczos_reorthogonalisation": ext["reorthogonalisation"],
+               "hutchinson_samples": tr["samples"],
                "trace_method": tr["trace_method"], "slq_quadrature": slq_quadrature,
                "num_samples": op.num_samples, "batchnorm_folded": len(op.folded),
                "world_size": op.world_size,

@@ -78,15 +78,12 @@ def problem(name: str, batch: int, seed: int = 0):
 
 
 def use_allocator(spec: dict) -> None:
-    """In a worker: memory set as the ``pnnh`` command sets it where ``spec["allocator"]`` is
-    ``"cli"`` (:func:`pnnh.allocator.retain_freed_memory`, and huge pages for large tensors,
-    :func:`pnnh.allocator.huge_pages_for_large_tensors`, before the first one); left as it is
-    otherwise."""
+    """In a worker: glibc set as the ``pnnh`` command sets it where ``spec["allocator"]`` is
+    ``"cli"`` (:func:`pnnh.allocator.retain_freed_memory`); left as it is otherwise."""
     if spec.get("allocator") == "cli":
-        from pnnh.allocator import huge_pages_for_large_tensors, retain_freed_memory
+        from pnnh.allocator import retain_freed_memory
 
         retain_freed_memory()
-        huge_pages_for_large_tensors()
 
 
 # -- one λmax call per tool, with its HVPs timed ------------------------------------------------

@@ -79,62 +79,9 @@ def test_the_command_sets_it_and_the_library_does_not(monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append("set") or True)
-    monkeypatch.setattr(allocator, "huge_pages_for_large_tensors",
-                        lambda: calls.append("thp") or True)
     assert cli.main(["models"]) == 0
     assert calls == []
     with pytest.raises(SystemExit) as e:
         cli.run(["models"])
-    assert e.value.code == 0 and calls == ["set", "thp"]
+    assert e.value.code == 0 and calls == ["set"]
     capsys.readouterr()
-
-
-# In a fresh interpreter: a 64 MiB tensor, then the kernel's count of its huge pages.
-THP_PROBE = textwrap.dedent("""
-    import json, sys
-    from pnnh.allocator import huge_pages_for_large_tensors
-    applied = huge_pages_for_large_tensors() if sys.argv[1] == "set" else None
-    import torch
-    t = torch.empty(16 * 2**20)  # 64 MiB
-    t.fill_(1.0)
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * 4
-    huge, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(a, 16) for a in head.split("-"))
-            inside = lo < end and start < hi
-        elif inside and head == "AnonHugePages:":
-            huge += int(line.split()[1]) * 1024
-    print(json.dumps({"applied": applied, "huge": huge}))
-""")
-
-
-def thp_mode() -> str:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return f.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return "unknown"
-
-
-def thp_probe(mode: str, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("THP_MEM_ALLOC_ENABLE", "PNNH_MALLOC")}
-    proc = subprocess.run([sys.executable, "-c", THP_PROBE, mode], env={**clean, **env},
-                          capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.skipif(thp_mode() not in ("madvise", "always"),
-                    reason="the kernel's transparent huge pages are off")
-def test_large_tensors_get_huge_pages_once_set():
-    """Set, PyTorch asks for huge pages for a 64 MiB tensor and the kernel backs it with them
-    (``AnonHugePages`` of its mapping); under ``madvise``, unset, it gets none. The user's own
-    ``THP_MEM_ALLOC_ENABLE`` or ``PNNH_MALLOC=default`` is left alone."""
-    got = thp_probe("set")
-    assert got["applied"] is True and got["huge"] >= 32 * 2**20
-    if thp_mode() == "madvise":
-        assert thp_probe("unset")["huge"] == 0
-        assert thp_probe("set", THP_MEM_ALLOC_ENABLE="0") == {"applied": False, "huge": 0}
-        assert thp_probe("set", PNNH_MALLOC="default") == {"applied": False, "huge": 0}

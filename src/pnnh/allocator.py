@@ -1,5 +1,4 @@
-"""The ``pnnh`` process's memory settings: glibc's allocator set to keep freed memory for the
-next pass, and transparent huge pages for large tensors.
+"""glibc's allocator set to keep freed memory for the next pass (the ``pnnh`` process).
 
 PyTorch on a CPU allocates every tensor through ``malloc``. glibc serves a request of
 ``M_MMAP_THRESHOLD`` or more (128 KiB at start, raised on the fly up to 32 MiB as such blocks
@@ -18,16 +17,6 @@ sets it; a library call does not change a process-wide setting behind its caller
 Where the user set glibc's malloc variables (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``glibc.malloc.*`` in ``GLIBC_TUNABLES``), or
 ``PNNH_MALLOC=default``, nothing changes.
-
-Huge pages (:func:`huge_pages_for_large_tensors`): PyTorch's CPU allocator (2.2 and later)
-aligns tensors of 2 MiB or more to 2 MiB and asks the kernel for transparent huge pages for
-them (``madvise(MADV_HUGEPAGE)``) where ``THP_MEM_ALLOC_ENABLE=1``. A fresh model-sized vector
-(a Lanczos row, 47-100 MB on ResNet-18/50) is then faulted in 2 MiB at a time instead of 4 KiB:
-on ResNet-50 an HVP written into a fresh row took 1.38 s against 1.30 s into a row already in
-memory, 1.19 against 1.16 s with huge pages, and bare autograd's HVP 1.25 → 1.05 s (one
-process, interleaved; docs/BENCHMARKS.md). The kernel's ``transparent_hugepage/enabled`` must
-be ``madvise`` or ``always``; ``never`` (or the user's own ``THP_MEM_ALLOC_ENABLE``, or
-``PNNH_MALLOC=default``) leaves it alone.
 """
 
 from __future__ import annotations
@@ -64,26 +53,3 @@ def retain_freed_memory(mmap_threshold: int = MMAP_CEILING,
     if mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)) != 1:  # 1 = accepted (glibc)
         return False
     return mallopt(M_TRIM_THRESHOLD, int(trim_threshold)) == 1
-
-
-THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def huge_pages_for_large_tensors() -> bool:
-    """Set ``THP_MEM_ALLOC_ENABLE=1`` for PyTorch's CPU allocator (see the module docstring);
-    ``True`` where set. ``False``, changing nothing, off Linux, where the kernel's transparent
-    huge pages are ``never`` (or unknown), where the user set ``THP_MEM_ALLOC_ENABLE``, or under
-    ``PNNH_MALLOC=default``. PyTorch reads the variable once, at the process's first large
-    allocation: call it before any model or data is built."""
-    if (not sys.platform.startswith("linux") or os.environ.get("PNNH_MALLOC") == "default"
-            or "THP_MEM_ALLOC_ENABLE" in os.environ):
-        return False
-    try:
-        with open(THP_SETTING) as f:
-            mode = f.read()
-    except OSError:
-        return False
-    if "[always]" not in mode and "[madvise]" not in mode:
-        return False
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
-    return True

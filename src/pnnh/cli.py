@@ -425,11 +425,10 @@ def run(argv: list[str] | None = None) -> NoReturn:
     which under load could still abort a finished rank ("terminate called without an active
     exception", SIGABRT) and turn a finished job into a failed one (docs/RELIABILITY.md).
     """
-    from pnnh.allocator import huge_pages_for_large_tensors, retain_freed_memory
+    from pnnh.allocator import retain_freed_memory
     from pnnh.device import under_torchrun
 
     retain_freed_memory()  # one job, then exit: freed memory kept for the next pass
-    huge_pages_for_large_tensors()  # before the first large tensor: PyTorch reads it then
     code = main(argv)
     if under_torchrun():
         sys.stdout.flush()

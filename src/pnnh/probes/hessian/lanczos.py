@@ -140,7 +140,10 @@ def rounding_floor(steps: int, dim: int, dtype: torch.dtype = torch.float32) -> 
     is within ``|β_m s_{m,i}| + (5√m + 2m + 5)·u‖H‖ + dim·2⁻⁵³‖H‖`` of an eigenvalue (Paige
     1976; Parlett 1998, §13-4). This returns the last two terms over ``‖H‖``: in float32
     2.4e-6 at 10 steps, 7.0e-6 at 40; in float64 ~1e-14. The HVP's own rounding (the model's
-    arithmetic, not Lanczos's) comes on top."""
+    arithmetic, not Lanczos's) comes on top. With partial re-orthogonalisation the residual is
+    measured on the basis as stored (:func:`_measured_residuals`), orthogonal or not; only
+    ``‖F_m‖`` is then needed, and the floor, which keeps the orthogonality terms, bounds it
+    all the same."""
     u = torch.finfo(dtype).eps / 2
     m = max(int(steps), 1)
     return (5.0 * math.sqrt(m) + 2.0 * m + 5.0) * u + dim * 2.0**-53

@@ -346,41 +346,30 @@ def lanczos(
     """Lanczos tridiagonalisation with full or partial re-orthogonalisation.
 
     ``q_{j+1} β_j = H q_j - α_j q_j - β_{j-1} q_{j-1}``, then (``reorth="full"``) ``q_{j+1}``
-    is orthogonalised against every earlier ``q`` by classical Gram-Schmidt, and a second time
-    where the first pass cancelled more than ``1 − 1/√2`` of its norm (the DGKS criterion:
-    Daniel, Gragg, Kaufman & Stewart 1976; "twice is enough", and once is where nothing
-    cancelled). ``reorth="partial"`` does that only where Simon's estimate of the loss of
-    orthogonality passes ``√u`` (:class:`_Partial`), and measures the extreme Ritz pairs'
-    residuals at the stop (:func:`_measured_residuals`); with ``stop="none"`` it is full. A
-    run that outgrows ``max_vectors`` re-orthogonalises (fully or where the estimate says)
-    against the latest vectors only, and its residuals are estimates (no basis to measure).
+    is orthogonalised against every earlier ``q`` (:func:`_orthogonalise`: classical
+    Gram-Schmidt, twice where the first pass cancelled, DGKS 1976); ``"partial"`` does that
+    where Simon's estimate says (:class:`_Partial`) and measures the extreme pairs' residuals
+    at the stop (:func:`_measured_residuals`; past ``max_vectors``, estimates); SLQ is full.
     Returns the Ritz values (ascending), the eigenvectors ``s`` of ``T`` (columns),
-    ``beta_last``, ``residuals`` (one per Ritz value: ``|β_m s_{m,i}|``, or measured) and the
-    number of steps. ``stop="extremes"`` (``"max"``: the largest only) stops by :func:`_stop`:
+    ``beta_last``, ``residuals`` (``|β_m s_{m,i}|``, or measured), the number of steps.
+    ``stop="extremes"`` (``"max"``: the largest only) stops by :func:`_stop`:
     residual bounds below ``max(tol, rounding_floor)·max|θ|`` at two steps, extremes settled;
     ``stop="none"`` runs ``max_steps`` (SLQ). An invariant subspace (``β ≈ 0``) ends it, exact.
 
-    Memory: vectors in ``dtype`` (float32 halves float64's; ``α``, ``β`` accumulated in
-    float64), at most ``max_vectors``; past that, re-orthogonalisation against the latest
-    ``max_vectors`` only: orthogonality to older ones is lost as Ritz values converge (Paige
-    1976), the extreme ones still converge with residual bounds ``|β_m s_{m,i}|`` up to
-    rounding, but may reappear as copies ("ghosts"); ``window`` says so. ``out_arg``:
-    ``matvec(v, out=row)`` writes ``Hv`` into the basis row of the next vector, which the
-    step then turns into ``q_{j+1}`` in place (no new ``dim``-sized buffer, and no fresh
-    pages to fault in, per step).
+    Memory: vectors in ``dtype`` (``α``, ``β`` in float64), at most ``max_vectors`` (past
+    them orthogonality to older ones is lost as Ritz values converge, Paige 1976: the extreme
+    ones still converge, but may reappear as copies; ``window`` says so). ``out_arg``:
+    ``matvec(v, out=row)`` writes ``Hv`` into the next vector's row, turned into ``q_{j+1}``
+    in place (no new ``dim``-sized buffer per step).
     """
     if reorth not in ("full", "partial"):
         raise ValueError(f"reorth: full or partial, got {reorth!r}")
     max_steps = max(1, min(max_steps, dim))
     cap = max_steps + 1 if max_vectors is None else max(3, min(int(max_vectors), max_steps + 1))
     part = _Partial(dim, dtype) if reorth == "partial" and stop != "none" else None
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = (torch.randn(dim, generator=gen, dtype=torch.float64) if v0 is None  # no float64 copy
-         else v0.detach().to(dtype=dtype))  # of a float32 start
     # q_k in row k % cap; grown by doubling without max_vectors, else cap rows at once
     Q = torch.empty(min(16, cap) if max_vectors is None else cap, dim, dtype=dtype, device=device)
-    torch.div(q.to(device), _norm(q), out=Q[0])  # not q.norm(): in float32 on a CPU it is off
-    del q  # by 4e-4 at 11M entries
+    _start(Q[0], v0, seed)
     alphas, betas = [], []
     ritz = s = prev = r = None
     held = False  # the bound held at the previous step
@@ -413,13 +402,22 @@ def lanczos(
             prev = (ritz, r)
         betas.append(beta)
         torch.div(w, beta, out=Q[nxt])  # in place where w is that row already
-    if r is None:
-        r = (beta * s[-1, :]).abs()
-    return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta, "residuals": r,
+    return {"ritz": ritz, "ritz_vectors": s, "beta_last": beta,
+            "residuals": (beta * s[-1, :]).abs() if r is None else r,
             "steps": len(alphas), "rounding_floor": rounding_floor(len(alphas), dim, dtype),
             "alphas": alphas, "betas": betas[: len(alphas) - 1], "vectors_kept": cap,
             "window": len(alphas) > cap, "reorth": "full" if part is None else "partial",
             "reorth_steps": len(alphas) if part is None else len(part.removed)}
+
+
+def _start(row: torch.Tensor, v0: torch.Tensor | None, seed: int) -> None:
+    """``row = v0/‖v0‖`` (a seeded Gaussian where ``v0`` is ``None``), the norm summed in
+    float64: not ``v0.norm()``, which in float32 on a CPU is off by 4e-4 at 11M entries. A
+    float32 start is not copied to float64."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = (torch.randn(row.shape[-1], generator=gen, dtype=torch.float64) if v0 is None
+         else v0.detach().to(dtype=row.dtype))
+    torch.div(q.to(row.device), _norm(q), out=row)
 
 
 def _three_term(w: torch.Tensor, Q: torch.Tensor, j: int, cap: int, alphas: list, betas: list,

@@ -6,8 +6,8 @@
 ``rows`` Gaussian float32 rows of ``dim`` entries (ResNet-18's parameter count by default) and a
 vector ``w`` with a large component in common with the first row (as a Lanczos ``w`` has with
 ``q_j`` before the three-term update), one thread. Printed per way of taking ``rows @ w`` and
-``‖w‖²``: the best of ``--repeats`` times and the largest error against the exact float64 dots,
-over ``Σ|a_i b_i|``:
+``‖w‖²``: the best of ``--repeats`` times (the ways taken in turn) and the largest error
+against the exact float64 dots, over ``Σ|a_i b_i|``:
 
 - ``pnnh``: ``lanczos._dots`` (slices widened to float64, a float64 matrix-vector product:
   exact products, float64 sums);
@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _util import machine_info, save_results  # noqa: E402
+from _util import machine_info, save_results, time_round_robin  # noqa: E402
 
 from pnnh.probes.hessian.lanczos import _dots  # noqa: E402
 
@@ -66,17 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     ways = {"pnnh": lambda: _dots(held, w, norm=True),
             "sgemv": lambda: torch.cat([held @ w, (w @ w)[None]]).double(),
             "mul to float64": lambda: mul_to_float64(held, w)}
+    times = time_round_robin(ways, args.repeats)  # interleaved: the machine's drift shared
     rows = []
     for name, fn in ways.items():
-        fn()
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            got = fn()
-            times.append(time.perf_counter() - t)
-        err = float(((got - exact).abs() / scale).max())
-        rows.append({"way": name, "seconds": min(times), "error": err})
-        print(f"{name:<15} {min(times) * 1e3:8.1f} ms   error / Σ|a_i b_i| {err:.2e}", flush=True)
+        err = float(((fn() - exact).abs() / scale).max())
+        rows.append({"way": name, "seconds": min(times[name]), "error": err})
+        print(f"{name:<15} {min(times[name]) * 1e3:8.1f} ms   error / Σ|a_i b_i| {err:.2e}",
+              flush=True)
     return save_results("lanczos_dots", args, machine_info(), rows=rows)
 
 

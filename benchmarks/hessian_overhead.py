@@ -80,7 +80,7 @@ PARTS = {  # (file or "~" for builtins, function) -> what it is in a Lanczos ste
         "Gram-Schmidt passes over the kept rows (their dots, and w -= Q^T c)",
     ("lanczos.py", "_measured_residuals"):
         "the residuals measured at the stop (partial: one sweep over the basis)",
-    ("~", "<method 'sub_' of 'torch._C.TensorBase' objects>"): "w -= alpha q_j + beta q_j-1",
+    ("lanczos.py", "_update_and_norm"): "w -= alpha q_j + beta q_j-1, and ||w||, one pass (partial)",
     ("~", "<built-in method torch.div>"): "q_j+1 = w / beta",
     ("operator.py", "_hvp_rev_rev"): "HVPs, each with its copy into its Lanczos row",
 }

@@ -33,6 +33,7 @@ def test_models_lists_names_families_and_parameter_counts(capsys):
     (["train", "--config", "/nonexistent/c.yaml"], "config file not found: /nonexistent/c.yaml"),
     (["train", "--model", "plain_mlp", "--depth", "7"], "depth must be 2 + 2*k"),
     (["train", "--model-arg", "bogus=1"], "does not take option(s) bogus"),
+    (["train", "--model-arg", "a=NULL"], "does not take option(s) a"),  # a null value too
     (["train", "--lr-multiplier", "blocks=-1"], "lr_multipliers: blocks: must be a positive"),
     (["train", "--lr-multiplier", "blocks"], "--lr-multiplier expects KEY=VALUE"),
     (["train", "--lr-multiplier", "body=0.1", "--epochs", "1", "--num-samples", "100"],

@@ -223,6 +223,9 @@ def test_coder_options_are_one_object_and_options_of_the_model():
                         if f not in ("coder_kernel", "transition_norm", "transition_coder")]
     with pytest.raises(ConfigError, match="pnnh_mlp' does not take option.s. coder_kernel"):
         create_model("pnnh_mlp", coder_kernel=3)
+    with pytest.raises(ConfigError, match="does not take option.s. coder_kernel"):
+        create_model("pnnh_mlp", coder_kernel=None)  # unknown whatever its value
+    assert create_model("pnnh_mlp", depth=None, width=None, coder_ratio=None) is not None
     m = create_model("pnnh_mlp", depth=4, width=8, coder_constraint="penalty", penalty_weight=0.5,
                      project_every=3, coder_ratio=0.5, fused=False)
     assert (m.coder_constraint.mode, m.coder_constraint.penalty_weight) == ("penalty", 0.5)

@@ -112,25 +112,34 @@ def registered_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+#: Optional sizes the command line and the probes hand to every factory, ``None`` when unset.
+PASSED_THROUGH = ("depth", "width")
+
+
 def resolve_options(info: ModelInfo, kwargs: dict) -> tuple[dict, dict]:
     """Split ``kwargs`` into the factory's keyword arguments and the wrapper options.
 
-    ``None`` values are dropped (callers pass optional CLI values straight through); the
-    registration's defaults fill in what is missing; fields of the options dataclass are
+    ``None`` values of the names the factory takes, and of the optional sizes callers pass
+    straight through (:data:`PASSED_THROUGH`), are dropped; a ``None`` under any other name
+    is an unknown option like any other (``--model-arg a=NULL``). The registration's
+    defaults fill in what is missing; fields of the options dataclass are
     gathered into it. Returns ``(factory_kwargs, wrappers)`` where ``wrappers`` holds the
     :data:`WRAPPER_OPTIONS` the factory does not take. An unknown name is a one-line
     ConfigError naming the valid ones.
     """
-    merged = {**info.defaults, **{k: v for k, v in kwargs.items() if v is not None}}
     accepted = info.parameters()
     open_ended = info.accepts_any()
+    nulls = [k for k, v in kwargs.items() if v is None]
+    stray = sorted(k for k in nulls if k not in accepted and k not in PASSED_THROUGH
+                   and k not in WRAPPER_OPTIONS)
+    merged = {**info.defaults, **{k: v for k, v in kwargs.items() if v is not None}}
     wrappers = {k: merged.pop(k) for k in WRAPPER_OPTIONS
                 if k in merged and k not in accepted and not open_ended}
     if "tat_eta" in wrappers and not wrappers.get("tat"):
         raise ConfigError("tat_eta: only applies with tat=True (--tat); without it the model "
                           "keeps its ReLUs and tat_eta would be ignored", field="tat_eta")
     if not open_ended:
-        unknown = sorted(set(merged) - set(accepted))
+        unknown = sorted((set(merged) - set(accepted)) | set(stray))
         if unknown:
             raise ConfigError(f"model {info.name!r} does not take option(s) "
                               f"{', '.join(unknown)}; it takes: {', '.join(accepted)}",

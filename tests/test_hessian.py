@@ -28,6 +28,7 @@ from pnnh.probes.hessian.lanczos import (
     ritz_error_bounds,
     rounding_floor,
 )
+from pnnh.probes.hessian.operator import copy_product
 
 
 def small_net(seed: int = 0) -> nn.Module:
@@ -856,3 +857,34 @@ def test_partial_reorthogonalisation_within_a_memory_window():
                 stop="max", reorth="partial")
     assert r["window"] and r["reorth"] == "partial" and 1 <= r["reorth_steps"] < r["steps"]
     assert abs(float(r["ritz"][-1]) - 10.0) <= 2e-6 * 10.0
+
+
+def test_copy_product_moves_a_transposed_kernel_as_a_matrix():
+    """A 1x1 convolution's product as autograd's double backward lays it out (``(in, out)``
+    in memory) is copied as a 2-D transpose; every layout comes out the same values."""
+    g = torch.Generator().manual_seed(0)
+    for shape, perm in [((64, 32, 1, 1), (1, 0, 2, 3)), ((16, 8, 3, 3), (1, 0, 2, 3)),
+                        ((5, 7), (1, 0)), ((4, 6, 2, 2), (0, 1, 2, 3)), ((1, 9, 1, 1), (1, 0, 2, 3))]:
+        base = torch.randn([shape[i] for i in perm], generator=g)
+        h = base.permute(*[perm.index(i) for i in range(len(perm))])
+        assert h.shape == shape
+        dst = torch.full(shape, float("nan"))
+        assert copy_product(dst, h) is not None
+        assert torch.equal(dst, h)
+
+
+def test_past_the_window_products_go_into_one_spare_buffer():
+    """Past ``max_vectors`` the product of every step lands in the same spare buffer (no
+    ``dim``-sized allocation per step: a fresh mapping, its pages faulted in, each time)."""
+    n = 2000
+    d = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    seen = []
+
+    def matvec(v, out=None):
+        seen.append(out.data_ptr())
+        return torch.mul(d, v, out=out)
+
+    r = lanczos(matvec, n, 12, tol=0.0, max_vectors=4, out_arg=True, stop="max")
+    assert r["window"] and r["steps"] == 12
+    within, past = seen[:3], seen[3:]
+    assert len(set(within)) == 3 and len(set(past)) == 1 and past[0] not in within

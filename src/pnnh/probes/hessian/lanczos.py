@@ -359,9 +359,8 @@ def lanczos(
     Memory: vectors in ``dtype`` (``α``, ``β`` in float64), at most ``max_vectors`` (past
     them orthogonality to older ones is lost as Ritz values converge, Paige 1976: the extreme
     ones still converge, but may reappear as copies; ``window`` says so). ``out_arg``:
-    ``matvec(v, out=row)`` writes ``Hv`` into the next vector's row, turned into ``q_{j+1}``
-    in place (no new ``dim``-sized buffer per step).
-    """
+    ``matvec(v, out=row)`` writes ``Hv`` into the next vector's row (past the window, whose
+    rows are all watched, into one spare buffer): no new ``dim``-sized buffer per step."""
     if reorth not in ("full", "partial"):
         raise ValueError(f"reorth: full or partial, got {reorth!r}")
     max_steps = max(1, min(max_steps, dim))
@@ -371,15 +370,16 @@ def lanczos(
     Q = torch.empty(min(16, cap) if max_vectors is None else cap, dim, dtype=dtype, device=device)
     _start(Q[0], v0, seed)
     alphas, betas = [], []
-    ritz = s = prev = r = None
+    ritz = s = prev = r = spare = None
     held = False  # the bound held at the previous step
     for j in range(max_steps):
         nxt = (j + 1) % cap
         if nxt >= Q.shape[0]:  # grown by doubling (no max_vectors)
             Q = torch.cat([Q, torch.empty_like(Q[: min(Q.shape[0], cap - Q.shape[0])])])
         cur = Q[j % cap]
-        # into q_{j+1}'s own row where that row is free (not past the window): no new buffer
-        w = matvec(cur, out=Q[nxt]) if out_arg and j + 1 < cap else matvec(cur)
+        if out_arg and j + 1 >= cap and spare is None:  # past the window: one spare buffer
+            spare = torch.empty(dim, dtype=dtype, device=device)
+        w = matvec(cur, out=Q[nxt] if j + 1 < cap else spare) if out_arg else matvec(cur)
         w = w.to(dtype)
         beta = _three_term(w, Q, j, cap, alphas, betas, part)
         last = j + 1 >= max_steps

@@ -326,6 +326,26 @@ def test_lanczos_dots_quick(tmp_path):
     assert (tmp_path / "lanczos_dots_quick.json").is_file()
 
 
+def test_hvp_copy_quick(tmp_path):
+    """Both copies of one HVP's products timed on the tiny CNN (the benchmark itself checks
+    they give the same bits); the layouts counted add up."""
+    data = _main_keeping_threads("hvp_copy", ["--quick", "--out", str(tmp_path)])
+    m = data["models"]["tiny_cnn"]
+    assert set(m["seconds"]) == {"copy_", "copy_product"}
+    assert all(t > 0 for t in m["seconds"].values())
+    assert 0 <= m["transposed_matrix"] <= m["other_layout"] <= m["entries"]
+    assert (tmp_path / "hvp_copy_quick.json").is_file()
+
+
+def test_fresh_memory_quick(tmp_path):
+    """Every row timed on its first touch and again; the summary is of those times."""
+    data = _load("fresh_memory").main(["--quick", "--out", str(tmp_path)])
+    assert len(data["first_touch_ms"]) == len(data["again_ms"]) == 4
+    assert all(t > 0 for t in data["first_touch_ms"] + data["again_ms"])
+    assert data["row_mb"] == 1.0 and data["again_ms_per_mb"] > 0
+    assert (tmp_path / "fresh_memory_quick.json").is_file()
+
+
 def test_hessian_stopping_quick(tmp_path):
     """The stopping-rule check end to end on the tiny CNN: a float64 reference, then each
     (bound, tol) call scored against it; a declared stop with an error above tol is counted."""

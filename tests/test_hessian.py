@@ -861,9 +861,11 @@ def test_partial_reorthogonalisation_within_a_memory_window():
 
 def test_copy_product_moves_a_transposed_kernel_as_a_matrix():
     """A 1x1 convolution's product as autograd's double backward lays it out (``(in, out)``
-    in memory) is copied as a 2-D transpose; every layout comes out the same values."""
+    in memory) is copied as a 2-D transpose (from 2¹⁸ entries); every layout comes out the
+    same values."""
     g = torch.Generator().manual_seed(0)
-    for shape, perm in [((64, 32, 1, 1), (1, 0, 2, 3)), ((16, 8, 3, 3), (1, 0, 2, 3)),
+    for shape, perm in [((1024, 512, 1, 1), (1, 0, 2, 3)), ((64, 32, 1, 1), (1, 0, 2, 3)),
+                        ((16, 8, 3, 3), (1, 0, 2, 3)), ((512, 1, 512, 1), (2, 1, 0, 3)),
                         ((5, 7), (1, 0)), ((4, 6, 2, 2), (0, 1, 2, 3)), ((1, 9, 1, 1), (1, 0, 2, 3))]:
         base = torch.randn([shape[i] for i in perm], generator=g)
         h = base.permute(*[perm.index(i) for i in range(len(perm))])

@@ -25,6 +25,14 @@ BASE = ["--model", "resnet_mlp", "--dataset", "synthetic", "--num-samples", "100
         "--depth", "4", "--width", "8", "--epochs", "1"]
 
 
+def test_the_examples_are_the_same_every_run():
+    """CI draws what the last run drew (tests/conftest.py); ``PNNH_FUZZ=explore`` draws anew."""
+    import os
+
+    assert FUZZ.derandomize == (os.environ.get("PNNH_FUZZ") != "explore")
+    assert FUZZ.database is None and FUZZ.max_examples == 30
+
+
 def _run(capsys, argv) -> tuple[int, str]:
     try:
         code = main(argv)

@@ -2,6 +2,7 @@
 traceback, and nothing (or, for an error met mid-run, only whole files) in the run directory."""
 
 import json
+import os
 import pickle
 import string
 import uuid
@@ -27,8 +28,6 @@ BASE = ["--model", "resnet_mlp", "--dataset", "synthetic", "--num-samples", "100
 
 def test_the_examples_are_the_same_every_run():
     """CI draws what the last run drew (tests/conftest.py); ``PNNH_FUZZ=explore`` draws anew."""
-    import os
-
     assert FUZZ.derandomize == (os.environ.get("PNNH_FUZZ") != "explore")
     assert FUZZ.database is None and FUZZ.max_examples == 30
 

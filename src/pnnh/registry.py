@@ -129,9 +129,8 @@ def resolve_options(info: ModelInfo, kwargs: dict) -> tuple[dict, dict]:
     """
     accepted = info.parameters()
     open_ended = info.accepts_any()
-    nulls = [k for k, v in kwargs.items() if v is None]
-    stray = sorted(k for k in nulls if k not in accepted and k not in PASSED_THROUGH
-                   and k not in WRAPPER_OPTIONS)
+    stray = {k for k, v in kwargs.items()  # a null under a name nobody takes
+             if v is None and k not in (*accepted, *PASSED_THROUGH, *WRAPPER_OPTIONS)}
     merged = {**info.defaults, **{k: v for k, v in kwargs.items() if v is not None}}
     wrappers = {k: merged.pop(k) for k in WRAPPER_OPTIONS
                 if k in merged and k not in accepted and not open_ended}
@@ -139,7 +138,7 @@ def resolve_options(info: ModelInfo, kwargs: dict) -> tuple[dict, dict]:
         raise ConfigError("tat_eta: only applies with tat=True (--tat); without it the model "
                           "keeps its ReLUs and tat_eta would be ignored", field="tat_eta")
     if not open_ended:
-        unknown = sorted((set(merged) - set(accepted)) | set(stray))
+        unknown = sorted((set(merged) - set(accepted)) | stray)
         if unknown:
             raise ConfigError(f"model {info.name!r} does not take option(s) "
                               f"{', '.join(unknown)}; it takes: {', '.join(accepted)}",
